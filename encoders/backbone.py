@@ -71,17 +71,13 @@ class _LayerStack(ABC):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor: ...
 
     @abstractmethod
-    def run(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int
-    ) -> torch.Tensor: ...
+    def run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
 
     def finalize(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
     def mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        return create_bidirectional_mask(
-            config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask)
 
 
 class _BertStack(_LayerStack):
@@ -113,9 +109,7 @@ class _T5Stack(_LayerStack):
         mask = self.mask(hidden, attention_mask)
         length = hidden.shape[1]
         # Only block 0 owns the relative position bias; every block reuses it, so a split stack recomputes it.
-        position_bias = (
-            self.layers[0].layer[0].SelfAttention.compute_bias(length, length, device=hidden.device)
-        )
+        position_bias = self.layers[0].layer[0].SelfAttention.compute_bias(length, length, device=hidden.device)
         for block in self.layers[start:stop]:
             hidden = block(hidden, mask, position_bias)[0]
         return hidden
@@ -210,9 +204,7 @@ class Backbone(nn.Module):
         )
 
     def tokenize_questions(self, questions: list[str], max_length: int) -> BatchEncoding:
-        return self.tokenizer(
-            questions, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-        )
+        return self.tokenizer(questions, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
 
     # -- forward passes ----------------------------------------------------------------------------------------
 
@@ -220,9 +212,7 @@ class Backbone(nn.Module):
         """Token ids 'b l' -> input embeddings 'b l d'."""
         return self._stack.embed(input_ids, token_type_ids)
 
-    def run_layers(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int
-    ) -> torch.Tensor:
+    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Run layers [start, stop) over hidden 'b l d' with padding mask 'b l' (1 = token)."""
         return self._stack.run(hidden, attention_mask, start, stop)
 
@@ -263,9 +253,7 @@ class Backbone(nn.Module):
     def embed_texts(self, texts: list[str], max_length: int = 128) -> torch.Tensor:
         """Dense retrieval embeddings 'b d' of plain texts (questions)."""
         batch = self.tokenize_questions(texts, max_length).to(self.device)
-        return self.encode_with_embedding(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-        )[1]
+        return self.encode_with_embedding(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))[1]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

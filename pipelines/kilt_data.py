@@ -86,12 +86,8 @@ def _check_record_shape(obj: object, where: str) -> Record:
             if not isinstance(out, dict):
                 raise KiltFormatError(f"{where}: output[{n}] of id {obj['id']!r} must be an object")
             prov = out.get("provenance")
-            if "provenance" in out and not (
-                isinstance(prov, list) and all(isinstance(p, dict) for p in prov)
-            ):
-                raise KiltFormatError(
-                    f"{where}: output[{n}].provenance of id {obj['id']!r} must be a list of objects"
-                )
+            if "provenance" in out and not (isinstance(prov, list) and all(isinstance(p, dict) for p in prov)):
+                raise KiltFormatError(f"{where}: output[{n}].provenance of id {obj['id']!r} must be a list of objects")
     return obj
 
 
@@ -261,9 +257,7 @@ def check_gold(gold: Iterable[Mapping[str, Any]], *, need_answers: bool = False)
     for r in gold:
         outputs = r.get("output")
         if not isinstance(outputs, list) or not outputs:
-            problems.setdefault("gold records without outputs (a test file without answers?)", []).append(
-                record_id(r)
-            )
+            problems.setdefault("gold records without outputs (a test file without answers?)", []).append(record_id(r))
         elif need_answers and not gold_answers(r):
             problems.setdefault("gold records without any answer", []).append(record_id(r))
     if problems:
@@ -332,9 +326,7 @@ def provenance_ids(output: Mapping[str, Any], rank_keys: Sequence[str] = ("wikip
     return _dedup(k for k in keys if k is not None)
 
 
-def gold_provenance_sets(
-    record: Mapping[str, Any], rank_keys: Sequence[str] = ("wikipedia_id",)
-) -> list[list[str]]:
+def gold_provenance_sets(record: Mapping[str, Any], rank_keys: Sequence[str] = ("wikipedia_id",)) -> list[list[str]]:
     """One list of provenance ids per gold output (official ``_get_ids_list``).
 
     Outputs without provenance (answer-only outputs) give an empty list, which can never be matched.
@@ -342,9 +334,7 @@ def gold_provenance_sets(
     return [provenance_ids(out, rank_keys) for out in record.get("output", [])]
 
 
-def gold_evidence_sets(
-    record: Mapping[str, Any], rank_keys: Sequence[str] = ("wikipedia_id",)
-) -> list[set[str]]:
+def gold_evidence_sets(record: Mapping[str, Any], rank_keys: Sequence[str] = ("wikipedia_id",)) -> list[set[str]]:
     """The distinct evidence sets used by the official ranking (``get_rank``), in output order.
 
     As in the official script, only outputs that have a ``provenance`` key count, and an item missing
@@ -375,15 +365,12 @@ def guess_output(record: Mapping[str, Any], *, need: Literal["answer", "provenan
         raise KiltFormatError(f"guess {record_id(record)!r} has no 'output' list")
     if need == "answer":
         if len(outputs) != 1:
-            raise KiltFormatError(
-                f"guess {record_id(record)!r} must have exactly one output, has {len(outputs)}"
-            )
+            raise KiltFormatError(f"guess {record_id(record)!r} must have exactly one output, has {len(outputs)}")
         return outputs[0]
     with_prov = [out for out in outputs if "provenance" in out]
     if len(with_prov) != 1:
         raise KiltFormatError(
-            f"guess {record_id(record)!r} must have exactly one output with 'provenance', "
-            f"has {len(with_prov)}"
+            f"guess {record_id(record)!r} must have exactly one output with 'provenance', has {len(with_prov)}"
         )
     return with_prov[0]
 
@@ -402,9 +389,7 @@ def guess_provenance(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(outputs[0].get("provenance", []))
 
 
-def guess_provenance_ids(
-    record: Mapping[str, Any], rank_keys: Sequence[str] = ("wikipedia_id",)
-) -> list[str]:
+def guess_provenance_ids(record: Mapping[str, Any], rank_keys: Sequence[str] = ("wikipedia_id",)) -> list[str]:
     """Ranked, de-duplicated provenance ids of the guess's first output.
 
     The official ``_get_ids_list(guess, rank_keys)[0]``.

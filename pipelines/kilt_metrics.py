@@ -273,12 +273,7 @@ def answer_and_ent_in_context_at_k(
 ) -> int:
     """1 if one of the first k passages contains both a gold answer and a gold provenance title."""
     answers, titles = gold_answers(gold), gold_titles(gold)
-    return int(
-        any(
-            _any_in(answers, text) and _any_in(titles, text)
-            for text in _context_texts(guess, k, passage_text)
-        )
-    )
+    return int(any(_any_in(answers, text) and _any_in(titles, text) for text in _context_texts(guess, k, passage_text)))
 
 
 def entity_in_context_at_k(
@@ -340,9 +335,7 @@ def ranking_metrics(
                 result[f"recall@{k}"] = recall_at_k(rank, num_sets, k)
                 result[f"success_rate@{k}"] = success_rate_at_k(rank, k)
         result[f"answer_in_context@{k}"] = answer_in_context_at_k(guess, gold, k, passage_text)
-        result[f"answer_and_ent_in_context@{k}"] = answer_and_ent_in_context_at_k(
-            guess, gold, k, passage_text
-        )
+        result[f"answer_and_ent_in_context@{k}"] = answer_and_ent_in_context_at_k(guess, gold, k, passage_text)
         result[f"entity_in_context@{k}"] = entity_in_context_at_k(guess, gold, k, passage_text)
     return result
 

@@ -279,8 +279,7 @@ class _JsonStream:
                 obj, end = self._decoder.raw_decode(self._buf, self._pos)
             except json.JSONDecodeError as exc:
                 maybe_cut = (
-                    exc.msg.startswith("Unterminated string")
-                    or exc.pos >= len(self._buf) - _JSON_TRUNCATION_MARGIN
+                    exc.msg.startswith("Unterminated string") or exc.pos >= len(self._buf) - _JSON_TRUNCATION_MARGIN
                 )
                 if maybe_cut and len(self._buf) - self._pos <= MAX_JSON_VALUE_CHARS and self._fill():
                     continue
@@ -381,16 +380,14 @@ def _read_squad(path: Path, state: _State) -> Iterator[_Item]:
             yield BadRecord(
                 where,
                 index + 1,
-                f"article #{index + 1} of 'data' (line = article index): invalid JSON: {exc}; "
-                "rest of file skipped",
+                f"article #{index + 1} of 'data' (line = article index): invalid JSON: {exc}; rest of file skipped",
             )
             return
         except UnicodeDecodeError as exc:
             yield BadRecord(
                 where,
                 index + 1,
-                f"article #{index + 1} of 'data' (line = article index): invalid UTF-8: {exc}; "
-                "rest of file skipped",
+                f"article #{index + 1} of 'data' (line = article index): invalid UTF-8: {exc}; rest of file skipped",
             )
             return
     if not found_data:
@@ -501,8 +498,7 @@ def _read_dpr_tsv(path: Path, state: _State) -> Iterator[_Item]:
             header = [h.strip() for h in line.split("\t")]
             if not set(_TSV_COLUMNS) <= set(header):
                 raise CorpusError(
-                    f"{path}: not a DPR passages tsv: header must hold columns {'/'.join(_TSV_COLUMNS)}, "
-                    f"got {header!r}"
+                    f"{path}: not a DPR passages tsv: header must hold columns {'/'.join(_TSV_COLUMNS)}, got {header!r}"
                 )
             columns = {name: header.index(name) for name in _TSV_COLUMNS}
             width = len(header)
@@ -538,9 +534,7 @@ def _read_parquet(path: Path, state: _State) -> Iterator[_Item]:
     names = parquet.schema_arrow.names
     missing = [c for c in _TABLE_COLUMNS if c not in names]
     if missing:
-        raise CorpusError(
-            f"{path}: parquet file lacks column(s) {missing} (needs {'/'.join(_TABLE_COLUMNS)})"
-        )
+        raise CorpusError(f"{path}: parquet file lacks column(s) {missing} (needs {'/'.join(_TABLE_COLUMNS)})")
     row = 0
     with parquet:
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(_TABLE_COLUMNS)):
@@ -701,9 +695,7 @@ def _corpus_files(root: Path) -> list[Path]:
     return files
 
 
-def iter_documents(
-    path: Path | str, fmt: str | None = None, report: IngestReport | None = None
-) -> Iterator[Document]:
+def iter_documents(path: Path | str, fmt: str | None = None, report: IngestReport | None = None) -> Iterator[Document]:
     """Stream the documents of a corpus file, or of every supported file under a directory.
 
     A directory is walked recursively, files sorted by relative path, hidden files skipped; each

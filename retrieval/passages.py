@@ -83,9 +83,7 @@ def _chunk(doc: Document, words_per_passage: int, skip_title_paragraph: bool) ->
         )
 
 
-def chunk_document(
-    doc: Document, words_per_passage: int = 100, skip_title_paragraph: bool = True
-) -> Iterator[Passage]:
+def chunk_document(doc: Document, words_per_passage: int = 100, skip_title_paragraph: bool = True) -> Iterator[Passage]:
     """Split one document into passages of at most ``words_per_passage`` words.
 
     The only exception is the last passage of a document, which absorbs a trailing remainder of

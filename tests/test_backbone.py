@@ -37,9 +37,7 @@ def tiny_t5(tokenizer) -> Backbone:
 
 
 def batch(tokenizer):
-    return tokenizer(
-        ["w1 w2 w3", "w4 w5 w6 w7 w8 w9 w10"], ["w11 w12", "w13"], padding=True, return_tensors="pt"
-    )
+    return tokenizer(["w1 w2 w3", "w4 w5 w6 w7 w8 w9 w10"], ["w11 w12", "w13"], padding=True, return_tensors="pt")
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_t5])
@@ -126,9 +124,7 @@ def test_minilm_embedding_matches_sentence_transformers():
         384,
     )
     texts = ["who got the first nobel prize in physics", "Wilhelm Conrad Röntgen won it in 1901."]
-    reference = st.SentenceTransformer(backbone.info.model_path, device="cpu").encode(
-        texts, convert_to_tensor=True
-    )
+    reference = st.SentenceTransformer(backbone.info.model_path, device="cpu").encode(texts, convert_to_tensor=True)
     with torch.no_grad():
         ours = backbone.embed_texts(texts)
     assert torch.allclose(ours, reference, atol=1e-5)

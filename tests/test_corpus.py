@@ -27,9 +27,7 @@ from retrieval.passages import Passage, chunk_document, iter_passages
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:
-    path.write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
-    )
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
@@ -41,9 +39,7 @@ def squad_obj(articles: list[tuple[str, list[str]]], version_first: bool = False
     data = [
         {
             "title": t,
-            "paragraphs": [
-                {"context": c, "qas": [{"id": f"{t}{i}", "question": "q?"}]} for i, c in enumerate(cs)
-            ],
+            "paragraphs": [{"context": c, "qas": [{"id": f"{t}{i}", "question": "q?"}]} for i, c in enumerate(cs)],
         }
         for t, cs in articles
     ]
@@ -118,9 +114,7 @@ def test_kilt_dump_named_json_is_detected_as_kilt(tmp_path):
 @pytest.mark.parametrize("version_first", [False, True])
 def test_squad_one_document_per_article(tmp_path, version_first):
     path = tmp_path / "squad.json"
-    path.write_text(
-        json.dumps(squad_obj([("Art_1", ["c one", "c two"]), ("Art_2", ["c three"])], version_first))
-    )
+    path.write_text(json.dumps(squad_obj([("Art_1", ["c one", "c two"]), ("Art_2", ["c three"])], version_first)))
     assert detect_format(path) == "squad"
     docs, report = read(path)
     assert docs == [Document("Art_1", "Art_1", ["c one", "c two"]), Document("Art_2", "Art_2", ["c three"])]
@@ -153,8 +147,7 @@ def test_dpr_json_dedupes_passages_by_id(tmp_path):
 def test_dpr_tsv_reads_rows_and_unquotes(tmp_path):
     path = tmp_path / "psgs.tsv"
     path.write_text(
-        'id\ttext\ttitle\n1\t"He said ""hi"" there"\tAaron\n'
-        "2\tplain text\tBee\n3\tonly two fields\n4\tfour\tD\n"
+        'id\ttext\ttitle\n1\t"He said ""hi"" there"\tAaron\n2\tplain text\tBee\n3\tonly two fields\n4\tfour\tD\n'
     )
     assert detect_format(path) == "dpr-tsv"
     docs, report = read(path)
@@ -263,9 +256,7 @@ def test_malformed_lines_are_skipped_and_reported_with_line_numbers(tmp_path, ca
 def test_invalid_utf8_line_is_a_bad_record(tmp_path):
     path = tmp_path / "c.jsonl"
     good = json.dumps({"id": "1", "title": "t", "text": "ok"}).encode()
-    path.write_bytes(
-        good + b"\n" + b'{"id": "2", "title": "t", "text": "\xff\xfe"}\n' + good.replace(b'"1"', b'"3"')
-    )
+    path.write_bytes(good + b"\n" + b'{"id": "2", "title": "t", "text": "\xff\xfe"}\n' + good.replace(b'"1"', b'"3"'))
     docs, report = read(path)
     assert [d.doc_id for d in docs] == ["1", "3"]
     assert [(b.line, b.reason.startswith("invalid UTF-8")) for b in report.bad_records] == [(2, True)]
@@ -345,9 +336,7 @@ def test_json_documents_parse_across_tiny_buffer_chunks(tmp_path, monkeypatch):
     squad = squad_obj([("A", ["x " * 30, "y"]), ("B", ["z 123456789"])], version_first=True)
     squad_path.write_text(json.dumps({"count": 123456789, "flag": True, **squad}))  # top-level scalars
     dpr_path = tmp_path / "dpr.json"
-    dpr_path.write_text(
-        json.dumps([{"positive_ctxs": [ctx(i, f"T{i}", f"text {i} é ü")]} for i in range(40)])
-    )
+    dpr_path.write_text(json.dumps([{"positive_ctxs": [ctx(i, f"T{i}", f"text {i} é ü")]} for i in range(40)]))
     expected_squad, expected_dpr = read(squad_path)[0], read(dpr_path)[0]
     monkeypatch.setattr(corpus, "JSON_CHUNK_CHARS", 3)
     assert read(squad_path)[0] == expected_squad
@@ -421,9 +410,7 @@ def test_directory_reads_every_supported_file_sorted_recursively(tmp_path):
 
 def test_directory_with_forced_format_and_dedupe_across_files(tmp_path):
     for name in ("one.json", "two.json"):
-        (tmp_path / name).write_text(
-            json.dumps([{"positive_ctxs": [ctx("1", "T", "x"), ctx(name, "T", "y")]}])
-        )
+        (tmp_path / name).write_text(json.dumps([{"positive_ctxs": [ctx("1", "T", "x"), ctx(name, "T", "y")]}]))
     docs, _ = read(tmp_path, fmt="dpr-json")
     assert [d.doc_id for d in docs] == ["1", "one.json", "two.json"]
 
@@ -535,11 +522,7 @@ def test_shared_kilt_knowledge_source(shared_data):
     assert len(docs) == 1948 and report.documents == 1948 and report.skipped == 0
     assert len({d.doc_id for d in docs}) == 1948
     by_id = {d.doc_id: d for d in docs}
-    assert (
-        by_id["List of Nobel laureates in Physics"]
-        .paragraphs[0]
-        .startswith("The first Nobel Prize in Physics")
-    )
+    assert by_id["List of Nobel laureates in Physics"].paragraphs[0].startswith("The first Nobel Prize in Physics")
     passages = list(iter_passages(docs))
     assert len(passages) == KILT_PASSAGES
     assert len({p.passage_id for p in passages}) == len(passages)
@@ -570,9 +553,7 @@ def test_shared_dpr_sample_distinct_passages(shared_data):
     path = shared_data / "haystack_samples" / "dpr_nq_dev_sample.json"
     assert detect_format(path) == "dpr-json"
     records = json.loads(path.read_text(encoding="utf-8"))
-    ctxs = [
-        c for r in records for k in ("positive_ctxs", "negative_ctxs", "hard_negative_ctxs") for c in r[k]
-    ]
+    ctxs = [c for r in records for k in ("positive_ctxs", "negative_ctxs", "hard_negative_ctxs") for c in r[k]]
     distinct = {str(c.get("passage_id", c.get("psg_id"))) for c in ctxs}
     docs, report = read(path)
     assert report.skipped == 0

@@ -132,9 +132,7 @@ def test_downstream_parity(official: Path, pair: tuple[str, str]) -> None:
 @pytest.mark.parametrize("rank_keys", RANK_KEYS, ids=",".join)
 @pytest.mark.parametrize("guess_name", list(RETRIEVAL_EXPECTED))
 def test_retrieval_parity(official: Path, guess_name: str, rank_keys: tuple[str, ...]) -> None:
-    result = evaluate_retrieval(
-        _load(official, "gold2"), _load(official, guess_name), ks=(1, 5), rank_keys=rank_keys
-    )
+    result = evaluate_retrieval(_load(official, "gold2"), _load(official, guess_name), ks=(1, 5), rank_keys=rank_keys)
     for key, expected in RETRIEVAL_EXPECTED[guess_name].items():
         assert result[key] == pytest.approx(expected, abs=TOL), key
     assert list(result) == [
@@ -405,9 +403,7 @@ def test_in_context_metrics_use_provenance_text() -> None:
     gold = {
         "id": 1,
         "input": "who wrote Hamlet?",
-        "output": [
-            {"answer": "William Shakespeare", "provenance": [{"wikipedia_id": "7", "title": "Hamlet"}]}
-        ],
+        "output": [{"answer": "William Shakespeare", "provenance": [{"wikipedia_id": "7", "title": "Hamlet"}]}],
     }
     prov = [
         {"wikipedia_id": "3", "text": "Nothing here."},
@@ -424,9 +420,7 @@ def test_in_context_metrics_use_provenance_text() -> None:
     texts = {"8": "William Shakespeare wrote Hamlet"}
     no_text = {"id": 1, "output": [{"answer": "x", "provenance": [{"wikipedia_id": "8"}]}]}
     assert evaluate_retrieval([gold], [no_text], ks=(1,))["answer_in_context@1"] == 0
-    looked_up = evaluate_retrieval(
-        [gold], [no_text], ks=(1,), passage_text=lambda p: texts.get(str(p["wikipedia_id"]))
-    )
+    looked_up = evaluate_retrieval([gold], [no_text], ks=(1,), passage_text=lambda p: texts.get(str(p["wikipedia_id"])))
     assert looked_up["answer_in_context@1"] == 1
 
 
