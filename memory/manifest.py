@@ -59,9 +59,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Atomically write pretty, key-sorted JSON."""
-    atomic_write(
-        path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    )
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"))
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -95,6 +93,4 @@ def verify_files(root: Path, files: dict[str, dict[str, Any]], checksums: bool =
                 f"{path} has {path.stat().st_size} bytes, the manifest says {record['bytes']}: the store is damaged"
             )
         if checksums and sha256_file(path) != record["sha256"]:
-            raise ManifestError(
-                f"{path} fails its sha256 checksum: the store is damaged (rebuild this shard)"
-            )
+            raise ManifestError(f"{path} fails its sha256 checksum: the store is damaged (rebuild this shard)")

@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` (set up + build the memory index) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CORPUS ?= ../shared/data/nq_open_oracle/wiki-mini-knowledgesource.jsonl
+STORE ?= runs/minilm-mini
+
+.PHONY: setup demo test lint bench
+
+$(BIN)/memvq: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/memvq
+
+demo: setup
+	$(BIN)/memvq build-index --corpus $(CORPUS) --out $(STORE) --config configs/build-minilm.toml
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python -m bench.bench_build

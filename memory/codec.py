@@ -1,0 +1,335 @@
+"""Memory codecs: the common interface, the config saved in manifests, the factory and the loader.
+
+A codec compresses per-token memory vectors ('n d' float32, the output of the encoder's memory
+layers) into a small integer code array ('n m', uint8 or uint16) that is stored on disk, and
+decodes codes back into vectors with a cheap gather at query time.
+
+Two kinds:
+
+* ``vq``: a VQ-VAE in the MEMORY-VQ sense (:mod:`memory.vq`): a learned orthogonal rotation, then
+  product (multi-head) vector quantisation with EMA codebooks, k-means init and dead-code reset,
+  optionally residual (several levels of product codebooks).
+* ``faiss``: the baseline, a faiss standalone codec built from a factory string such as
+  ``OPQ48,PQ48x8`` (:mod:`memory.faiss_codec`).
+
+On disk a codec is a directory holding ``codec.json`` (format version, kind, config, the name and
+sha256 of the weights file) and the weights file. Weights are written first and ``codec.json``
+last, each through a temporary file and ``os.replace``, so a directory with a readable
+``codec.json`` is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pydantic
+import torch
+
+__all__ = [
+    "CODEC_FILE",
+    "DEFAULT_16X",
+    "DEFAULT_32X",
+    "CodecConfig",
+    "CodecLoadError",
+    "MemoryCodec",
+    "Segment",
+    "atomic_write_bytes",
+    "compression_ratio",
+    "load_codec",
+    "make_codec",
+    "preset",
+    "sha256_file",
+]
+
+CODEC_FILE = "codec.json"
+FORMAT_VERSION = 1
+
+
+class CodecLoadError(RuntimeError):
+    """A codec directory is missing, incomplete or corrupt."""
+
+
+class Segment(pydantic.BaseModel):
+    """`levels` residual product quantizers of `heads` heads over the next `dims` rotated dims."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    dims: int = pydantic.Field(gt=0)
+    heads: int = pydantic.Field(gt=0)
+    levels: int = pydantic.Field(1, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> Segment:
+        if self.dims % self.heads:
+            raise ValueError(f"segment dims={self.dims} is not divisible by heads={self.heads}")
+        return self
+
+    @property
+    def sub_dim(self) -> int:
+        return self.dims // self.heads
+
+
+class CodecConfig(pydantic.BaseModel):
+    """Everything needed to rebuild a codec before training; frozen, saved in manifests as JSON.
+
+    The defaults are the chosen 16x-vs-bf16 VQ codec (48 bytes per 384-d token); see
+    :data:`DEFAULT_32X` for the 32x one and :func:`preset` for both.
+    """
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["vq", "faiss"] = "vq"
+    dim: int = pydantic.Field(384, gt=0, description="memory vector width d")
+    seed: int = 0
+
+    # --- vq -------------------------------------------------------------------------------------
+    segments: tuple[Segment, ...] = pydantic.Field(
+        default=(),
+        description="bit allocation over the leading rotated (PCA-ordered) dims, in order; "
+        "rotated dims past the last segment are dropped. Default: one segment of all dims in "
+        "sub-vectors of 8 (dim/8 heads: 16x vs bf16 with 256 codes)",
+    )
+    codebook_size: int = pydantic.Field(256, gt=1, le=65536, description="codes per codebook")
+    rotation: Literal["none", "pca", "opq"] = pydantic.Field(
+        "opq",
+        description="none: identity; pca: PCA, eigen-directions balanced across heads; "
+        "opq: start from opq_init, then alternating Lloyd / orthogonal-Procrustes rounds (OPQ-style)",
+    )
+    opq_init: Literal["pca", "random"] = pydantic.Field(
+        "random",
+        description="start of the opq rounds: the balanced PCA basis, or it times a random "
+        "rotation within each segment (better for wide sub-vectors over all dims)",
+    )
+    rotation_iters: int = pydantic.Field(80, ge=0, description="Lloyd + Procrustes rounds (rotation=opq)")
+    kmeans_iters: int = pydantic.Field(15, ge=0, description="Lloyd iterations of the codebook k-means init")
+    epochs: int = pydantic.Field(1, ge=0, description="EMA epochs over the training sample, then frozen")
+    decay: float = pydantic.Field(0.9, gt=0.0, lt=1.0, description="EMA decay of the codebooks")
+    threshold_ema_dead_code: float = pydantic.Field(
+        0.5, ge=0.0, description="codes whose EMA usage per batch falls below this are reset"
+    )
+    batch_size: int = pydantic.Field(8192, gt=0, description="EMA batch size")
+    max_train_vectors: int = pydantic.Field(
+        100_000, gt=0, description="fit() subsamples (seeded) to at most this many vectors"
+    )
+
+    # --- faiss ----------------------------------------------------------------------------------
+    factory: str = pydantic.Field("OPQ48,PQ48x8", description="faiss.index_factory string")
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _default_segments(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("segments"):
+            dim = int(data.get("dim", 384))
+            data = {**data, "segments": ({"dims": dim, "heads": dim // 8 if dim % 8 == 0 else 1},)}
+        return data
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> CodecConfig:
+        if self.kind == "vq":
+            if not self.segments:
+                raise ValueError("kind='vq' needs at least one segment")
+            if sum(seg.dims for seg in self.segments) > self.dim:
+                raise ValueError(f"segments cover {sum(s.dims for s in self.segments)} dims > dim={self.dim}")
+        if self.kind == "faiss" and not self.factory.strip():
+            raise ValueError("kind='faiss' needs a non-empty factory string")
+        return self
+
+    @property
+    def kept_dims(self) -> int:
+        """Rotated dims that are quantized (the rest are dropped)."""
+        return sum(seg.dims for seg in self.segments)
+
+    @classmethod
+    def uniform(cls, heads: int, levels: int = 1, dims: int | None = None, **kw: Any) -> CodecConfig:
+        """A plain (residual) product VQ: one segment of `dims` (default: all) dims."""
+        dim = int(kw.get("dim", 384))
+        return cls(segments=(Segment(dims=dims or dim, heads=heads, levels=levels),), **kw)
+
+
+# The chosen defaults (bench/bench_codec.py has the table that picked them). Both encode with
+# faiss's 8-dim sub-vector SIMD kernel, well above the 100k tokens/s the build pipeline needs.
+# 16x: 48 heads x 8 dims x 256 codes over all 384 dims, OPQ rotation from a random start, 80 rounds.
+DEFAULT_16X = CodecConfig()
+# 32x: 24 heads x 8 dims x 256 codes over the leading 192 rotated dims (the rest dropped).
+DEFAULT_32X = CodecConfig(segments=(Segment(dims=192, heads=24),))
+
+
+def preset(name: str) -> CodecConfig:
+    """Named configs: ``vq16x``/``vq32x`` (the defaults), ``opq16x``/``opq32x`` (faiss baselines)."""
+    table = {
+        "vq16x": DEFAULT_16X,
+        "vq32x": DEFAULT_32X,
+        "opq16x": CodecConfig(kind="faiss", factory="OPQ48,PQ48x8"),
+        "opq32x": CodecConfig(kind="faiss", factory="OPQ24,PQ24x8"),
+    }
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown codec preset {name!r}; known: {sorted(table)}") from None
+
+
+class MemoryCodec(ABC):
+    """Compresses 'n d' float32 memory vectors into 'n m' integer codes and back."""
+
+    config: CodecConfig
+
+    @property
+    @abstractmethod
+    def code_width(self) -> int:
+        """Number of integer codes per token (columns m of the code array)."""
+
+    @property
+    @abstractmethod
+    def code_dtype(self) -> np.dtype:
+        """uint8 when every codebook has <= 256 codes, else uint16."""
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes actually stored per token vector: code_width * code_dtype.itemsize."""
+        return self.code_width * self.code_dtype.itemsize
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where decode() puts its output."""
+
+    @property
+    @abstractmethod
+    def is_fitted(self) -> bool: ...
+
+    @abstractmethod
+    def fit(self, x: torch.Tensor) -> MemoryCodec:
+        """Train on 'n d' float32 real memory vectors; deterministic given x and config.seed."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> np.ndarray:
+        """'n d' float32 -> 'n m' code_dtype; deterministic, no codebook update."""
+
+    @abstractmethod
+    def decode(self, codes: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """'... m' integer codes -> '... d' float32 on self.device (a gather, run at query time)."""
+
+    @abstractmethod
+    def _weights_bytes(self) -> bytes:
+        """Serialized trained state (the weights file)."""
+
+    @abstractmethod
+    def _load_weights(self, path: Path) -> None:
+        """Restore the trained state from the weights file written by save()."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str) -> MemoryCodec: ...
+
+    weights_file: str = "weights.bin"
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)): 'n d' -> 'n d'."""
+        return self.decode(self.encode(x))
+
+    def save(self, directory: Path) -> None:
+        """Write weights then codec.json into `directory`, each atomically (tmp + os.replace)."""
+        if not self.is_fitted:
+            raise RuntimeError("cannot save an unfitted codec; call fit() first")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = self._weights_bytes()
+        atomic_write_bytes(directory / self.weights_file, data)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.config.kind,
+            "config": self.config.model_dump(mode="json"),
+            "weights_file": self.weights_file,
+            "weights_sha256": hashlib.sha256(data).hexdigest(),
+            "code_width": self.code_width,
+            "code_dtype": self.code_dtype.name,
+            "bytes_per_token": self.bytes_per_token,
+        }
+        atomic_write_bytes(directory / CODEC_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+
+    def _check_codes(self, codes: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """'... m' integer array/tensor -> int64 tensor on self.device, validated."""
+        t = torch.from_numpy(np.asarray(codes)) if isinstance(codes, np.ndarray) else codes
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"codes must be integers, got {t.dtype}")
+        if t.ndim < 1 or t.shape[-1] != self.code_width:
+            raise ValueError(f"codes must be '... {self.code_width}', got shape {tuple(t.shape)}")
+        return t.to(device=self.device, dtype=torch.int64)
+
+
+def compression_ratio(codec: MemoryCodec, dtype_bytes: int = 2) -> float:
+    """Uncompressed bytes per token (dim * dtype_bytes; bf16 by default) over bytes_per_token."""
+    return codec.config.dim * dtype_bytes / codec.bytes_per_token
+
+
+def make_codec(config: CodecConfig) -> MemoryCodec:
+    """An unfitted codec of config.kind."""
+    if config.kind == "vq":
+        from memory.vq import VQCodec
+
+        return VQCodec(config)
+    if config.kind == "faiss":
+        from memory.faiss_codec import FaissCodec
+
+        return FaissCodec(config)
+    raise ValueError(f"unknown codec kind {config.kind!r}")  # pragma: no cover - Literal guards it
+
+
+def load_codec(directory: Path, device: torch.device | str = "cpu") -> MemoryCodec:
+    """Load a codec saved by MemoryCodec.save; CodecLoadError if missing, incomplete or corrupt."""
+    directory = Path(directory)
+    meta_path = directory / CODEC_FILE
+    if not directory.is_dir():
+        raise CodecLoadError(f"codec directory {directory} does not exist")
+    if not meta_path.is_file():
+        raise CodecLoadError(f"{meta_path} is missing: {directory} is not a (complete) saved codec")
+    try:
+        meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported format_version {meta.get('format_version')!r}")
+        config = CodecConfig.model_validate(meta["config"])
+        if meta.get("kind") != config.kind:
+            raise ValueError(f"kind {meta.get('kind')!r} disagrees with config.kind {config.kind!r}")
+        weights_name = str(meta["weights_file"])
+        expected_sha = str(meta["weights_sha256"])
+    except (ValueError, KeyError, TypeError, pydantic.ValidationError) as e:
+        raise CodecLoadError(f"corrupt {meta_path}: {e}") from e
+    weights = directory / weights_name
+    if not weights.is_file():
+        raise CodecLoadError(f"weights file {weights} is missing")
+    if sha256_file(weights) != expected_sha:
+        raise CodecLoadError(f"weights file {weights} is corrupt (sha256 mismatch with {CODEC_FILE})")
+    codec = make_codec(config)
+    if codec.weights_file != weights_name:
+        raise CodecLoadError(f"{meta_path} names weights {weights_name!r}, expected {codec.weights_file!r}")
+    try:
+        codec._load_weights(weights)
+    except Exception as e:
+        raise CodecLoadError(f"cannot load weights {weights}: {e}") from e
+    return codec.to(device)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,185 @@
+"""The memory store: sharded, memory-mapped per-token codes with per-passage offsets, passage metadata in parquet.
+
+Layout of a store directory::
+
+    manifest.json                       written last: a store is complete iff it exists
+    codec/                              the codec that made the codes (load with memory.codec.load_codec)
+    index/                              the FAISS passage index (retrieval.index.PassageIndex)
+    shards/shard-00000.passages.parquet passage rows [start, start + n) with their text and KILT provenance
+    shards/shard-00000.codes.npy        'tokens m' uint8/uint16 codes of every token of those passages
+    shards/shard-00000.offsets.npy      'n+1' int64: passage i's tokens are codes[offsets[i]:offsets[i+1]]
+    shards/shard-00000.emb.npy          'n d' float16 dense passage embeddings (the index's input)
+
+Passages are addressed by their global row id (0 .. num_passages - 1), the id the FAISS index returns.
+`get` reads only the rows asked for through memory maps, so it stays fast when the store exceeds RAM.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from memory.manifest import MANIFEST_NAME, ManifestError, read_json, verify_files
+
+if TYPE_CHECKING:
+    from memory.codec import MemoryCodec
+    from retrieval.index import PassageIndex
+
+STORE_FORMAT = "memvq-store/1"
+SHARD_SUFFIXES = ("passages.parquet", "codes.npy", "offsets.npy", "emb.npy")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where each file of a store lives."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def codec_dir(self) -> Path:
+        return self.root / "codec"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    def shard_file(self, shard: int, suffix: str) -> Path:
+        return self.shards_dir / f"shard-{shard:05d}.{suffix}"
+
+    def shard_done(self, shard: int) -> Path:
+        """The marker a shard's encoder writes last, with the sha256 of the shard's files."""
+        return self.shards_dir / f"shard-{shard:05d}.done.json"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+class MemoryStore:
+    """Read access to a finished store: codes by passage row, passage metadata, codec and index."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], cache_shards: int = 64) -> None:
+        self.layout = StoreLayout(root)
+        self.manifest = manifest
+        shards = manifest["shards"]
+        self._row_starts = np.array([shard["row_start"] for shard in shards], dtype=np.int64)
+        self.num_passages = int(manifest["num_passages"])
+        self.num_tokens = int(manifest["num_tokens"])
+        self._cache_size = cache_shards
+        self._arrays: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._tables: OrderedDict[int, pa.Table] = OrderedDict()
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> MemoryStore:
+        """Open a store; with `verify` every file's sha256 is checked against the manifest (sizes always are)."""
+        root = Path(path)
+        if not root.is_dir():
+            raise ManifestError(f"no memory store at {root}: the directory does not exist")
+        manifest = read_json(root / MANIFEST_NAME, "store manifest (is the build finished? run build-index again)")
+        if manifest.get("format") != STORE_FORMAT:
+            raise ManifestError(f"{root} is not a {STORE_FORMAT} store (format {manifest.get('format')!r})")
+        verify_files(root, manifest["files"], checksums=verify)
+        return cls(root, manifest)
+
+    @property
+    def code_width(self) -> int:
+        return int(self.manifest["codec"]["code_width"])
+
+    @cached_property
+    def codec(self) -> MemoryCodec:
+        from memory.codec import load_codec
+
+        return load_codec(self.layout.codec_dir)
+
+    @cached_property
+    def index(self) -> PassageIndex:
+        from retrieval.index import PassageIndex
+
+        return PassageIndex.load(self.layout.index_dir)
+
+    def _locate(self, rows: np.ndarray) -> np.ndarray:
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_passages):
+            bad = rows[(rows < 0) | (rows >= self.num_passages)]
+            raise IndexError(f"passage rows {bad.tolist()} out of range [0, {self.num_passages})")
+        return np.searchsorted(self._row_starts, rows, side="right") - 1
+
+    def _shard_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(codes 'tokens m', offsets 'n+1') of one shard, memory-mapped; a small LRU keeps the maps open."""
+        if shard in self._arrays:
+            self._arrays.move_to_end(shard)
+            return self._arrays[shard]
+        codes = np.load(self.layout.shard_file(shard, "codes.npy"), mmap_mode="r")
+        offsets = np.load(self.layout.shard_file(shard, "offsets.npy"), mmap_mode="r")
+        self._arrays[shard] = (codes, offsets)
+        if len(self._arrays) > self._cache_size:
+            self._arrays.popitem(last=False)
+        return codes, offsets
+
+    def get(self, rows: Any, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of passages: rows 'b' -> (codes 'b l m' zero-padded, mask 'b l' bool); l = longest passage."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        shards = self._locate(rows)
+        pieces = []
+        for row, shard in zip(rows.tolist(), shards.tolist(), strict=True):
+            codes, offsets = self._shard_arrays(shard)
+            local = row - int(self._row_starts[shard])
+            start, stop = int(offsets[local]), int(offsets[local + 1])
+            if max_tokens is not None:
+                stop = min(stop, start + max_tokens)
+            pieces.append(codes[start:stop])
+        length = max((len(piece) for piece in pieces), default=0)
+        dtype = pieces[0].dtype if pieces else np.uint8
+        out = np.zeros((len(rows), length, self.code_width), dtype=dtype)
+        mask = np.zeros((len(rows), length), dtype=bool)
+        for i, piece in enumerate(pieces):
+            out[i, : len(piece)] = piece
+            mask[i, : len(piece)] = True
+        return out, mask
+
+    def get_memory(
+        self, rows: Any, device: str | torch.device = "cpu", max_tokens: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded memory vectors: rows 'b' -> (memory 'b l d' float32, mask 'b l' bool), on `device`."""
+        codes, mask = self.get(rows, max_tokens=max_tokens)
+        memory = self.codec.decode(torch.from_numpy(codes.astype(np.int64)).to(device))
+        return memory, torch.from_numpy(mask).to(device)
+
+    def _shard_table(self, shard: int) -> pa.Table:
+        if shard in self._tables:
+            self._tables.move_to_end(shard)
+            return self._tables[shard]
+        table = pq.read_table(self.layout.shard_file(shard, "passages.parquet"), memory_map=True)
+        self._tables[shard] = table
+        if len(self._tables) > self._cache_size:
+            self._tables.popitem(last=False)
+        return table
+
+    def passages(self, rows: Any) -> list[dict[str, Any]]:
+        """Passage metadata (passage_id, doc_id, title, text, KILT paragraph range, ...) for rows, in order."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        shards = self._locate(rows)
+        out = []
+        for row, shard in zip(rows.tolist(), shards.tolist(), strict=True):
+            table = self._shard_table(shard)
+            record = table.slice(row - int(self._row_starts[shard]), 1).to_pylist()[0]
+            out.append({"row": row, **record})
+        return out
+
+    def embeddings(self, shard: int) -> np.ndarray:
+        """Dense passage embeddings 'n d' (float16, memory-mapped) of one shard."""
+        return np.load(self.layout.shard_file(shard, "emb.npy"), mmap_mode="r")

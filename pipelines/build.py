@@ -1,0 +1,440 @@
+"""The build-memory-index job: corpus -> passages -> memory encoder -> VQ codes -> sharded store + FAISS index.
+
+Four resumable steps, ColBERT-style (plan -> train codec -> encode chunks -> finalize):
+
+1. plan     stream the corpus once, chunk it into passages, write them as parquet shards (bad records reported)
+2. codec    encode a seeded sample of passages, fit the codec on their token vectors, save it
+3. encode   Ray Data `map_batches` over shards with a callable class holding the encoder (GPU actors when
+            there are GPUs): memory layers -> codes, and the dense embedding from the same forward pass
+4. finalize build the FAISS index from the shards' embeddings, then write the manifest (last)
+
+Every file is written atomically and each step leaves a marker, so a build killed at any point and started
+again skips what is done and ends with the same bytes as an uninterrupted one. Memory stays bounded: the
+driver streams the corpus, each actor holds one shard at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from encoders.backbone import Backbone
+from memory.codec import MemoryCodec, compression_ratio, load_codec, make_codec
+from memory.manifest import (
+    ManifestError,
+    atomic_write,
+    file_record,
+    library_versions,
+    read_json,
+    write_json,
+)
+from memory.store import SHARD_SUFFIXES, STORE_FORMAT, StoreLayout
+from pipelines.config import BuildConfig
+from retrieval.corpus import IngestReport, iter_documents
+from retrieval.index import PassageIndex, training_rows
+from retrieval.passages import iter_passages
+
+log = logging.getLogger(__name__)
+
+PLAN_MARKER = "plan.json"
+CONFIG_NAME = "build_config.json"
+PASSAGE_SCHEMA = pa.schema(
+    [
+        ("passage_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("start_paragraph_id", pa.int32()),
+        ("end_paragraph_id", pa.int32()),
+        ("start_character", pa.int32()),
+        ("end_character", pa.int32()),
+    ]
+)
+
+
+class BuildReport(BaseModel):
+    """What a build did, printed at the end and saved in the manifest."""
+
+    documents: int
+    passages: int
+    tokens: int
+    bad_records: int
+    shards: int
+    bytes_per_token: int
+    compression_vs_bf16: float
+    codes_bytes: int
+    seconds: dict[str, float]
+    passages_per_second: float
+    encode_passages_per_second: float
+
+
+@dataclass(frozen=True)
+class _Plan:
+    documents: int
+    passages: int
+    bad_records: int
+    shard_sizes: list[int]
+
+    @property
+    def row_starts(self) -> list[int]:
+        return np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(int).tolist()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no GPU")
+    return torch.device(device)
+
+
+def load_backbone(config: BuildConfig, device: torch.device) -> Backbone:
+    return Backbone.from_pretrained(config.encoder.model, alpha=config.encoder.alpha).to(device)
+
+
+# -- step 1: plan ------------------------------------------------------------------------------------------------
+
+
+def plan_passages(corpus: Path, layout: StoreLayout, config: BuildConfig) -> _Plan:
+    """Stream the corpus into passage shards; skip if an earlier run finished this step."""
+    marker = layout.root / PLAN_MARKER
+    if marker.is_file():
+        saved = read_json(marker, "plan marker")
+        return _Plan(saved["documents"], saved["passages"], saved["bad_records"], saved["shard_sizes"])
+    report = IngestReport()
+    documents = iter_documents(corpus, fmt=config.format, report=report)
+    passages = iter_passages(
+        documents,
+        words_per_passage=config.chunking.words_per_passage,
+        skip_title_paragraph=config.chunking.skip_title_paragraph,
+    )
+    shard_sizes: list[int] = []
+    with tqdm(desc="plan: chunking corpus", unit=" passages") as bar:
+        for rows in _batched(passages, config.shard_size):
+            table = pa.Table.from_pylist(
+                [{name: getattr(passage, name) for name in PASSAGE_SCHEMA.names} for passage in rows],
+                schema=PASSAGE_SCHEMA,
+            )
+            path = layout.shard_file(len(shard_sizes), "passages.parquet")
+            atomic_write(path, lambda tmp, table=table: pq.write_table(table, tmp, compression="zstd"))
+            shard_sizes.append(len(rows))
+            bar.update(len(rows))
+    bad = [f"{record.path}:{record.line}: {record.reason}" for record in report.bad_records]
+    plan = _Plan(report.documents, sum(shard_sizes), len(bad), shard_sizes)
+    write_json(
+        marker,
+        {
+            "documents": plan.documents,
+            "passages": plan.passages,
+            "bad_records": plan.bad_records,
+            "bad_record_examples": bad[:100],
+            "shard_sizes": shard_sizes,
+        },
+    )
+    if bad:
+        log.warning("skipped %d bad records (first: %s); listed in %s", len(bad), bad[0], marker)
+    return plan
+
+
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# -- encoding, shared by the codec sample and the shard encoder -------------------------------------------------
+
+
+def encode_passages(
+    backbone: Backbone, titles: list[str], texts: list[str], max_tokens: int, batch_size: int
+) -> Iterator[tuple[list[int], list[torch.Tensor], torch.Tensor]]:
+    """Yield (passage indices, memory 'l d' per passage, embeddings 'b d') in length-sorted batches.
+
+    Sorting by length keeps padding small; the order is deterministic so re-encoding gives the same bytes.
+    """
+    lengths = [len(title) + len(text) for title, text in zip(titles, texts, strict=True)]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    use_amp = backbone.device.type == "cuda"
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = backbone.tokenize_passages([titles[i] for i in chosen], [texts[i] for i in chosen], max_tokens)
+        batch = batch.to(backbone.device)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            memory, embedding = backbone.encode_with_embedding(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+            )
+        lengths_b = batch["attention_mask"].sum(dim=1).tolist()
+        memory = memory.float()
+        yield chosen, [memory[i, :n] for i, n in enumerate(lengths_b)], embedding.float()
+
+
+# -- step 2: codec -----------------------------------------------------------------------------------------------
+
+
+def train_codec(layout: StoreLayout, config: BuildConfig, plan: _Plan, backbone: Backbone) -> MemoryCodec:
+    """Fit the codec on token vectors of a seeded passage sample; reuse a codec an earlier run saved."""
+    if (layout.codec_dir / "codec.json").is_file():
+        return load_codec(layout.codec_dir)
+    rng = np.random.default_rng(config.seed)
+    count = min(config.codec_sample_passages, plan.passages)
+    rows = np.sort(rng.choice(plan.passages, size=count, replace=False))
+    titles, texts = _read_rows(layout, plan, rows)
+    vectors = []
+    with tqdm(total=count, desc="codec: encoding sample", unit=" passages") as bar:
+        for chosen, memories, _ in encode_passages(
+            backbone, titles, texts, config.encoder.max_passage_tokens, config.encoder.batch_size
+        ):
+            vectors.extend(memory.cpu() for memory in memories)
+            bar.update(len(chosen))
+    sample = torch.cat(vectors)
+    if len(sample) > config.codec_train_vectors:
+        keep = np.sort(rng.choice(len(sample), size=config.codec_train_vectors, replace=False))
+        sample = sample[torch.from_numpy(keep)]
+    log.info("fitting codec %s on %d token vectors", config.codec.kind, len(sample))
+    codec = make_codec(config.codec).fit(sample)
+    codec.save(layout.codec_dir)
+    return codec
+
+
+def _read_rows(layout: StoreLayout, plan: _Plan, rows: np.ndarray) -> tuple[list[str], list[str]]:
+    titles: list[str] = []
+    texts: list[str] = []
+    starts = np.asarray(plan.row_starts)
+    shards = np.searchsorted(starts, rows, side="right") - 1
+    for shard in np.unique(shards).tolist():
+        table = pq.read_table(layout.shard_file(shard, "passages.parquet"), columns=["title", "text"])
+        local = rows[shards == shard] - starts[shard]
+        picked = table.take(pa.array(local))
+        titles.extend(picked.column("title").to_pylist())
+        texts.extend(picked.column("text").to_pylist())
+    return titles, texts
+
+
+# -- step 3: encode shards (Ray) ---------------------------------------------------------------------------------
+
+
+class ShardEncoder:
+    """Ray Data callable class: holds the backbone and codec, turns shard ids into finished shards on disk."""
+
+    def __init__(self, root: str, config: dict[str, Any], threads: int) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.layout = StoreLayout(Path(root))
+        self.config = BuildConfig.model_validate(config)
+        device = resolve_device(self.config.encoder.device)
+        self.backbone = load_backbone(self.config, device)
+        self.codec = load_codec(self.layout.codec_dir).to(device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shards = batch["shard"].tolist()
+        tokens, seconds = [], []
+        for shard in shards:
+            start = time.perf_counter()
+            tokens.append(encode_shard(self.layout, shard, self.backbone, self.codec, self.config))
+            seconds.append(time.perf_counter() - start)
+        return {"shard": np.asarray(shards), "tokens": np.asarray(tokens), "seconds": np.asarray(seconds)}
+
+
+def encode_shard(layout: StoreLayout, shard: int, backbone: Backbone, codec: MemoryCodec, config: BuildConfig) -> int:
+    """Encode one planned shard into codes, offsets and embeddings; write them, then the done marker."""
+    table = pq.read_table(layout.shard_file(shard, "passages.parquet"), columns=["title", "text"])
+    titles, texts = table.column("title").to_pylist(), table.column("text").to_pylist()
+    codes: list[np.ndarray | None] = [None] * len(texts)
+    embeddings = np.zeros((len(texts), backbone.hidden_size), dtype=np.float16)
+    for chosen, memories, embedding in encode_passages(
+        backbone, titles, texts, config.encoder.max_passage_tokens, config.encoder.batch_size
+    ):
+        batch_codes = codec.encode(torch.cat(memories))
+        bounds = np.cumsum([0] + [len(memory) for memory in memories])
+        for j, i in enumerate(chosen):
+            codes[i] = batch_codes[bounds[j] : bounds[j + 1]]
+        embeddings[chosen] = embedding.cpu().numpy().astype(np.float16)
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
+    arrays = {"codes.npy": np.concatenate(codes), "offsets.npy": offsets, "emb.npy": embeddings}
+    for suffix, array in arrays.items():
+        atomic_write(layout.shard_file(shard, suffix), lambda tmp, array=array: _save_npy(tmp, array))
+    files = {
+        layout.relative(layout.shard_file(shard, s)): file_record(layout.shard_file(shard, s)) for s in SHARD_SUFFIXES
+    }
+    write_json(layout.shard_done(shard), {"passages": len(texts), "tokens": int(offsets[-1]), "files": files})
+    return int(offsets[-1])
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
+def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray_address: str | None) -> None:
+    """Run the shard encoder over every shard without a done marker, with Ray Data actors."""
+    import ray
+
+    todo = [shard for shard in range(len(plan.shard_sizes)) if not layout.shard_done(shard).is_file()]
+    if not todo:
+        return
+    gpus = torch.cuda.device_count() if config.encoder.device != "cpu" else 0
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    cpus = int(ray.available_resources().get("CPU", 1))
+    workers = config.num_workers or max(gpus, 1)
+    threads = 0 if gpus else max(1, cpus // workers)
+    dataset = ray.data.from_items([{"shard": shard} for shard in todo], override_num_blocks=len(todo))
+    dataset = dataset.map_batches(
+        ShardEncoder,
+        batch_size=1,
+        concurrency=workers,
+        num_gpus=1 if gpus else 0,
+        num_cpus=0.5 if gpus else threads,
+        fn_constructor_kwargs={"root": str(layout.root), "config": config.to_json(), "threads": threads},
+    )
+    passages = {shard: plan.shard_sizes[shard] for shard in todo}
+    with tqdm(total=sum(passages.values()), desc=f"encode: {len(todo)} shards", unit=" passages") as bar:
+        for row in dataset.iter_rows():
+            bar.update(passages[int(row["shard"])])
+
+
+# -- step 4: finalize --------------------------------------------------------------------------------------------
+
+
+def build_passage_index(layout: StoreLayout, config: BuildConfig, plan: _Plan, dim: int) -> PassageIndex:
+    """FAISS index over the shards' embeddings, streamed shard by shard."""
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for shard, start in enumerate(plan.row_starts):
+            emb = np.load(layout.shard_file(shard, "emb.npy")).astype(np.float32)
+            yield np.arange(start, start + len(emb), dtype=np.int64), emb
+
+    sample = None
+    if config.index.factory != "Flat":
+        rows = training_rows(plan.passages, config.index)
+        sample = np.concatenate([emb[np.isin(ids, rows)] for ids, emb in batches()])
+    index = PassageIndex.build(batches(), dim=dim, config=config.index, train_sample=sample)
+    index.save(layout.index_dir)
+    return index
+
+
+def write_manifest(
+    layout: StoreLayout,
+    config: BuildConfig,
+    plan: _Plan,
+    backbone_info: dict[str, Any],
+    codec: MemoryCodec,
+    report: BuildReport,
+) -> dict[str, Any]:
+    shards, files, tokens = [], {}, 0
+    for shard, start in enumerate(plan.row_starts):
+        done = read_json(layout.shard_done(shard), "shard marker")
+        shards.append({"shard": shard, "row_start": start, "passages": done["passages"], "tokens": done["tokens"]})
+        files.update(done["files"])
+        tokens += done["tokens"]
+    for path in sorted([*layout.codec_dir.iterdir(), *layout.index_dir.iterdir()]):
+        if path.is_file() and not path.name.startswith("."):
+            files[layout.relative(path)] = file_record(path)
+    manifest = {
+        "format": STORE_FORMAT,
+        "config": config.to_json(),
+        "backbone": backbone_info,
+        "codec": {
+            "config": codec.config.model_dump(mode="json"),
+            "code_width": codec.code_width,
+            "code_dtype": np.dtype(codec.code_dtype).name,
+            "bytes_per_token": codec.bytes_per_token,
+        },
+        "versions": library_versions(),
+        "num_documents": plan.documents,
+        "num_passages": plan.passages,
+        "num_tokens": tokens,
+        "shards": shards,
+        "files": files,
+        "report": report.model_dump(),
+    }
+    write_json(layout.manifest, manifest)
+    return manifest
+
+
+# -- the job -----------------------------------------------------------------------------------------------------
+
+
+def build_index(
+    corpus: str | Path, out: str | Path, config: BuildConfig | None = None, ray_address: str | None = None
+) -> BuildReport:
+    """Build (or resume building) a memory store at `out` from `corpus`; returns the report."""
+    config = config or BuildConfig()
+    corpus, layout = Path(corpus), StoreLayout(Path(out))
+    if not corpus.exists():
+        raise FileNotFoundError(f"corpus {corpus} does not exist")
+    _check_resume(layout, config)
+    if layout.manifest.is_file():
+        log.info("store %s is already complete", layout.root)
+        return BuildReport.model_validate(read_json(layout.manifest, "store manifest")["report"])
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    plan = plan_passages(corpus, layout, config)
+    seconds["plan"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    backbone = load_backbone(config, resolve_device(config.encoder.device))
+    codec = train_codec(layout, config, plan, backbone)
+    seconds["codec"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    encode_all_shards(layout, config, plan, ray_address)
+    seconds["encode"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    build_passage_index(layout, config, plan, backbone.hidden_size)
+    seconds["index"] = time.perf_counter() - clock
+    total = sum(seconds.values())
+    seconds["total"] = total
+
+    tokens = sum(read_json(layout.shard_done(s), "shard marker")["tokens"] for s in range(len(plan.shard_sizes)))
+    report = BuildReport(
+        documents=plan.documents,
+        passages=plan.passages,
+        tokens=tokens,
+        bad_records=plan.bad_records,
+        shards=len(plan.shard_sizes),
+        bytes_per_token=codec.bytes_per_token,
+        compression_vs_bf16=compression_ratio(codec),
+        codes_bytes=tokens * codec.bytes_per_token,
+        seconds={key: round(value, 3) for key, value in seconds.items()},
+        passages_per_second=plan.passages / total,
+        encode_passages_per_second=plan.passages / max(seconds["encode"], 1e-9),
+    )
+    info = backbone.info.__dict__ | {"model_path": config.encoder.model or "embedded:all-MiniLM-L6-v2"}
+    write_manifest(layout, config, plan, info, codec, report)
+    return report
+
+
+def _check_resume(layout: StoreLayout, config: BuildConfig) -> None:
+    """Record the config on the first run; refuse to resume a build that was started with another one."""
+    path = layout.root / CONFIG_NAME
+    if path.is_file():
+        saved = read_json(path, "build config")
+        if saved != config.to_json():
+            raise ManifestError(
+                f"{layout.root} holds a build started with a different config; "
+                "use a new --out directory (or delete this one) to build with the new config"
+            )
+        return
+    if layout.root.exists() and any(layout.root.iterdir()):
+        raise ManifestError(f"{layout.root} exists and is not a memvq build directory; choose an empty --out")
+    write_json(path, config.to_json())

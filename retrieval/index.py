@@ -1,0 +1,509 @@
+"""FAISS dense passage index.
+
+A :class:`PassageIndex` holds dense passage embeddings in a FAISS index (always inner-product metric)
+together with a plain numpy id map: row ``i`` of the FAISS index is passage row ``ids[i]``. There is no
+``faiss.IndexIDMap`` in the picture, which keeps GPU indexes and HNSW simple; search results are
+mapped back through the id array.
+
+Vectors are indexed as given: normalise them first if cosine similarity is wanted.
+
+On disk a saved index is a directory with three files, each written atomically (temp name, then
+``os.replace``; ``index.json`` is replaced last):
+
+- ``index.faiss`` -- the FAISS index, always written as a CPU index;
+- ``ids.npy``     -- int64 row ids, ``ids[i]`` = passage row of FAISS position ``i`` (mmapped on load);
+- ``index.json``  -- the :class:`IndexConfig`, ``dim``, ``ntotal``, the faiss version and a format version.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.npy"
+META_FILE = "index.json"
+FORMAT_VERSION = 1
+
+#: Below this many passages :func:`auto_factory` picks an exact ``Flat`` index.
+FLAT_MAX_PASSAGES = 1_000_000
+#: FAISS k-means wants at least this many training points per centroid (it warns below).
+MIN_POINTS_PER_CENTROID = 39
+
+
+class IndexFileNotFoundError(FileNotFoundError):
+    """A saved index directory, or one of its files, is missing (``filename`` names the path)."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(errno.ENOENT, message, str(path))
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to build and search a :class:`PassageIndex`; JSON-serialisable via ``dataclasses.asdict``.
+
+    Attributes:
+        factory: ``faiss.index_factory`` string, e.g. ``"Flat"``, ``"HNSW32"``, ``"IVF1024,PQ32x8"``.
+            The metric is always inner product. ``IDMap`` wrappers are not allowed (ids live in ``ids.npy``).
+        train_size: at most this many vectors of the training sample are used (a deterministic subsample,
+            see :func:`training_rows`) to train index types that need training.
+        nprobe: inverted lists visited per query for IVF types.
+        ef_search: HNSW search breadth (``efSearch``), also used for an HNSW coarse quantizer of an IVF.
+        use_gpu: ``None`` = use GPU faiss when available and the index type supports it, else CPU;
+            ``True`` = require GPU (error otherwise); ``False`` = CPU.
+        seed: seed of the training subsample.
+    """
+
+    factory: str = "Flat"
+    train_size: int = 100_000
+    nprobe: int = 16
+    ef_search: int = 128
+    use_gpu: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factory, str) or not self.factory.strip():
+            raise ValueError(f"IndexConfig.factory must be a non-empty faiss factory string, got {self.factory!r}")
+        if "IDMap" in self.factory:
+            raise ValueError(
+                f"IndexConfig.factory {self.factory!r}: IDMap is not supported, "
+                "PassageIndex keeps the row ids itself (ids.npy)"
+            )
+        for name in ("train_size", "nprobe", "ef_search"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"IndexConfig.{name} must be a positive int, got {value!r}")
+        if self.use_gpu is not None and not isinstance(self.use_gpu, bool):
+            raise ValueError(f"IndexConfig.use_gpu must be True, False or None, got {self.use_gpu!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"IndexConfig.seed must be an int, got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IndexConfig:
+        """Inverse of ``dataclasses.asdict``; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown IndexConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def auto_factory(num_passages: int, dim: int | None = None) -> str:
+    """A sensible FAISS factory string for ``num_passages`` vectors of dimension ``dim``.
+
+    Rule:
+
+    - fewer than :data:`FLAT_MAX_PASSAGES` (1M) passages: ``"Flat"`` (exact search; ``dim`` not needed);
+    - otherwise ``"IVF{nlist},PQ{m}x8"`` with ``nlist`` = the power of two nearest to ``4 * sqrt(n)``
+      (1M -> 4096, 20M -> 16384) and ``m`` = the largest divisor of ``dim`` that is at most ``dim // 8``
+      (about 8 dimensions per one-byte sub-quantizer: 384 -> PQ48x8, 768 -> PQ96x8).
+
+    FAISS k-means wants ~``39 * nlist`` training vectors (160k for nlist 4096); raise
+    ``IndexConfig.train_size`` to match for the best quality, smaller samples work but FAISS warns.
+    """
+    if isinstance(num_passages, bool) or not isinstance(num_passages, int) or num_passages < 0:
+        raise ValueError(f"num_passages must be a non-negative int, got {num_passages!r}")
+    if num_passages < FLAT_MAX_PASSAGES:
+        return "Flat"
+    if dim is None:
+        raise ValueError(f"auto_factory needs dim for {num_passages} passages (an IVF-PQ index is chosen)")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    nlist = 2 ** round(math.log2(4 * math.sqrt(num_passages)))
+    m = max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
+    return f"IVF{nlist},PQ{m}x8"
+
+
+def training_rows(num_rows: int, config: IndexConfig) -> np.ndarray:
+    """Sorted positions (int64) of the rows to train on: all rows, or ``config.train_size`` of them
+    drawn without replacement with ``config.seed`` -- deterministic, so a build job can read only these."""
+    if num_rows < 0:
+        raise ValueError(f"num_rows must be >= 0, got {num_rows}")
+    if num_rows <= config.train_size:
+        return np.arange(num_rows, dtype=np.int64)
+    rng = np.random.default_rng(config.seed)
+    return np.sort(rng.choice(num_rows, size=config.train_size, replace=False)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- faiss helpers
+
+
+def _new_cpu_index(factory: str, dim: int) -> Any:
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid faiss factory string {factory!r} for dim {dim}: {exc}") from exc
+    # Polysemous training (on by default for 8-bit PQ from the factory) only serves polysemous
+    # Hamming filtering, which this index never enables; it costs seconds per sub-quantizer.
+    ivf = faiss.try_extract_index_ivf(index)
+    core = faiss.downcast_index(ivf) if ivf is not None else _unwrap(index)
+    if hasattr(core, "do_polysemous_training"):
+        core.do_polysemous_training = False
+    return index
+
+
+def _unwrap(index: Any) -> Any:
+    """The innermost index below IndexPreTransform / IndexRefine wrappers, downcast."""
+    index = faiss.downcast_index(index)
+    while True:
+        if isinstance(index, faiss.IndexPreTransform):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, faiss.IndexRefine):
+            index = faiss.downcast_index(index.base_index)
+        else:
+            return index
+
+
+def _search_params(cpu_index: Any, config: IndexConfig) -> dict[str, int]:
+    """The ParameterSpace settings that apply to this index type."""
+    params: dict[str, int] = {}
+    ivf = faiss.try_extract_index_ivf(cpu_index)
+    if ivf is not None:
+        params["nprobe"] = config.nprobe
+        if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+            params["quantizer_efSearch"] = config.ef_search
+    elif isinstance(_unwrap(cpu_index), faiss.IndexHNSW):
+        params["efSearch"] = config.ef_search
+    return params
+
+
+def _apply_params(index: Any, params: Mapping[str, int], on_gpu: bool) -> None:
+    space = faiss.GpuParameterSpace() if on_gpu and hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def _gpu_available() -> bool:
+    # faiss-cpu defines get_num_gpus (returns 0) and even index_cpu_to_all_gpus; both checks are needed.
+    return hasattr(faiss, "get_num_gpus") and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
+
+
+def _place(cpu_index: Any, params: Mapping[str, int], use_gpu: bool | None) -> tuple[Any, bool]:
+    """Apply search params and move to all GPUs when ``use_gpu`` asks for it; returns (index, on_gpu)."""
+    _apply_params(cpu_index, params, on_gpu=False)
+    available = _gpu_available()
+    if use_gpu is True and not available:
+        raise ValueError("use_gpu=True but faiss sees no GPU (faiss-cpu, or faiss.get_num_gpus() == 0)")
+    if not (use_gpu is True or (use_gpu is None and available)):
+        return cpu_index, False
+    try:
+        gpu_index = faiss.index_cpu_to_all_gpus(cpu_index)
+    except RuntimeError as exc:  # e.g. "This index type is not implemented on GPU" (HNSW)
+        if use_gpu is True:
+            raise ValueError(f"this index type cannot run on GPU: {exc}") from exc
+        logger.info("index type not supported by GPU faiss (%s); searching on CPU", exc)
+        return cpu_index, False
+    _apply_params(gpu_index, params, on_gpu=True)
+    return gpu_index, True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_dim(dim: int) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+
+
+def _as_vectors(array: Any, dim: int, what: str) -> np.ndarray:
+    vectors = np.asarray(array)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"{what} must have shape (n, {dim}), got {vectors.shape}")
+    if not (np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)):
+        raise ValueError(f"{what} must be a real-valued array, got dtype {vectors.dtype}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{what} contains NaN or inf")
+    return vectors
+
+
+def _check_batch(row_ids: Any, vectors: Any, dim: int, batch_no: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(row_ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"batch {batch_no}: row_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    vecs = _as_vectors(vectors, dim, f"batch {batch_no} vectors")
+    if len(ids) != len(vecs):
+        raise ValueError(f"batch {batch_no}: {len(ids)} row_ids but {len(vecs)} vectors")
+    if len(ids) and ids.min() < 0:
+        raise ValueError(f"batch {batch_no}: row_ids must be >= 0 (-1 marks a missing result)")
+    return ids.astype(np.int64, copy=False), vecs
+
+
+def _check_unique(ids: np.ndarray) -> None:
+    values, counts = np.unique(ids, return_counts=True)
+    if len(values) != len(ids):
+        dups = values[counts > 1]
+        raise ValueError(f"{len(dups)} row ids occur more than once, e.g. {dups[:5].tolist()}")
+
+
+# --------------------------------------------------------------------------- the index
+
+
+class PassageIndex:
+    """Dense passage embeddings in a FAISS index with the id map (row i of the index = passage row ids[i]).
+
+    Build with :meth:`build` or :meth:`load`; the constructor is internal.
+    """
+
+    def __init__(self, index: Any, ids: np.ndarray, dim: int, config: IndexConfig, on_gpu: bool) -> None:
+        if index.ntotal != len(ids):
+            raise ValueError(f"faiss index holds {index.ntotal} vectors but the id map has {len(ids)}")
+        self._index = index
+        self._ids = ids
+        self._dim = dim
+        self._config = config
+        self._on_gpu = on_gpu
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: Iterable[tuple[np.ndarray, np.ndarray]],
+        dim: int,
+        config: IndexConfig,
+        train_sample: np.ndarray | None = None,
+    ) -> PassageIndex:
+        """Build from a stream of ``(row_ids int64 (n,), vectors float32 (n, dim))`` batches.
+
+        Batches are added to the index one by one (only the row ids are accumulated). Index types
+        that need training (IVF, PQ, ...) are first trained on ``train_sample`` -- required for them --
+        subsampled to ``config.train_size`` rows with ``config.seed`` when larger. The index is built
+        on CPU, then moved to GPU per ``config.use_gpu``. Row ids must be unique and non-negative.
+        """
+        _check_dim(dim)
+        dim = int(dim)
+        started = time.perf_counter()
+        index = _new_cpu_index(config.factory, dim)
+        if not index.is_trained:
+            if train_sample is None:
+                raise ValueError(
+                    f"index type {config.factory!r} needs training: pass train_sample, an (n, {dim}) sample "
+                    "of the passage embeddings (e.g. the rows training_rows(num_passages, config) picks)"
+                )
+            cls._train(index, train_sample, dim, config)
+        elif train_sample is not None:
+            logger.debug("index type %r needs no training; train_sample ignored", config.factory)
+
+        id_chunks: list[np.ndarray] = []
+        for batch_no, (row_ids, vectors) in enumerate(embeddings):
+            ids, vecs = _check_batch(row_ids, vectors, dim, batch_no)
+            if len(ids) == 0:
+                continue
+            index.add(vecs)
+            id_chunks.append(ids)
+            logger.debug("batch %d: added %d vectors (%d so far)", batch_no, len(ids), index.ntotal)
+        all_ids = np.concatenate(id_chunks) if id_chunks else np.empty(0, dtype=np.int64)
+        _check_unique(all_ids)
+        if len(all_ids) == 0:
+            logger.warning("building %r index from an empty embedding stream", config.factory)
+        logger.info(
+            "built %r index: %d vectors of dim %d in %.1fs",
+            config.factory,
+            index.ntotal,
+            dim,
+            time.perf_counter() - started,
+        )
+        placed, on_gpu = _place(index, _search_params(index, config), config.use_gpu)
+        return cls(placed, all_ids, dim, config, on_gpu)
+
+    @staticmethod
+    def _train(index: Any, train_sample: np.ndarray, dim: int, config: IndexConfig) -> None:
+        sample = np.asarray(train_sample)
+        if sample.ndim != 2 or sample.shape[1] != dim:
+            raise ValueError(f"train_sample must have shape (n, {dim}), got {sample.shape}")
+        rows = training_rows(len(sample), config)
+        if len(rows) < len(sample):
+            sample = sample[rows]
+        sample = _as_vectors(sample, dim, "train_sample")
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and len(sample) < MIN_POINTS_PER_CENTROID * ivf.nlist:
+            logger.warning(
+                "training %r on %d vectors; faiss wants >= %d (%d per inverted list)",
+                config.factory,
+                len(sample),
+                MIN_POINTS_PER_CENTROID * ivf.nlist,
+                MIN_POINTS_PER_CENTROID,
+            )
+        started = time.perf_counter()
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            raise ValueError(f"training {config.factory!r} on {len(sample)} vectors failed: {exc}") from exc
+        logger.info("trained %r on %d vectors in %.1fs", config.factory, len(sample), time.perf_counter() - started)
+
+    # ----------------------------------------------------------------------- properties
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed passages."""
+        return len(self._ids)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return self._dim
+
+    @property
+    def config(self) -> IndexConfig:
+        """The config the index was built (or loaded) with."""
+        return self._config
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Row ids, ``ids[i]`` = passage row of FAISS position ``i`` (read-only view)."""
+        view = self._ids.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches run on GPU faiss."""
+        return self._on_gpu
+
+    @property
+    def faiss_index(self) -> Any:
+        """The underlying FAISS index (CPU or GPU); positions, not row ids."""
+        return self._index
+
+    def __repr__(self) -> str:
+        where = "gpu" if self._on_gpu else "cpu"
+        return f"PassageIndex(factory={self._config.factory!r}, ntotal={self.ntotal}, dim={self._dim}, {where})"
+
+    # ----------------------------------------------------------------------- search
+
+    def search(self, queries: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` inner-product search.
+
+        Args:
+            queries: ``(q, dim)`` or a single ``(dim,)`` query (treated as ``(1, dim)``).
+            k: results per query (> 0); with fewer than ``k`` indexed passages the tail is padded.
+            batch_size: queries per FAISS call.
+
+        Returns:
+            ``(scores float32 (q, k), row_ids int64 (q, k))``, best first; missing results have row id
+            ``-1`` and score ``-inf``.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self._dim:
+            raise ValueError(f"queries must have shape (n, {self._dim}) or ({self._dim},), got {np.shape(queries)}")
+        q = _as_vectors(q, self._dim, "queries")
+        k = int(k)
+        num = len(q)
+        scores = np.full((num, k), -np.inf, dtype=np.float32)
+        rows = np.full((num, k), -1, dtype=np.int64)
+        if self.ntotal == 0:
+            return scores, rows
+        for start in range(0, num, batch_size):
+            stop = min(start + batch_size, num)
+            dist, pos = self._index.search(q[start:stop], k)
+            found = pos >= 0
+            rows[start:stop][found] = self._ids[pos[found]]
+            scores[start:stop] = np.where(found, dist, -np.inf)
+        return scores, rows
+
+    # ----------------------------------------------------------------------- persistence
+
+    def save(self, directory: Path) -> None:
+        """Write ``index.faiss`` (as a CPU index), ``ids.npy`` and ``index.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cpu_index = faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": asdict(self._config),
+            "dim": self._dim,
+            "ntotal": self.ntotal,
+            "faiss_version": faiss.__version__,
+        }
+        final = [directory / INDEX_FILE, directory / IDS_FILE, directory / META_FILE]  # index.json last
+        tmp = [path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in final]
+        try:
+            faiss.write_index(cpu_index, str(tmp[0]))
+            _fsync(tmp[0])
+            with open(tmp[1], "wb") as fh:
+                np.save(fh, np.asarray(self._ids, dtype=np.int64))
+                fh.flush()
+                os.fsync(fh.fileno())
+            with open(tmp[2], "w", encoding="utf-8") as fh:
+                json.dump(meta, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            for src, dst in zip(tmp, final, strict=True):
+                os.replace(src, dst)
+            _fsync(directory)
+        finally:
+            for path in tmp:
+                path.unlink(missing_ok=True)
+        logger.info("saved %r index (%d vectors) to %s", self._config.factory, self.ntotal, directory)
+
+    @classmethod
+    def load(cls, directory: Path, use_gpu: bool | None = None) -> PassageIndex:
+        """Load a saved index; ``ids.npy`` is memory-mapped.
+
+        ``use_gpu`` has the :class:`IndexConfig` meaning (``None`` = GPU when available) and replaces the
+        saved ``config.use_gpu``. Raises :class:`IndexFileNotFoundError` (a ``FileNotFoundError``) naming
+        the missing directory or file, ``ValueError`` for inconsistent contents.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise IndexFileNotFoundError(directory, "passage index directory not found")
+        for name in (META_FILE, INDEX_FILE, IDS_FILE):
+            if not (directory / name).is_file():
+                raise IndexFileNotFoundError(
+                    directory / name,
+                    f"passage index file {name} missing (expected {INDEX_FILE}, {IDS_FILE}, {META_FILE})",
+                )
+        meta_path = directory / META_FILE
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            config = IndexConfig.from_dict(meta["config"])
+            dim, ntotal = int(meta["dim"]), int(meta["ntotal"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{meta_path}: not a valid passage index description: {exc}") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        if meta.get("faiss_version") != faiss.__version__:
+            logger.info("index saved with faiss %s, loading with %s", meta.get("faiss_version"), faiss.__version__)
+
+        cpu_index = faiss.read_index(str(directory / INDEX_FILE))
+        ids = np.load(directory / IDS_FILE, mmap_mode="r")
+        if cpu_index.d != dim:
+            raise ValueError(f"{directory / INDEX_FILE}: dim {cpu_index.d}, but {META_FILE} says {dim}")
+        if ids.ndim != 1 or ids.dtype != np.int64:
+            raise ValueError(f"{directory / IDS_FILE}: expected 1-D int64, got {ids.dtype} {ids.shape}")
+        if not cpu_index.ntotal == len(ids) == ntotal:
+            raise ValueError(
+                f"{directory}: {INDEX_FILE} holds {cpu_index.ntotal} vectors, {IDS_FILE} {len(ids)} ids, "
+                f"{META_FILE} says {ntotal}"
+            )
+        config = replace(config, use_gpu=use_gpu)
+        placed, on_gpu = _place(cpu_index, _search_params(cpu_index, config), use_gpu)
+        logger.info("loaded %r index (%d vectors, dim %d) from %s", config.factory, ntotal, dim, directory)
+        return cls(placed, ids, dim, config, on_gpu)
