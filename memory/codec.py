@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import pydantic
 import torch
+
+from memory.manifest import atomic_write, sha256_file
 
 __all__ = [
     "CODEC_FILE",
@@ -39,12 +40,10 @@ __all__ = [
     "CodecLoadError",
     "MemoryCodec",
     "Segment",
-    "atomic_write_bytes",
     "compression_ratio",
     "load_codec",
     "make_codec",
     "preset",
-    "sha256_file",
 ]
 
 CODEC_FILE = "codec.json"
@@ -239,7 +238,7 @@ class MemoryCodec(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         data = self._weights_bytes()
-        atomic_write_bytes(directory / self.weights_file, data)
+        atomic_write(directory / self.weights_file, lambda tmp: tmp.write_bytes(data))
         meta = {
             "format_version": FORMAT_VERSION,
             "kind": self.config.kind,
@@ -250,7 +249,7 @@ class MemoryCodec(ABC):
             "code_dtype": self.code_dtype.name,
             "bytes_per_token": self.bytes_per_token,
         }
-        atomic_write_bytes(directory / CODEC_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        atomic_write(directory / CODEC_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
 
     def _check_codes(self, codes: np.ndarray | torch.Tensor) -> torch.Tensor:
         """'... m' integer array/tensor -> int64 tensor on self.device, validated."""
@@ -312,24 +311,3 @@ def load_codec(directory: Path, device: torch.device | str = "cpu") -> MemoryCod
     except Exception as e:
         raise CodecLoadError(f"cannot load weights {weights}: {e}") from e
     return codec.to(device)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

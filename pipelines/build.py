@@ -77,6 +77,7 @@ class BuildReport(BaseModel):
     seconds: dict[str, float]
     passages_per_second: float
     encode_passages_per_second: float
+    encode_busy_passages_per_second: float | None
 
 
 @dataclass(frozen=True)
@@ -281,13 +282,15 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
-def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray_address: str | None) -> None:
-    """Run the shard encoder over every shard without a done marker, with Ray Data actors."""
+def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray_address: str | None) -> float:
+    """Run the shard encoder over every shard without a done marker, with Ray Data actors.
+
+    Returns the seconds the actors spent encoding (their busy time, without Ray start-up and model loading)."""
     import ray
 
     todo = [shard for shard in range(len(plan.shard_sizes)) if not layout.shard_done(shard).is_file()]
     if not todo:
-        return
+        return 0.0
     gpus = torch.cuda.device_count() if config.encoder.device != "cpu" else 0
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
@@ -307,8 +310,11 @@ def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray
     )
     passages = {shard: plan.shard_sizes[shard] for shard in todo}
     with tqdm(total=sum(passages.values()), desc=f"encode: {len(todo)} shards", unit=" passages") as bar:
+        busy = 0.0
         for row in dataset.iter_rows():
             bar.update(passages[int(row["shard"])])
+            busy += float(row["seconds"])
+    return busy
 
 
 # -- step 4: finalize --------------------------------------------------------------------------------------------
@@ -395,8 +401,9 @@ def build_index(
     codec = train_codec(layout, config, plan, backbone)
     seconds["codec"] = time.perf_counter() - clock
 
+    done_before = sum(layout.shard_done(shard).is_file() for shard in range(len(plan.shard_sizes)))
     clock = time.perf_counter()
-    encode_all_shards(layout, config, plan, ray_address)
+    busy = encode_all_shards(layout, config, plan, ray_address)
     seconds["encode"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -418,6 +425,8 @@ def build_index(
         seconds={key: round(value, 3) for key, value in seconds.items()},
         passages_per_second=plan.passages / total,
         encode_passages_per_second=plan.passages / max(seconds["encode"], 1e-9),
+        # only meaningful when this run encoded every shard (not after a resume)
+        encode_busy_passages_per_second=plan.passages / busy if busy and done_before == 0 else None,
     )
     info = backbone.info.__dict__ | {"model_path": config.encoder.model or "embedded:all-MiniLM-L6-v2"}
     write_manifest(layout, config, plan, info, codec, report)

@@ -61,6 +61,11 @@ def build_index_command(
         *((f"time: {stage}", f"{sec:.1f} s") for stage, sec in report.seconds.items()),
         ("throughput", f"{report.passages_per_second:.1f} passages/s"),
         ("encode throughput", f"{report.encode_passages_per_second:.1f} passages/s"),
+        *(
+            [("encode throughput (actors busy)", f"{report.encode_busy_passages_per_second:.1f} passages/s")]
+            if report.encode_busy_passages_per_second
+            else []
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     typer.echo(f"\nstore ready at {out}")
