@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from retrieval.index import IndexConfig
 
 from memory.codec import CodecConfig
+from retrieval.index import IndexConfig
 
 
 class _Frozen(BaseModel):
