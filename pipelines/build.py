@@ -303,7 +303,7 @@ def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray
     dataset = dataset.map_batches(
         ShardEncoder,
         batch_size=1,
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if gpus else 0,
         num_cpus=0.5 if gpus else threads,
         fn_constructor_kwargs={"root": str(layout.root), "config": config.to_json(), "threads": threads},
