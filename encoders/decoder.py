@@ -31,7 +31,6 @@ from transformers import (
     DynamicCache,
     EncoderDecoderCache,
     MT5ForConditionalGeneration,
-    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     T5ForConditionalGeneration,
@@ -86,17 +85,24 @@ class FiDDecoder(nn.Module):
     # -- construction ------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, backbone: Backbone) -> FiDDecoder:
-        """The decoder initialised from the backbone's own local checkpoint (`backbone.info.model_path`)."""
-        path = backbone.info.model_path
-        if not path:
+    def from_backbone(cls, backbone: Backbone, num_layers: int | None = None) -> FiDDecoder:
+        """The decoder initialised from the backbone's own local checkpoint (`backbone.info.model_path`).
+
+        `num_layers` keeps the checkpoint's first layers only (None: all): a shallow decoder is cheap, and for
+        short answers most of FiD's cost is in the encoder anyway.
+        """
+        from encoders.backbone import resolve_model_path
+
+        if not backbone.info.model_path:
             raise ValueError("the backbone has no model_path: load it with Backbone.from_pretrained(path)")
+        path = resolve_model_path(backbone.info.model_path)
         dtype = next(backbone.model.parameters()).dtype
         model_type = backbone.info.model_type
         model_class = DECODER_CLASSES[model_type]
         if backbone.family == "bert":
+            depth = {} if num_layers is None else {"num_hidden_layers": num_layers}
             model, info = model_class.from_pretrained(
-                path, is_decoder=True, add_cross_attention=True, dtype=dtype, output_loading_info=True
+                path, is_decoder=True, add_cross_attention=True, dtype=dtype, output_loading_info=True, **depth
             )
             logger.info("BERT2BERT decoder from %s: %d new tensors", path, len(info["missing_keys"]))
         else:
@@ -104,7 +110,7 @@ class FiDDecoder(nn.Module):
             model, info = model_class.from_pretrained(
                 path,
                 num_layers=0,
-                num_decoder_layers=config.num_decoder_layers,
+                num_decoder_layers=num_layers or config.num_decoder_layers,
                 dtype=dtype,
                 output_loading_info=True,
             )
@@ -118,13 +124,19 @@ class FiDDecoder(nn.Module):
                 )
         return cls(model.to(backbone.device).eval(), backbone.tokenizer, backbone.family)
 
-    @classmethod
-    def from_config(cls, backbone: Backbone, config: PretrainedConfig) -> FiDDecoder:
-        """An untrained decoder of a saved architecture (its weights are loaded afterwards)."""
-        model_class = DECODER_CLASSES[backbone.info.model_type]
-        model = model_class(config)
-        dtype = next(backbone.model.parameters()).dtype
-        return cls(model.to(device=backbone.device, dtype=dtype).eval(), backbone.tokenizer, backbone.family)
+    @property
+    def num_layers(self) -> int:
+        config = self.model.config
+        return int(config.num_hidden_layers if self.family == "bert" else config.num_decoder_layers)
+
+    def embedding_keys(self) -> set[str]:
+        """state_dict keys of the word embeddings (and the LM head when it is tied to them)."""
+        embeddings = self.model.get_input_embeddings().weight
+        return {key for key, value in self.model.state_dict(keep_vars=True).items() if value is embeddings}
+
+    def freeze_embeddings(self) -> None:
+        """Keep the checkpoint's word embeddings (and a tied LM head) as they are: not trained, not saved."""
+        self.model.get_input_embeddings().requires_grad_(False)
 
     @property
     def device(self) -> torch.device:

@@ -38,11 +38,11 @@ import torch
 from einops import rearrange, repeat
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from transformers import AutoConfig
 
-from encoders.backbone import Backbone, memory_layer_count
+from encoders.backbone import Backbone, memory_layer_count, portable_model_path
 from encoders.decoder import FiDDecoder
 from encoders.reranker import RerankerHead, perplexity_distillation_loss, perplexity_distillation_target
+from memory.manifest import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,24 @@ PassageText = tuple[str, str]  # (title, text)
 READER_FORMAT = "memvq-reader/1"
 READER_FILE = "reader.json"
 WEIGHTS_FILE = "reader.pt"
-DECODER_CONFIG_DIR = "decoder"
 
 # The live fraction each mode implies when `alpha` is not given (LUMEN's default for lumen and glimmer).
 DEFAULT_ALPHA: dict[str, float] = {"fid": 1.0, "lumen": 1 / 3, "glimmer": 1 / 3, "memory": 0.0}
 
+# The embedded default reader (MiniLM, trained by `memvq train` with configs/train-minilm.toml; see its README).
+DEFAULT_READER_DIR = Path(__file__).parent / "weights" / "minilm-glimmer"
+
 _LIVE_KEY = re.compile(r"^encoder\.(?:layer|block)\.(\d+)\.")
+
+
+def default_reader_path() -> Path:
+    """The embedded default reader's directory; a clear error when its weights are not there."""
+    if not (DEFAULT_READER_DIR / READER_FILE).is_file():
+        raise FileNotFoundError(
+            f"the embedded default reader is missing ({DEFAULT_READER_DIR}): train one with "
+            "`memvq train --config configs/train-minilm.toml` and pass it with --model"
+        )
+    return DEFAULT_READER_DIR
 
 
 class ReaderConfig(BaseModel):
@@ -67,12 +79,18 @@ class ReaderConfig(BaseModel):
 
     mode: Mode = "lumen"
     alpha: float | None = Field(default=None, ge=0.0, le=1.0, description="live fraction; None: the mode's default")
-    retrieve_k: int = Field(default=20, ge=1, description="K: passages read (the first K given)")
+    retrieve_k: int = Field(
+        default=20, ge=1, description="K: passages retrieved per question (the reader reads all given)"
+    )
     rerank_k: int = Field(default=5, ge=1, description="glimmer: passages kept after reranking")
     rerank_layers: int = Field(default=1, ge=1, description="glimmer: Live-A layer count")
     max_question_tokens: int = Field(default=32, ge=2)
     max_passage_tokens: int = Field(default=128, ge=2)
     max_answer_tokens: int = Field(default=16, ge=2)
+    decoder_layers: int | None = Field(default=None, ge=1, description="decoder depth; None: the checkpoint's")
+    train_decoder_embeddings: bool = Field(
+        default=False, description="False: the checkpoint's word embeddings (and tied LM head) stay frozen, unsaved"
+    )
     num_beams: int = Field(default=1, ge=1)
     distill_temperature: float = Field(default=1.0, gt=0.0)
     rerank_loss_weight: float = Field(default=1.0, ge=0.0)
@@ -207,7 +225,7 @@ class Reader(nn.Module):
     @classmethod
     def from_backbone(cls, backbone: Backbone, config: ReaderConfig) -> Reader:
         """A new reader: decoder from the backbone's checkpoint, fresh reranker (glimmer)."""
-        return cls(backbone, FiDDecoder.from_backbone(backbone), config)
+        return cls(backbone, FiDDecoder.from_backbone(backbone, config.decoder_layers), config)
 
     @property
     def device(self) -> torch.device:
@@ -222,14 +240,16 @@ class Reader(nn.Module):
         embeddings = model.embeddings if self.backbone.family == "bert" else model.shared
         for module in [embeddings, *self._encoder_layers()[: self.first_live]]:
             module.requires_grad_(False)
+        if not self.config.train_decoder_embeddings:
+            self.decoder.freeze_embeddings()
 
     # -- encoder side ------------------------------------------------------------------------------------------
 
     def _memory_pairs(self, questions: list[str], memory: torch.Tensor, memory_mask: torch.Tensor) -> _Pairs:
         """[question memory; passage memory] for every (question, passage): memory 'b k l d', mask 'b k l'."""
         cfg = self.config
-        memory = memory[:, : cfg.retrieve_k, : cfg.max_passage_tokens].to(self.device)
-        memory_mask = memory_mask[:, : cfg.retrieve_k, : cfg.max_passage_tokens].to(self.device).bool()
+        memory = memory[:, :, : cfg.max_passage_tokens].to(self.device)
+        memory_mask = memory_mask[:, :, : cfg.max_passage_tokens].to(self.device).bool()
         batch, k = memory.shape[:2]
         if batch != len(questions):
             raise ValueError(f"{len(questions)} questions but memory for {batch}")
@@ -258,7 +278,7 @@ class Reader(nn.Module):
         cfg = self.config
         if len(passage_texts) != len(questions):
             raise ValueError(f"{len(questions)} questions but passages for {len(passage_texts)}")
-        rows = [list(passages[: cfg.retrieve_k]) for passages in passage_texts]
+        rows = [list(passages) for passages in passage_texts]
         k = len(rows[0])
         if any(len(row) != k for row in rows):
             raise ValueError("every question needs the same number of passages")
@@ -292,8 +312,11 @@ class Reader(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         passage_texts: Sequence[Sequence[PassageText]] | None = None,
+        rerank_k: int | None = None,
     ) -> EncoderOutput:
-        """Questions + memory 'b k l d' / mask 'b k l' (fid: passage (title, text) 'b k') -> EncoderOutput."""
+        """Questions + memory 'b k l d' / mask 'b k l' (fid: passage (title, text) 'b k') -> EncoderOutput.
+
+        glimmer keeps `rerank_k` passages (default: the config's; at most the K given)."""
         watch = _Stopwatch(self.device)
         with watch.stage("live"):
             if self.config.mode == "fid":
@@ -324,7 +347,7 @@ class Reader(nn.Module):
         segment = rearrange(pairs.segment, "(b k) n -> b k n", b=batch)
         with watch.stage("rerank"):
             scores = self.reranker(live_a, mask & (segment == 0), mask & (segment == 1))
-            kept = scores.topk(min(self.config.rerank_k, k), dim=-1).indices
+            kept = scores.topk(min(rerank_k or self.config.rerank_k, k), dim=-1).indices
         with watch.stage("live"):
             rows = torch.arange(batch, device=self.device).unsqueeze(1)
             chosen = live_a[rows, kept]  # 'b k n d'
@@ -350,16 +373,18 @@ class Reader(nn.Module):
         memory_mask: torch.Tensor | None = None,
         passage_texts: Sequence[Sequence[PassageText]] | None = None,
         num_beams: int | None = None,
+        rerank_k: int | None = None,
+        max_answer_tokens: int | None = None,
     ) -> ReaderOutput:
-        """Answers of a batch of questions (decoding with `num_beams`, default the config's)."""
-        encoded = self.encode(questions, memory, memory_mask, passage_texts)
+        """Answers of a batch of questions; None for `num_beams`, `rerank_k`, `max_answer_tokens`: the config's."""
+        encoded = self.encode(questions, memory, memory_mask, passage_texts, rerank_k=rerank_k)
         watch = _Stopwatch(self.device)
         with watch.stage("decode"):
             hidden, mask = encoded.decoder_inputs()
             ids = self.decoder.generate(
                 hidden,
                 mask,
-                max_new_tokens=self.config.max_answer_tokens,
+                max_new_tokens=max_answer_tokens or self.config.max_answer_tokens,
                 num_beams=num_beams or self.config.num_beams,
             )
             answers = self.decoder.decode(ids)
@@ -449,17 +474,21 @@ class Reader(nn.Module):
         return key.startswith("encoder.final_layer_norm.")
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """What the backbone checkpoint does not ship: live.*, reranker.*, decoder.* tensors."""
+        """What the backbone checkpoint does not ship: live.*, reranker.*, decoder.* tensors (without the
+        decoder's word embeddings when they stay frozen)."""
         state = {
             f"live.{key}": value for key, value in self.backbone.model.state_dict().items() if self._is_live_key(key)
         }
         if self.reranker is not None:
             state.update({f"reranker.{key}": value for key, value in self.reranker.state_dict().items()})
-        state.update({f"decoder.{key}": value for key, value in self.decoder.model.state_dict().items()})
+        frozen = set() if self.config.train_decoder_embeddings else self.decoder.embedding_keys()
+        state.update(
+            {f"decoder.{key}": value for key, value in self.decoder.model.state_dict().items() if key not in frozen}
+        )
         return state
 
     def save(self, directory: str | Path, fp16: bool = False) -> Path:
-        """Write reader.json (config, backbone info), decoder/config.json and reader.pt (trained tensors)."""
+        """Write reader.json (config, backbone info) and reader.pt (trained tensors)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # Tied tensors (the BERT2BERT LM head and word embeddings) stay one tensor in the file.
@@ -471,15 +500,14 @@ class Reader(nn.Module):
                 tensor = value.detach().to("cpu")
                 converted[ident] = tensor.half() if fp16 and tensor.is_floating_point() else tensor
             state[key] = converted[ident]
-        torch.save(state, directory / WEIGHTS_FILE)
-        self.decoder.model.config.save_pretrained(directory / DECODER_CONFIG_DIR)
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
         meta: dict[str, Any] = {
             "format": READER_FORMAT,
             "config": self.config.model_dump(),
-            "backbone": asdict(self.backbone.info),
+            "backbone": asdict(self.backbone.info) | {"model_path": portable_model_path(self.backbone.info.model_path)},
             "dtype": "float16" if fp16 else str(next(self.parameters()).dtype).removeprefix("torch."),
         }
-        (directory / READER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(directory / READER_FILE, meta)
         logger.info("saved reader (%s, %d tensors) to %s", self.config.mode, len(state), directory)
         return directory
 
@@ -502,8 +530,8 @@ class Reader(nn.Module):
                     f"backbone {backbone.info.model_path} has {name}={getattr(backbone.info, name)}, "
                     f"the reader was trained on {info[name]}"
                 )
-        decoder = FiDDecoder.from_config(backbone, AutoConfig.from_pretrained(directory / DECODER_CONFIG_DIR))
-        reader = cls(backbone, decoder, ReaderConfig(**meta["config"]))
+        config = ReaderConfig(**meta["config"])
+        reader = cls(backbone, FiDDecoder.from_backbone(backbone, config.decoder_layers), config)
         reader.load_trained_state(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
         return reader.eval()
 
@@ -523,4 +551,9 @@ class Reader(nn.Module):
             self.reranker.load_state_dict(parts["reranker"])
         elif parts["reranker"]:
             raise ValueError(f"a reranker state was saved but mode {self.config.mode!r} has no reranker")
-        self.decoder.model.load_state_dict(parts["decoder"])
+        missing, unexpected = self.decoder.model.load_state_dict(parts["decoder"], strict=False)
+        frozen = set() if self.config.train_decoder_embeddings else self.decoder.embedding_keys()
+        if set(missing) - frozen or unexpected:
+            raise ValueError(
+                f"decoder does not match: missing {sorted(set(missing) - frozen)}, unexpected {unexpected}"
+            )

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from encoders.backbone import Backbone
+from encoders.backbone import Backbone, portable_model_path, resolve_device
 from memory.codec import MemoryCodec, compression_ratio, load_codec, make_codec
 from memory.manifest import (
     ManifestError,
@@ -90,14 +90,6 @@ class _Plan:
     @property
     def row_starts(self) -> list[int]:
         return np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(int).tolist()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no GPU")
-    return torch.device(device)
 
 
 def load_backbone(config: BuildConfig, device: torch.device) -> Backbone:
@@ -428,7 +420,7 @@ def build_index(
         # only meaningful when this run encoded every shard (not after a resume)
         encode_busy_passages_per_second=plan.passages / busy if busy and done_before == 0 else None,
     )
-    info = backbone.info.__dict__ | {"model_path": config.encoder.model or "embedded:all-MiniLM-L6-v2"}
+    info = backbone.info.__dict__ | {"model_path": portable_model_path(config.encoder.model)}
     write_manifest(layout, config, plan, info, codec, report)
     return report
 

@@ -6,6 +6,31 @@ from pathlib import Path
 
 import pytest
 
+TINY_CODEC = {
+    "dim": 32,
+    "segments": [{"dims": 32, "heads": 8}],
+    "codebook_size": 16,
+    "epochs": 1,
+    "kmeans_iters": 4,
+    "rotation_iters": 2,
+}
+
+
+def tiny_config(model: Path, **extra):
+    """A build config for the tiny BERT: a small codec, 16-passage shards."""
+    from pipelines.config import BuildConfig
+
+    return BuildConfig.model_validate(
+        {
+            "encoder": {"model": str(model)},
+            "codec": TINY_CODEC,
+            "shard_size": 16,
+            "codec_sample_passages": 64,
+            **extra,
+        }
+    )
+
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -42,3 +67,27 @@ def mini_corpus(shared_data, tmp_path_factory) -> Path:
     with open(shared_data / "nq_open_oracle" / "wiki-mini-knowledgesource.jsonl") as source:
         path.write_text("".join(line for _, line in zip(range(40), source, strict=False)))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_bert_path, mini_corpus, tmp_path_factory) -> tuple[Path, object]:
+    """A finished store of the 40-page mini corpus built with the tiny BERT (memory = 2 of 3 layers): (path, report)."""
+    from pipelines.build import build_index
+
+    out = tmp_path_factory.mktemp("stores") / "tiny"
+    report = build_index(mini_corpus, out, tiny_config(tiny_bert_path))
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def tiny_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
+    """An untrained glimmer reader on the tiny BERT (fits `tiny_store`), saved as `memvq train` saves one."""
+    import torch
+
+    from encoders.backbone import Backbone
+    from encoders.reader import Reader, ReaderConfig
+
+    config = ReaderConfig(mode="glimmer", retrieve_k=6, rerank_k=3, max_answer_tokens=4, decoder_layers=1)
+    torch.manual_seed(0)
+    reader = Reader.from_backbone(Backbone.from_pretrained(tiny_bert_path, alpha=config.live_fraction), config)
+    return reader.save(tmp_path_factory.mktemp("readers") / "tiny-glimmer")

@@ -13,40 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from memory.manifest import ManifestError
 from memory.store import MemoryStore
 from pipelines.build import build_index
 from pipelines.config import BuildConfig
 from retrieval.corpus import CorpusError
-
-TINY_CODEC = {
-    "dim": 32,
-    "segments": [{"dims": 32, "heads": 8}],
-    "codebook_size": 16,
-    "epochs": 1,
-    "kmeans_iters": 4,
-    "rotation_iters": 2,
-}
-
-
-def tiny_config(model: Path, **extra) -> BuildConfig:
-    return BuildConfig.model_validate(
-        {
-            "encoder": {"model": str(model)},
-            "codec": TINY_CODEC,
-            "shard_size": 16,
-            "codec_sample_passages": 64,
-            **extra,
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tiny_bert_path, mini_corpus, tmp_path_factory) -> tuple[Path, object]:
-    out = tmp_path_factory.mktemp("stores") / "tiny"
-    report = build_index(mini_corpus, out, tiny_config(tiny_bert_path))
-    return out, report
 
 
 def test_report_and_manifest(tiny_store):

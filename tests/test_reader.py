@@ -287,7 +287,7 @@ def test_perplexity_distillation_target_and_loss(tiny_bert_path):
 
 
 def test_a_few_steps_overfit_one_example(tiny_bert_path):
-    reader = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"]).train()
+    reader = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"], train_decoder_embeddings=True).train()
     backbone = reader.backbone
     memory, mask = passage_memory(backbone, PASSAGES[1:])
     frozen = {name: p.detach().clone() for name, p in reader.named_parameters() if not p.requires_grad}
@@ -417,6 +417,8 @@ def test_save_load_round_trip(tiny_bert_path, tmp_path):
     saved = torch.load(tmp_path / "reader" / WEIGHTS_FILE, weights_only=True)
     assert not any(key.startswith("live.embeddings") or key.startswith("live.encoder.layer.0.") for key in saved)
     assert any(key.startswith("live.encoder.layer.2.") for key in saved)
+    # the decoder's word embeddings (and the LM head tied to them) stay the checkpoint's: not saved
+    assert not {"decoder.bert.embeddings.word_embeddings.weight", "decoder.cls.predictions.decoder.weight"} & set(saved)
     for directory, backbone_path in [(tmp_path / "reader", None), (tmp_path / "reader", tiny_bert_path)]:
         loaded = Reader.load(directory, backbone_path=backbone_path)
         assert loaded.config == reader.config
@@ -435,6 +437,18 @@ def test_save_load_round_trip(tiny_bert_path, tmp_path):
     for name, p in loaded.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, original[name].half().float()), name
+
+
+def test_shallow_decoder_round_trip(tiny_bert_path, tmp_path):
+    reader = make_reader(tiny_bert_path, "lumen", ALPHA["lumen"], decoder_layers=1)
+    assert reader.decoder.num_layers == 1
+    assert not reader.decoder.model.get_input_embeddings().weight.requires_grad
+    memory, mask = passage_memory(reader.backbone)
+    expected = reader.answer(QUESTIONS, memory, mask, max_answer_tokens=3)
+    assert all(len(answer.split()) <= 3 for answer in expected.answers)
+    loaded = Reader.load(reader.save(tmp_path / "reader"))
+    assert loaded.decoder.num_layers == 1
+    assert loaded.answer(QUESTIONS, memory, mask, max_answer_tokens=3).answers == expected.answers
 
 
 def test_public_api_only(shared_reader):

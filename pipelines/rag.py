@@ -1,0 +1,183 @@
+"""The query-time pipeline: question -> FAISS retrieval -> memory codes decoded -> reader -> answer + provenance.
+
+It owns putting a store and a reader together (and checking that they fit), batching questions through the
+stages and timing each one: retrieve, memory (codes read and decoded), live, rerank, decode. `memvq query`,
+`memvq eval`, `memvq serve` and notebooks all go through `RAGPipeline`:
+
+    rag = RAGPipeline.load("runs/minilm-mini")          # the embedded default reader
+    [result] = rag.answer(["who got the first nobel prize in physics"])
+    result.answer, [p.title for p in result.passages], result.timings_ms
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from encoders.backbone import resolve_device
+from encoders.reader import Reader, default_reader_path
+from memory.store import MemoryStore
+from retrieval.retriever import RetrievedPassage, Retriever
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("retrieve", "memory", "live", "rerank", "decode")
+
+
+class IncompatibleModelError(ValueError):
+    """The reader was trained on another backbone (or split) than the store's memory was built with."""
+
+
+@dataclass
+class RAGAnswer:
+    """One question's answer, the passages the decoder read (best first) and the batch's milliseconds per stage."""
+
+    question: str
+    answer: str
+    passages: list[RetrievedPassage]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def kilt_output(self, with_text: bool = False) -> dict[str, Any]:
+        """A KILT `output` entry: the answer and the passages read as provenance."""
+        return {"answer": self.answer, "provenance": [p.provenance(with_text) for p in self.passages]}
+
+
+class _Timer:
+    """Milliseconds per stage of one batch (synchronising CUDA around each stage)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ms[name] += (time.perf_counter() - start) * 1000.0
+
+
+def check_compatible(store: MemoryStore, reader: Reader) -> None:
+    """Refuse a reader whose backbone differs from the store's (type, depth, width, memory split)."""
+    stored = store.manifest["backbone"]
+    info = reader.backbone.info
+    if reader.config.mode == "fid":
+        names = ("model_type", "hidden_size")  # fid reads passage text: the memory split does not matter
+    else:
+        names = ("model_type", "num_layers", "hidden_size", "memory_layers")
+    wrong = {name: (stored[name], getattr(info, name)) for name in names if stored[name] != getattr(info, name)}
+    if wrong:
+        details = ", ".join(f"{name}: store {a} vs reader {b}" for name, (a, b) in wrong.items())
+        raise IncompatibleModelError(f"the reader does not fit the store's memory ({details})")
+
+
+class RAGPipeline:
+    """Retriever + memory store + reader."""
+
+    def __init__(self, store: MemoryStore, reader: Reader, retriever: Retriever) -> None:
+        check_compatible(store, reader)
+        self.store = store
+        self.reader = reader.eval()
+        self.retriever = retriever
+        self.device = reader.device
+
+    @classmethod
+    def load(
+        cls,
+        store: str | Path,
+        model: str | Path | None = None,
+        device: str | torch.device = "auto",
+        verify: bool = True,
+    ) -> RAGPipeline:
+        """Open a store (sha256-verified unless `verify=False`) and a saved reader (None: the embedded default)."""
+        device = resolve_device(device)
+        opened = MemoryStore.open(store, verify=verify)
+        reader = Reader.load(model or default_reader_path(), device=device)
+        pipeline = cls(opened, reader, Retriever.for_store(opened, device))
+        opened.codec.to(device)
+        logger.info(
+            "pipeline ready: store %s (%d passages), reader %s on %s",
+            store,
+            opened.num_passages,
+            reader.config.mode,
+            device,
+        )
+        return pipeline
+
+    @property
+    def config(self) -> Any:
+        return self.reader.config
+
+    def retrieve(self, questions: list[str], top_k: int | None = None) -> list[list[RetrievedPassage]]:
+        """The top-K passages of each question (K: the reader config's `retrieve_k` by default)."""
+        return self.retriever.search(questions, top_k or self.config.retrieve_k)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        questions: list[str],
+        top_k: int | None = None,
+        rerank_k: int | None = None,
+        max_answer_tokens: int | None = None,
+        num_beams: int | None = None,
+    ) -> list[RAGAnswer]:
+        """Answer a batch of questions: retrieve `top_k`, (glimmer) keep `rerank_k`, generate."""
+        if not questions:
+            return []
+        timer = _Timer(self.device)
+        start = time.perf_counter()
+        with timer.stage("retrieve"):
+            retrieved = self.retrieve(questions, top_k)
+        answers = self.read(questions, retrieved, rerank_k, max_answer_tokens, num_beams, timer)
+        total = (time.perf_counter() - start) * 1000.0
+        for result in answers:
+            result.timings_ms["total"] = total
+        return answers
+
+    @torch.no_grad()
+    def read(
+        self,
+        questions: list[str],
+        retrieved: list[list[RetrievedPassage]],
+        rerank_k: int | None = None,
+        max_answer_tokens: int | None = None,
+        num_beams: int | None = None,
+        timer: _Timer | None = None,
+    ) -> list[RAGAnswer]:
+        """Answer questions from passages already retrieved (the same number for every question)."""
+        timer = timer or _Timer(self.device)
+        k = min(len(passages) for passages in retrieved)
+        retrieved = [passages[:k] for passages in retrieved]
+        inputs: dict[str, Any] = {}
+        with timer.stage("memory"):
+            if self.config.mode == "fid":
+                inputs["passage_texts"] = [[(p.title, p.text) for p in passages] for passages in retrieved]
+            else:
+                rows = [p.row for passages in retrieved for p in passages]
+                memory, mask = self.store.get_memory(rows, self.device, max_tokens=self.config.max_passage_tokens)
+                inputs["memory"] = rearrange(memory, "(b k) l d -> b k l d", k=k)
+                inputs["memory_mask"] = rearrange(mask, "(b k) l -> b k l", k=k)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.reader.answer(
+                questions, num_beams=num_beams, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, **inputs
+            )
+        for stage in ("live", "rerank", "decode"):
+            timer.ms[stage] += out.timings_ms.get(stage, 0.0)
+        kept = out.kept.tolist()
+        scores = out.passage_scores.float().cpu().tolist() if out.passage_scores is not None else None
+        results = []
+        for i, question in enumerate(questions):
+            read = [retrieved[i][j] if scores is None else retrieved[i][j].with_score(scores[i][j]) for j in kept[i]]
+            results.append(RAGAnswer(question, out.answers[i], read, dict(timer.ms)))
+        return results

@@ -1,0 +1,93 @@
+"""The retriever: questions -> dense embeddings (the store's own encoder, frozen) -> FAISS top-K passages.
+
+It owns the question side of dense retrieval and what a retrieved passage carries (KILT provenance: wikipedia_id,
+title, paragraph range, score). The question encoder is the full backbone the store was built with, untouched by
+reader training, so questions and passages live in the same embedding space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from encoders.backbone import Backbone
+from memory.store import MemoryStore
+
+
+@dataclass(frozen=True)
+class RetrievedPassage:
+    """One retrieved passage: its store row, identity, KILT provenance fields and score (higher is better)."""
+
+    row: int
+    passage_id: str
+    wikipedia_id: str
+    title: str
+    start_paragraph_id: int
+    end_paragraph_id: int
+    score: float
+    text: str
+
+    def provenance(self, with_text: bool = False) -> dict[str, Any]:
+        """A KILT provenance record (plus passage_id and score; text on request)."""
+        record = asdict(self)
+        record.pop("row")
+        if not with_text:
+            record.pop("text")
+        return record
+
+    def with_score(self, score: float) -> RetrievedPassage:
+        return RetrievedPassage(**{**asdict(self), "score": float(score)})
+
+
+class Retriever:
+    """Dense retrieval over a store's FAISS index with the store's encoder."""
+
+    def __init__(self, store: MemoryStore, encoder: Backbone, max_question_tokens: int = 64) -> None:
+        self.store = store
+        self.encoder = encoder
+        self.max_question_tokens = max_question_tokens
+
+    @classmethod
+    def for_store(cls, store: MemoryStore, device: str | torch.device = "cpu") -> Retriever:
+        """The retriever of a store, with the encoder named in its manifest."""
+        info = store.manifest["backbone"]
+        encoder = Backbone.from_pretrained(info["model_path"], memory_layers=info["memory_layers"])
+        return cls(store, encoder.to(device))
+
+    @torch.no_grad()
+    def embed(self, questions: list[str]) -> np.ndarray:
+        """Question embeddings 'b d' float32, L2-normalised (as the passages' are)."""
+        return self.encoder.embed_texts(questions, self.max_question_tokens).float().cpu().numpy()
+
+    def search(self, questions: list[str], k: int) -> list[list[RetrievedPassage]]:
+        """The top-k passages of each question, best first (fewer when the store holds fewer)."""
+        if not questions:
+            return []
+        k = min(k, self.store.num_passages)
+        scores, rows = self.store.index.search(self.embed(questions), k)
+        found = [
+            [(int(row), float(score)) for row, score in zip(r, s, strict=True) if row >= 0]
+            for r, s in zip(rows, scores, strict=True)
+        ]
+        records = self.store.passages([row for hits in found for row, _ in hits])
+        out, position = [], 0
+        for hits in found:
+            out.append([_passage(records[position + i], score) for i, (_, score) in enumerate(hits)])
+            position += len(hits)
+        return out
+
+
+def _passage(record: dict[str, Any], score: float) -> RetrievedPassage:
+    return RetrievedPassage(
+        row=int(record["row"]),
+        passage_id=str(record["passage_id"]),
+        wikipedia_id=str(record["doc_id"]),
+        title=str(record["title"]),
+        start_paragraph_id=int(record["start_paragraph_id"]),
+        end_paragraph_id=int(record["end_paragraph_id"]),
+        score=score,
+        text=str(record["text"]),
+    )

@@ -1,0 +1,49 @@
+"""The query-time pipeline over a real (tiny) store: retrieval, memory, reader, provenance, timings."""
+
+from __future__ import annotations
+
+import pytest
+
+from encoders.backbone import Backbone
+from encoders.reader import Reader, ReaderConfig
+from pipelines.rag import STAGES, IncompatibleModelError, RAGPipeline
+
+
+@pytest.fixture(scope="module")
+def rag(tiny_store, tiny_reader_path) -> RAGPipeline:
+    return RAGPipeline.load(tiny_store[0], tiny_reader_path, device="cpu")
+
+
+def test_answers_carry_reranked_provenance_and_timings(rag):
+    questions = ["who got the first nobel prize in physics", "what is the capital of france"]
+    results = rag.answer(questions, top_k=5, rerank_k=2, max_answer_tokens=3)
+    assert [r.question for r in results] == questions
+    for result in results:
+        assert isinstance(result.answer, str)
+        assert len(result.passages) == 2
+        scores = [p.score for p in result.passages]
+        assert scores == sorted(scores, reverse=True)  # reranker scores, best first
+        output = result.kilt_output()
+        assert set(output) == {"answer", "provenance"}
+        first = output["provenance"][0]
+        assert {"wikipedia_id", "title", "start_paragraph_id", "end_paragraph_id", "score"} <= set(first)
+        assert "text" not in first and "text" in result.kilt_output(with_text=True)["provenance"][0]
+        assert set(STAGES) | {"total"} <= set(result.timings_ms)
+        assert result.timings_ms["total"] >= result.timings_ms["retrieve"] > 0
+
+
+def test_retrieve_returns_store_passages_best_first(rag):
+    [hits] = rag.retrieve(["first nobel prize in physics"], top_k=4)
+    assert len(hits) == 4
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert rag.store.passages([hits[0].row])[0]["passage_id"] == hits[0].passage_id
+
+
+def test_a_reader_of_another_split_is_refused(tiny_store, tiny_bert_path):
+    from memory.store import MemoryStore
+
+    config = ReaderConfig(mode="lumen", alpha=2 / 3)  # 1 memory layer, the store has 2
+    reader = Reader.from_backbone(Backbone.from_pretrained(tiny_bert_path, alpha=2 / 3), config)
+    store = MemoryStore.open(tiny_store[0], verify=False)
+    with pytest.raises(IncompatibleModelError, match="memory_layers: store 2 vs reader 1"):
+        RAGPipeline(store, reader, retriever=None)
