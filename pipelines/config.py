@@ -1,20 +1,38 @@
-"""Typed configuration of the build job, read from TOML/JSON files and saved in every store's manifest."""
+"""Typed configuration of the jobs (build-index, train), read from TOML/JSON files and saved with what they make."""
 
 from __future__ import annotations
 
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from encoders.reader import ReaderConfig
 from memory.codec import CodecConfig
 from retrieval.index import IndexConfig
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileConfig(_Frozen):
+    """A job config: read from a TOML or JSON file with overrides, saved as JSON."""
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> Self:
+        """Read a TOML or JSON file (or nothing), then merge `overrides` (nested dicts; None values ignored)."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            text = path.read_text()
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        return cls.model_validate(_merge(data, overrides or {}))
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
 
 class ChunkingConfig(_Frozen):
@@ -34,7 +52,7 @@ class EncoderConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class BuildConfig(_Frozen):
+class BuildConfig(FileConfig):
     """Everything that decides the bytes of a store (where the corpus and Ray live are run arguments)."""
 
     format: str | None = Field(None, description="corpus format; None = detected per file")
@@ -48,18 +66,43 @@ class BuildConfig(_Frozen):
     num_workers: int | None = Field(None, ge=1, description="encoder actors; None = one per GPU, else 1")
     seed: int = 0
 
-    @classmethod
-    def from_file(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> BuildConfig:
-        """Read a TOML or JSON file (or nothing), then merge `overrides` (nested dicts; None values ignored)."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            text = path.read_text()
-            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        return cls.model_validate(_merge(data, overrides or {}))
 
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+class TaskConfig(_Frozen):
+    """One training task: a question file, how it is split into train and dev, and its share of the mix."""
+
+    name: str
+    path: str = Field(description="KILT jsonl (id, input, output answers) or SQuAD json")
+    format: Literal["kilt", "squad"] = "kilt"
+    dev_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="held out: by article (SQuAD) or by id (KILT)")
+    weight: float = Field(1.0, gt=0.0, description="share of the training mix")
+    max_dev: int = Field(200, ge=0, description="dev questions scored at each evaluation")
+
+
+class OptimConfig(_Frozen):
+    """The optimiser and the schedule."""
+
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="questions per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-4, gt=0.0)
+    decoder_lr: float | None = Field(None, gt=0.0, description="new cross-attention etc.; None = lr")
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+
+
+class TrainConfig(FileConfig):
+    """Everything that decides a trained reader (the store and the output directory are run arguments)."""
+
+    reader: ReaderConfig = ReaderConfig()
+    model: str | None = Field(None, description="backbone checkpoint; None = the embedded all-MiniLM-L6-v2")
+    tasks: list[TaskConfig] = Field(min_length=1)
+    optim: OptimConfig = OptimConfig()
+    eval_every: int = Field(100, ge=1, description="steps between dev evaluations (and checkpoints)")
+    max_minutes: float | None = Field(None, gt=0.0, description="stop (and save) after this wall-clock budget")
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -102,16 +102,22 @@ def iter_kilt(path: str | Path) -> Iterator[Record]:
         for lineno, line in enumerate(fin, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise KiltFormatError(
-                    f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); a KILT file holds one "
-                    "JSON object per line",
-                    {"malformed lines": [where]},
-                ) from exc
-            yield _check_record_shape(obj, where)
+            yield parse_record(line, f"{path}:{lineno}")
+
+
+def parse_record(line: str, where: str) -> Record:
+    """One KILT jsonl line as a record; :class:`KiltFormatError` naming ``where`` (``file:line``) if malformed.
+
+    The building block of :func:`iter_kilt`, for readers that report bad lines and go on instead of stopping.
+    """
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise KiltFormatError(
+            f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); a KILT file holds one JSON object per line",
+            {"malformed lines": [where]},
+        ) from exc
+    return _check_record_shape(obj, where)
 
 
 def load_kilt(path: str | Path) -> list[Record]:

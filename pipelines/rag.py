@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,21 @@ def check_compatible(store: MemoryStore, reader: Reader) -> None:
     if wrong:
         details = ", ".join(f"{name}: store {a} vs reader {b}" for name, (a, b) in wrong.items())
         raise IncompatibleModelError(f"the reader does not fit the store's memory ({details})")
+
+
+def reader_inputs(store: MemoryStore, reader: Reader, rows: list[list[int]]) -> dict[str, Any]:
+    """What the reader reads for passages 'b k' (store rows): decoded memory + mask on the reader's device, or
+    (fid) the passages' (title, text)."""
+    flat = [row for question_rows in rows for row in question_rows]
+    if reader.config.mode == "fid":
+        records = iter(store.passages(flat))
+        return {"passage_texts": [[(r["title"], r["text"]) for r in islice(records, len(q))] for q in rows]}
+    memory, mask = store.get_memory(flat, reader.device, max_tokens=reader.config.max_passage_tokens)
+    k = len(rows[0])
+    return {
+        "memory": rearrange(memory, "(b k) l d -> b k l d", k=k),
+        "memory_mask": rearrange(mask, "(b k) l -> b k l", k=k),
+    }
 
 
 class RAGPipeline:
@@ -159,15 +175,8 @@ class RAGPipeline:
         timer = timer or _Timer(self.device)
         k = min(len(passages) for passages in retrieved)
         retrieved = [passages[:k] for passages in retrieved]
-        inputs: dict[str, Any] = {}
         with timer.stage("memory"):
-            if self.config.mode == "fid":
-                inputs["passage_texts"] = [[(p.title, p.text) for p in passages] for passages in retrieved]
-            else:
-                rows = [p.row for passages in retrieved for p in passages]
-                memory, mask = self.store.get_memory(rows, self.device, max_tokens=self.config.max_passage_tokens)
-                inputs["memory"] = rearrange(memory, "(b k) l d -> b k l d", k=k)
-                inputs["memory_mask"] = rearrange(mask, "(b k) l -> b k l", k=k)
+            inputs = reader_inputs(self.store, self.reader, [[p.row for p in passages] for passages in retrieved])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.reader.answer(
                 questions, num_beams=num_beams, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, **inputs

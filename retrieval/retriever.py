@@ -75,12 +75,13 @@ class Retriever:
         records = self.store.passages([row for hits in found for row, _ in hits])
         out, position = [], 0
         for hits in found:
-            out.append([_passage(records[position + i], score) for i, (_, score) in enumerate(hits)])
+            out.append([passage_from_record(records[position + i], score) for i, (_, score) in enumerate(hits)])
             position += len(hits)
         return out
 
 
-def _passage(record: dict[str, Any], score: float) -> RetrievedPassage:
+def passage_from_record(record: dict[str, Any], score: float) -> RetrievedPassage:
+    """A RetrievedPassage from a `MemoryStore.passages` record and a score."""
     return RetrievedPassage(
         row=int(record["row"]),
         passage_id=str(record["passage_id"]),

@@ -1,0 +1,651 @@
+"""`memvq eval`: KILT question files -> `RAGPipeline` -> KILT predictions per task -> metrics report.
+
+It owns running a pipeline over KILT-format question files (batched, with a progress bar, resumable), scoring
+prediction files (ours or anyone's) against gold, and the report: ``report.json`` and ``report.md`` with the
+metrics, queries/s and time per stage of each task, and the settings, model and store it ran with. The metrics
+themselves are :func:`pipelines.kilt_metrics.evaluate`; reading and validating KILT records is
+:mod:`pipelines.kilt_data`.
+
+Layout of an eval directory (``task``: :func:`pipelines.kilt_data.task_of` of the data file, or its stem)::
+
+    OUT/eval_config.json            what decides the predictions (store, model, decoding); a resume must match it
+    OUT/{task}-predictions.jsonl    KILT predictions, appended and flushed per batch
+    OUT/{task}-timings.json         summed stage milliseconds of the questions predicted so far
+    OUT/report.json, OUT/report.md
+
+Resuming: run the same command again; ids already in a predictions file are skipped (a task with none left is
+not rerun, only rescored) and a line torn by an interrupted write is dropped. From a notebook::
+
+    rag = RAGPipeline.load("runs/minilm-mini")
+    report = run_eval(rag, ["nq-dev-kilt.jsonl"], "runs/eval-nq", EvalSettings(limit=100))
+    report["tasks"]["nq"]["metrics"]["downstream"]["em"]
+    score_predictions("nq-dev-kilt.jsonl", "runs/eval-nq/nq-predictions.jsonl")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm import tqdm
+
+from memory.manifest import MANIFEST_NAME, atomic_write, library_versions, sha256_file
+from pipelines import kilt_metrics
+from pipelines.kilt_data import (
+    KiltFormatError,
+    Record,
+    gold_answers,
+    load_kilt,
+    parse_record,
+    record_id,
+    record_input,
+    task_of,
+)
+
+if TYPE_CHECKING:
+    from memory.store import MemoryStore
+    from pipelines.rag import RAGAnswer, RAGPipeline
+
+logger = logging.getLogger(__name__)
+
+REPORT_FORMAT = "memvq-eval-report/1"
+CONFIG_FILE = "eval_config.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+TIMED_STAGES = ("retrieve", "memory", "live", "rerank", "decode", "total")
+_MAX_BAD_IN_REPORT = 20
+
+# Settings that change what is predicted: a resume with other values would mix predictions, so it is refused.
+_PREDICTION_SETTINGS = ("top_k", "rerank_k", "max_answer_tokens", "num_beams", "passage_text")
+
+
+class EvalConfigError(ValueError):
+    """An eval directory holds predictions made with another store, model or decoding settings."""
+
+
+class EvalSettings(BaseModel):
+    """How an eval runs and is scored (saved in report.json). `None`: the reader config's value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_size: int = Field(16, ge=1, description="questions per pipeline call (and per flush of predictions)")
+    top_k: int | None = Field(None, ge=1, description="passages retrieved per question")
+    rerank_k: int | None = Field(None, ge=1, description="glimmer: passages kept after reranking")
+    max_answer_tokens: int | None = Field(None, ge=1)
+    num_beams: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="only the first N questions of each file")
+    ks: tuple[int, ...] = Field((1, 5), description="k of the retrieval metrics @k")
+    rank_keys: tuple[str, ...] = Field(("wikipedia_id",), description="provenance fields that identify a page")
+    passage_text: bool = Field(True, description="write passage text in the provenance (for answer_in_context@k)")
+
+    @field_validator("ks")
+    @classmethod
+    def _check_ks(cls, ks: tuple[int, ...]) -> tuple[int, ...]:
+        if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+            raise ValueError(f"ks must be distinct positive integers, got {list(ks)}")
+        return tuple(sorted(ks))
+
+    @field_validator("rank_keys")
+    @classmethod
+    def _check_rank_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        if not keys or any(not k for k in keys):
+            raise ValueError(f"rank_keys must be non-empty field names, got {list(keys)}")
+        return keys
+
+
+# ----------------------------------------------------------------------------------------------
+# reading question / gold files
+
+
+@dataclass
+class KiltFile:
+    """The usable records of one KILT file (file order, first occurrence of each id) and the bad ones skipped."""
+
+    path: Path
+    records: list[Record]
+    bad: list[str] = field(default_factory=list)
+
+
+def read_kilt_file(path: str | Path, limit: int | None = None, need_input: bool = False) -> KiltFile:
+    """Read a KILT jsonl file, reporting bad records with their line number and skipping them.
+
+    Bad: malformed JSON or a record of the wrong shape, a repeated id, and (``need_input``) a record without
+    an ``input`` string (nothing to ask). Each is logged as a warning and listed in ``bad`` as
+    ``"file:line: why"``. ``limit`` keeps the first N usable records (reading stops there).
+    """
+    path = Path(path)
+    records: list[Record] = []
+    bad: list[str] = []
+    seen: set[str] = set()
+
+    def skip(message: str) -> None:
+        bad.append(message)
+        logger.warning("skipped bad record: %s", message)
+
+    with path.open(encoding="utf-8") as fin:
+        for lineno, line in enumerate(fin, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = parse_record(line, where)
+            except KiltFormatError as error:
+                skip(str(error))
+                continue
+            rid = record_id(record)
+            text = record_input(record)
+            if need_input and not (text and text.strip()):
+                skip(f"{where}: id {rid!r} has no 'input' string (no question to ask)")
+            elif rid in seen:
+                skip(f"{where}: id {rid!r} repeats an earlier record")
+            else:
+                seen.add(rid)
+                records.append(record)
+    return KiltFile(path, records, bad)
+
+
+def task_names(paths: Sequence[str | Path]) -> list[str]:
+    """One task name per file: :func:`~pipelines.kilt_data.task_of` (``nq-dev-kilt.jsonl`` -> ``nq``), else the
+    file stem; files that would share a name get their stems. Two files with the same stem are an error."""
+    paths = [Path(p) for p in paths]
+    names = [task_of(p) or _stem(p) for p in paths]
+    counts = Counter(names)
+    names = [_stem(p) if counts[name] > 1 else name for p, name in zip(paths, names, strict=True)]
+    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
+    if repeated:
+        raise ValueError(f"several data files have the task name {', '.join(map(repr, repeated))}: rename one")
+    return names
+
+
+def _stem(path: Path) -> str:
+    return path.name.removesuffix(".jsonl").removesuffix(".json")
+
+
+# ----------------------------------------------------------------------------------------------
+# predicting
+
+
+@dataclass
+class TaskTiming:
+    """Pipeline milliseconds per stage summed over the questions predicted (over every run of a resume)."""
+
+    questions: int = 0
+    batches: int = 0
+    wall_s: float = 0.0
+    stage_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMED_STAGES, 0.0))
+
+    @classmethod
+    def load(cls, path: Path) -> TaskTiming:
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(data["questions"], data["batches"], data["wall_s"], {**cls().stage_ms, **data["stage_ms"]})
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=2)))
+
+    def add(self, questions: int, timings_ms: Mapping[str, float], wall_s: float) -> None:
+        self.questions += questions
+        self.batches += 1
+        self.wall_s += wall_s
+        for stage in TIMED_STAGES:
+            self.stage_ms[stage] += float(timings_ms.get(stage, 0.0))
+
+    def summary(self) -> dict[str, Any]:
+        """queries/s (wall clock of the batches, writing included) and mean milliseconds per question and stage."""
+        n = self.questions
+        return {
+            "questions_timed": n,
+            "batches": self.batches,
+            "seconds": self.wall_s,
+            "queries_per_second": n / self.wall_s if self.wall_s > 0 else None,
+            "ms_per_question": {stage: (ms / n if n else None) for stage, ms in self.stage_ms.items()},
+        }
+
+
+def prediction_record(record: Mapping[str, Any], answer: RAGAnswer, passage_text: bool = True) -> Record:
+    """A KILT guess: the record's id and input, one output with the answer and the passages read as provenance."""
+    return {"id": record["id"], "input": answer.question, "output": [answer.kilt_output(with_text=passage_text)]}
+
+
+def predicted_ids(path: Path) -> set[str]:
+    """Ids already in a predictions file; a last line torn by an interrupted write is cut off the file."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        logger.warning("%s: dropping an incomplete last line (an interrupted run)", path)
+        with path.open("r+b") as fout:
+            fout.truncate(end)
+    ids: set[str] = set()
+    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            ids.add(record_id(parse_record(line, f"{path}:{lineno}")))
+    return ids
+
+
+def predict_task(
+    pipeline: RAGPipeline,
+    questions: KiltFile,
+    predictions_path: Path,
+    settings: EvalSettings,
+    timings_path: Path | None = None,
+    task: str = "",
+    progress: bool = True,
+) -> int:
+    """Predict the questions not yet in ``predictions_path``, appending (and flushing) them batch by batch.
+
+    Stage timings are added to ``timings_path`` after each batch. Returns the number of questions predicted.
+    """
+    done = predicted_ids(predictions_path)
+    todo = [r for r in questions.records if record_id(r) not in done]
+    if not todo:
+        return 0
+    timing = TaskTiming.load(timings_path) if timings_path else TaskTiming()
+    total = len(questions.records)
+    bar = tqdm(total=total, initial=total - len(todo), desc=task or None, unit="q", disable=not progress)
+    with predictions_path.open("a", encoding="utf-8") as fout, bar:
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start : start + settings.batch_size]
+            began = time.perf_counter()
+            answers = pipeline.answer(
+                [str(record_input(r)) for r in batch],
+                top_k=settings.top_k,
+                rerank_k=settings.rerank_k,
+                max_answer_tokens=settings.max_answer_tokens,
+                num_beams=settings.num_beams,
+            )
+            lines = [
+                json.dumps(prediction_record(r, a, settings.passage_text), ensure_ascii=False) + "\n"
+                for r, a in zip(batch, answers, strict=True)
+            ]
+            fout.write("".join(lines))
+            fout.flush()
+            os.fsync(fout.fileno())
+            timing.add(len(batch), answers[0].timings_ms, time.perf_counter() - began)
+            if timings_path:
+                timing.save(timings_path)
+            bar.update(len(batch))
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
+
+
+def score_records(
+    gold: Sequence[Mapping[str, Any]],
+    guess: Sequence[Mapping[str, Any]],
+    ks: Sequence[int] = (1, 5),
+    rank_keys: Sequence[str] = ("wikipedia_id",),
+) -> dict[str, Any]:
+    """:func:`kilt_metrics.evaluate` over the gold records that have an answer.
+
+    Gold records without any answer (a test file without answers, some ELI5 records) cannot be scored and
+    are counted as ``unscored``; guesses for ids outside ``gold`` (e.g. beyond ``--limit``) are ignored and
+    counted as ``extra_predictions``. Missing or malformed guesses raise :class:`KiltFormatError`.
+    """
+    scorable = [r for r in gold if gold_answers(r)]
+    ids = {record_id(r) for r in scorable}
+    all_ids = {record_id(r) for r in gold}
+    kept = [g for g in guess if record_id(g) in ids]
+    extra = sum(1 for g in guess if record_id(g) not in all_ids)
+    metrics = kilt_metrics.evaluate(scorable, kept, ks, rank_keys) if scorable else None
+    return {
+        "scored": len(scorable),
+        "unscored": len(gold) - len(scorable),
+        "extra_predictions": extra,
+        "metrics": metrics,
+    }
+
+
+def score_predictions(
+    gold_file: str | Path,
+    predictions_file: str | Path,
+    ks: Sequence[int] = (1, 5),
+    rank_keys: Sequence[str] = ("wikipedia_id",),
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Score a KILT prediction file against a gold file (``limit``: its first N records) without any model.
+
+    Bad gold lines are skipped and listed (``bad_records``); the predictions must be well formed (one output
+    per record with an answer and provenance, every gold id predicted), as the official scripts want.
+    """
+    gold = read_kilt_file(gold_file, limit=limit)
+    guess = load_kilt(predictions_file)
+    return {
+        "data": str(gold_file),
+        "predictions": str(predictions_file),
+        "questions": len(gold.records),
+        **_bad_summary(gold),
+        **score_records(gold.records, guess, ks, rank_keys),
+    }
+
+
+def pair_predictions(
+    data_files: Sequence[str | Path], prediction_files: Sequence[str | Path]
+) -> list[tuple[str, Path, Path]]:
+    """(task, gold file, predictions file) triples.
+
+    By task name when every predictions file's task name (:func:`task_names`: ``nq-predictions.jsonl`` ->
+    ``nq``, as ``run_eval`` writes them) is that of a ``--data`` file (data files left without predictions are
+    not scored); otherwise in the order given, which needs as many predictions files as data files.
+    """
+    data = [Path(p) for p in data_files]
+    preds = [Path(p) for p in prediction_files]
+    data_names = task_names(data)
+    pred_names = task_names(preds)
+    if set(pred_names) <= set(data_names):
+        by_name = dict(zip(pred_names, preds, strict=True))
+        return [(name, d, by_name[name]) for name, d in zip(data_names, data, strict=True) if name in by_name]
+    if len(preds) != len(data):
+        raise ValueError(
+            f"cannot pair {len(preds)} predictions file(s) with {len(data)} data file(s): their task names "
+            f"({', '.join(pred_names)} vs {', '.join(data_names)}) do not match and the counts differ"
+        )
+    logger.info("task names of predictions and data files differ: pairing them in the order given")
+    return list(zip(data_names, data, preds, strict=True))
+
+
+def evaluate_predictions(
+    data_files: Sequence[str | Path],
+    prediction_files: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    settings: EvalSettings | None = None,
+) -> dict[str, Any]:
+    """Score existing prediction files (paired by :func:`pair_predictions`); write the report if ``out_dir``."""
+    settings = settings or EvalSettings()
+    tasks: dict[str, Any] = {}
+    for name, gold_file, pred_file in pair_predictions(data_files, prediction_files):
+        tasks[name] = score_predictions(gold_file, pred_file, settings.ks, settings.rank_keys, settings.limit)
+    report = _report("score", settings, tasks)
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+
+
+def run_eval(
+    pipeline: RAGPipeline,
+    data_files: Sequence[str | Path],
+    out_dir: str | Path,
+    settings: EvalSettings | None = None,
+    model_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict every question of ``data_files`` with ``pipeline`` (resuming what ``out_dir`` holds), score each
+    task, write ``report.json`` / ``report.md`` and return the report.
+
+    ``model_path`` (the reader's directory) is only recorded, with a hash of its weights. Refuses
+    (:class:`EvalConfigError`) to resume with another store, model or decoding settings.
+    """
+    settings = settings or EvalSettings()
+    data = [Path(p) for p in data_files]
+    for path in data:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+    names = task_names(data)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = store_summary(pipeline.store)
+    model = model_summary(pipeline, model_path)
+    _check_run_config(out, store, model, settings)
+
+    tasks: dict[str, Any] = {}
+    for name, path in zip(names, data, strict=True):
+        questions = read_kilt_file(path, limit=settings.limit, need_input=True)
+        predictions_path = out / f"{name}-predictions.jsonl"
+        timings_path = out / f"{name}-timings.json"
+        predicted = predict_task(pipeline, questions, predictions_path, settings, timings_path, name, progress)
+        if not predicted:
+            logger.info("%s: every question already predicted in %s, scoring only", name, predictions_path)
+        guess = load_kilt(predictions_path) if predictions_path.is_file() else []
+        tasks[name] = {
+            "data": str(path),
+            "predictions": str(predictions_path),
+            "questions": len(questions.records),
+            "predicted_this_run": predicted,
+            **_bad_summary(questions),
+            **score_records(questions.records, guess, settings.ks, settings.rank_keys),
+            "timing": TaskTiming.load(timings_path).summary(),
+        }
+    report = _report("run", settings, tasks, store=store, model=model, device=_device_summary(pipeline))
+    write_report(report, out)
+    return report
+
+
+def store_summary(store: MemoryStore) -> dict[str, Any]:
+    """What identifies the store in a report: its path, manifest hash, counts, backbone, codec, build config."""
+    manifest = store.manifest
+    codec = dict(manifest.get("codec", {}))
+    codec_config = codec.pop("config", {}) or {}
+    return {
+        "path": str(store.layout.root),
+        "manifest_sha256": sha256_file(store.layout.root / MANIFEST_NAME),
+        "format": manifest.get("format"),
+        "num_documents": manifest.get("num_documents"),
+        "num_passages": manifest.get("num_passages"),
+        "num_tokens": manifest.get("num_tokens"),
+        "backbone": manifest.get("backbone"),
+        "codec": {**codec, "kind": codec_config.get("kind")},
+        "compression_vs_bf16": manifest.get("report", {}).get("compression_vs_bf16"),
+        "build_config": manifest.get("config"),
+        "versions": manifest.get("versions"),
+    }
+
+
+def model_summary(pipeline: RAGPipeline, model_path: str | Path | None = None) -> dict[str, Any]:
+    """The reader: path (if known), sha256 of its weights file, config and backbone."""
+    from encoders.reader import WEIGHTS_FILE
+
+    weights = Path(model_path) / WEIGHTS_FILE if model_path is not None else None
+    return _jsonable(
+        {
+            "path": str(model_path) if model_path is not None else None,
+            "weights_sha256": sha256_file(weights) if weights is not None and weights.is_file() else None,
+            "mode": pipeline.reader.config.mode,
+            "config": pipeline.reader.config.model_dump(mode="json"),
+            "backbone": asdict(pipeline.reader.backbone.info),
+        }
+    )
+
+
+def _check_run_config(out: Path, store: dict[str, Any], model: dict[str, Any], settings: EvalSettings) -> None:
+    config = {
+        "store_manifest_sha256": store["manifest_sha256"],
+        "model": {k: model[k] for k in ("weights_sha256", "config", "backbone")},
+        "settings": {k: getattr(settings, k) for k in _PREDICTION_SETTINGS},
+    }
+    config = _jsonable(config)
+    path = out / CONFIG_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != config:
+            differ = [k for k in config if previous.get(k) != config[k]]
+            raise EvalConfigError(
+                f"{out} holds predictions made with another {' and '.join(differ)} "
+                f"(see {path}); use another --out, or delete it to start over"
+            )
+        return
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+
+
+def _device_summary(pipeline: RAGPipeline) -> dict[str, Any]:
+    device = pipeline.device
+    summary: dict[str, Any] = {"device": str(device)}
+    if device.type == "cuda":
+        import torch
+
+        summary["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        summary["cpu"] = platform.processor() or platform.machine()
+        summary["cpu_count"] = os.cpu_count()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def _bad_summary(kilt_file: KiltFile) -> dict[str, Any]:
+    return {"bad_records": len(kilt_file.bad), "bad_record_examples": kilt_file.bad[:_MAX_BAD_IN_REPORT]}
+
+
+def _report(mode: str, settings: EvalSettings, tasks: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return _jsonable(
+        {
+            "format": REPORT_FORMAT,
+            "mode": mode,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "settings": settings.model_dump(mode="json"),
+            **extra,
+            "versions": library_versions(),
+            "tasks": tasks,
+        }
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / REPORT_JSON, out / REPORT_MD
+    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
+    atomic_write(md_path, lambda tmp: tmp.write_text(format_markdown(report)))
+    return json_path, md_path
+
+
+_DOWNSTREAM_NAMES = {"accuracy": "accuracy", "em": "EM", "f1": "F1", "rougel": "ROUGE-L"}
+_KILT_NAMES = {"KILT-accuracy": "KILT-AC", "KILT-em": "KILT-EM", "KILT-f1": "KILT-F1", "KILT-rougel": "KILT-RL"}
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+    """One markdown row per task: questions, EM, F1, KILT-EM, R-precision, recall@k (largest k), queries/s."""
+    k = max(report["settings"]["ks"])
+    recall = f"recall@{k}" if k > 1 else f"precision@{k}"
+    rows = [
+        f"| task | questions | EM | F1 | KILT-EM | R-prec | {recall} | queries/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, task in report["tasks"].items():
+        metrics = task.get("metrics") or {}
+        down, kilt, retr = metrics.get("downstream", {}), metrics.get("kilt", {}), metrics.get("retrieval", {})
+        qps = (task.get("timing") or {}).get("queries_per_second")
+        cells = [
+            name,
+            _num(task["questions"]),
+            _num(down.get("em")),
+            _num(down.get("f1")),
+            _num(kilt.get("KILT-em")),
+            _num(retr.get("Rprec")),
+            _num(retr.get(recall)),
+            _num(qps, 2),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _header(report: Mapping[str, Any]) -> list[str]:
+    lines = [f"# memvq eval ({'run' if report['mode'] == 'run' else 'scoring existing predictions'})", ""]
+    lines.append(f"- created: {report['created']}")
+    store = report.get("store")
+    if store:
+        backbone = store.get("backbone") or {}
+        codec = store.get("codec") or {}
+        lines.append(
+            f"- store: `{store['path']}`: {_num(store.get('num_passages'))} passages of "
+            f"{_num(store.get('num_documents'))} documents; {backbone.get('model_path')} "
+            f"({backbone.get('memory_layers')} of {backbone.get('num_layers')} layers in memory); codec "
+            f"{codec.get('kind')}, {codec.get('bytes_per_token')} bytes/token; manifest sha256 "
+            f"{str(store.get('manifest_sha256'))[:12]}"
+        )
+    model = report.get("model")
+    if model:
+        config = model.get("config") or {}
+        lines.append(
+            f"- model: `{model.get('path') or '(given as a pipeline)'}`: {model.get('mode')}, retrieve_k "
+            f"{config.get('retrieve_k')}, rerank_k {config.get('rerank_k')}, max_answer_tokens "
+            f"{config.get('max_answer_tokens')}, num_beams {config.get('num_beams')}"
+        )
+    device = report.get("device")
+    if device:
+        where = device.get("gpu") or f"{device.get('cpu')}, {device.get('cpu_count')} cores"
+        lines.append(f"- device: {device['device']} ({where})")
+    settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items())
+    lines += [f"- settings (None: the reader config's): {settings}", ""]
+    return lines
+
+
+def _task_section(name: str, task: Mapping[str, Any]) -> list[str]:
+    lines = [f"## {name}", ""]
+    lines.append(
+        f"`{task['data']}` -> `{task['predictions']}`: {_num(task['questions'])} questions, "
+        f"{_num(task['scored'])} scored, {_num(task['unscored'])} without a gold answer, "
+        f"{_num(task['bad_records'])} bad records skipped"
+    )
+    lines.append("")
+    metrics = task.get("metrics")
+    if metrics:
+        lines += ["| metric | value |", "|---|---:|"]
+        lines += [f"| {label} | {_num(metrics['downstream'][key])} |" for key, label in _DOWNSTREAM_NAMES.items()]
+        lines += [f"| {label} | {_num(metrics['kilt'][key])} |" for key, label in _KILT_NAMES.items()]
+        lines += [
+            f"| {'R-precision' if key == 'Rprec' else key} | {_num(value)} |"
+            for key, value in metrics["retrieval"].items()
+        ]
+        lines.append("")
+    else:
+        lines += ["No gold answers: not scored.", ""]
+    timing = task.get("timing")
+    if timing and timing.get("questions_timed"):
+        lines += ["| stage | ms / question |", "|---|---:|"]
+        lines += [f"| {stage} | {_num(ms, 2)} |" for stage, ms in timing["ms_per_question"].items()]
+        lines += [
+            "",
+            f"{_num(timing['queries_per_second'], 2)} queries/s over {_num(timing['questions_timed'])} questions "
+            f"({_num(timing['batches'])} batches; wall clock, writing the predictions included). Stage times: "
+            "the milliseconds of each batch divided by its questions.",
+            "",
+        ]
+    if task["bad_records"]:
+        lines.append(f"Bad records (first {min(task['bad_records'], _MAX_BAD_IN_REPORT)}):")
+        lines += [f"- {message}" for message in task["bad_record_examples"]]
+        lines.append("")
+    return lines
+
+
+def format_markdown(report: Mapping[str, Any]) -> str:
+    """The report as markdown: what it ran with, a summary row per task, then a table per task."""
+    lines = _header(report)
+    lines += ["## Summary", "", summary_table(report)]
+    for name, task in report["tasks"].items():
+        lines += _task_section(name, task)
+    return "\n".join(lines).rstrip() + "\n"

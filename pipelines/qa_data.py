@@ -1,0 +1,100 @@
+"""Training questions: KILT and SQuAD files as (question, answers) examples, split into train / dev, mixed by task.
+
+It owns turning a task file into `QAExample`s, the deterministic train / dev split (SQuAD by article, so no
+paragraph is seen on both sides; KILT by id) and the multi-task schedule (which example every training slot
+gets), which depends on the seed only so that a resumed run sees the same stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import TaskConfig
+from pipelines.kilt_data import gold_answer_list, iter_kilt, record_id, record_input
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One question with its gold answers; `group` decides its split (article for SQuAD, id for KILT)."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    group: str
+    record: dict[str, Any]  # the KILT-format record (what `memvq eval` reads)
+
+
+def iter_squad(path: str | Path) -> Iterator[QAExample]:
+    """SQuAD v1.1 json -> examples in KILT form (the article title as provenance)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    for article in data["data"]:
+        title = article["title"].replace("_", " ")
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                answers = tuple(dict.fromkeys(a["text"].strip() for a in qa["answers"] if a["text"].strip()))
+                if not answers:
+                    continue
+                provenance = [{"wikipedia_id": title, "title": title}]
+                record = {
+                    "id": qa["id"],
+                    "input": qa["question"].strip(),
+                    "output": [*({"answer": answer} for answer in answers), {"provenance": provenance}],
+                }
+                yield QAExample(qa["id"], record["input"], answers, title, record)
+
+
+def iter_kilt_examples(path: str | Path) -> Iterator[QAExample]:
+    """KILT jsonl -> examples (records without an input or an answer cannot be trained on and are skipped)."""
+    for record in iter_kilt(path):
+        question, answers = record_input(record), gold_answer_list(record)
+        if question and answers:
+            identifier = record_id(record)
+            yield QAExample(identifier, question, tuple(answers), identifier, record)
+
+
+def in_dev(group: str, fraction: float) -> bool:
+    """Whether a group is held out: a stable hash of its key, independent of file order and machine."""
+    digest = hashlib.sha256(group.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's train and dev examples."""
+
+    config: TaskConfig
+    train: list[QAExample]
+    dev: list[QAExample]
+
+
+def load_task(config: TaskConfig) -> TaskData:
+    """Read a task file and split it."""
+    reader = iter_squad if config.format == "squad" else iter_kilt_examples
+    train, dev = [], []
+    for example in reader(config.path):
+        (dev if in_dev(example.group, config.dev_fraction) else train).append(example)
+    if not train:
+        raise ValueError(f"task {config.name!r}: no training examples in {config.path}")
+    return TaskData(config, train, dev)
+
+
+def schedule(tasks: Sequence[TaskData], slots: int, seed: int) -> list[tuple[int, int]]:
+    """(task, example) for each of `slots` training slots: a task drawn by weight, then its next example in a
+    per-task shuffled order (reshuffled at every pass)."""
+    rng = np.random.default_rng(seed)
+    weights = np.array([task.config.weight for task in tasks], dtype=np.float64)
+    choices = rng.choice(len(tasks), size=slots, p=weights / weights.sum())
+    orders: list[list[int]] = [[] for _ in tasks]
+    out = []
+    for task in choices.tolist():
+        if not orders[task]:
+            orders[task] = rng.permutation(len(tasks[task].train)).tolist()[::-1]
+        out.append((task, orders[task].pop()))
+    return out

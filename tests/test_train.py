@@ -1,0 +1,104 @@
+"""The training job: task splits, the multi-task schedule, a tiny run that learns, resumes identically, and saves."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from encoders.reader import WEIGHTS_FILE, Reader
+from memory.manifest import ManifestError
+from pipelines.config import TaskConfig, TrainConfig
+from pipelines.qa_data import in_dev, iter_squad, load_task, schedule
+from pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, train
+
+
+def test_squad_is_split_by_article(shared_data):
+    task = load_task(
+        TaskConfig(name="squad", path=str(shared_data / "squad" / "dev-v1.1.json"), format="squad", dev_fraction=0.2)
+    )
+    train_articles = {e.group for e in task.train}
+    dev_articles = {e.group for e in task.dev}
+    assert train_articles and dev_articles and not train_articles & dev_articles
+    assert len(task.train) + len(task.dev) == 10570
+    first = next(iter_squad(shared_data / "squad" / "dev-v1.1.json"))
+    assert first.record["input"] == first.question and first.record["output"][0]["answer"] == first.answers[0]
+
+
+def test_split_is_stable_and_close_to_the_fraction():
+    keys = [f"id-{i}" for i in range(4000)]
+    held = [key for key in keys if in_dev(key, 0.25)]
+    assert held == [key for key in keys if in_dev(key, 0.25)]
+    assert 0.22 < len(held) / len(keys) < 0.28
+    assert not any(in_dev(key, 0.0) for key in keys)
+
+
+def test_schedule_follows_weights_and_covers_each_task(shared_data, kilt_task):
+    small = load_task(kilt_task)
+    big = load_task(kilt_task.model_copy(update={"name": "again", "weight": 3.0}))
+    slots = schedule([small, big], 4000, seed=1)
+    assert slots == schedule([small, big], 4000, seed=1)
+    counts = Counter(task for task, _ in slots)
+    assert 0.7 < counts[1] / 3000 < 1.3
+    first_pass = [index for task, index in slots if task == 0][: len(small.train)]
+    assert sorted(first_pass) == list(range(len(small.train)))  # every example once before any repeats
+
+
+@pytest.fixture(scope="module")
+def kilt_task(shared_data, tmp_path_factory) -> TaskConfig:
+    """30 NQ dev questions as a KILT task file."""
+    path = tmp_path_factory.mktemp("tasks") / "nq-30.jsonl"
+    with open(shared_data / "nq_open_oracle" / "nq-oracle-dev-kilt.jsonl") as source:
+        path.write_text("".join(line for _, line in zip(range(30), source, strict=False)))
+    return TaskConfig(name="nq", path=str(path), dev_fraction=0.2, max_dev=4)
+
+
+def tiny_train_config(task: TaskConfig, **extra) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "reader": {"mode": "glimmer", "retrieve_k": 4, "rerank_k": 2, "decoder_layers": 1, "max_answer_tokens": 6},
+            "tasks": [task.model_dump()],
+            "optim": {"steps": 4, "batch_size": 2, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 1},
+            "eval_every": 2,
+            "device": "cpu",
+            **extra,
+        }
+    )
+
+
+def trained_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / READER_DIR / WEIGHTS_FILE, weights_only=True)
+
+
+def test_tiny_run_trains_saves_and_resumes_identically(tiny_store, tiny_bert_path, kilt_task, tmp_path):
+    config = tiny_train_config(kilt_task, model=str(tiny_bert_path))
+    straight = train(tiny_store[0], tmp_path / "straight", config)
+    assert straight.finished and straight.steps == 4
+    assert [h["step"] for h in straight.history] == [2, 4]
+    assert {"nq/em", "nq/f1"} <= set(straight.history[-1])
+    manifest = json.loads((tmp_path / "straight" / MANIFEST_FILE).read_text())
+    assert manifest["steps"] == 4 and set(manifest["reader_files"]) == {"reader.json", WEIGHTS_FILE}
+    dev = (tmp_path / "straight" / "data" / "nq-dev.jsonl").read_text().splitlines()
+    assert dev and all(json.loads(line)["output"][0]["answer"] for line in dev)
+    reader = Reader.load(straight.reader_dir)
+    assert reader.config.mode == "glimmer" and reader.decoder.num_layers == 1
+
+    # Stopped by its time budget after the first step, then resumed: the same weights as the straight run.
+    stopped = train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"max_minutes": 1e-9}))
+    assert not stopped.finished and stopped.steps == 1
+    resumed = train(tiny_store[0], tmp_path / "resumed", config)
+    assert resumed.finished and resumed.steps == 4
+    expected, got = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "resumed")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    moved = trained_tensors(tmp_path / "straight")["decoder.bert.encoder.layer.0.crossattention.self.query.weight"]
+    initial = Reader.from_backbone(reader.backbone, reader.config).trained_state()
+    assert not torch.equal(moved.float(), initial["decoder.bert.encoder.layer.0.crossattention.self.query.weight"])
+
+    with pytest.raises(ManifestError, match="another config"):
+        train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"seed": 1}))
+    assert (tmp_path / "resumed" / CONFIG_FILE).is_file()
