@@ -203,6 +203,7 @@ class FiDDecoder(nn.Module):
         encoder_mask: torch.Tensor,
         max_new_tokens: int = 16,
         num_beams: int = 1,
+        min_new_tokens: int = 0,
     ) -> torch.Tensor:
         """Greedy (num_beams=1) or beam search: encoder_hidden 'b n d', encoder_mask 'b n' -> token ids 'b t'.
 
@@ -212,6 +213,7 @@ class FiDDecoder(nn.Module):
         encoder_mask = encoder_mask.long()
         common = {
             "max_new_tokens": max_new_tokens,
+            "min_new_tokens": min_new_tokens,
             "num_beams": num_beams,
             "do_sample": False,
             "eos_token_id": self.end_id,

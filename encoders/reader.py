@@ -375,8 +375,10 @@ class Reader(nn.Module):
         num_beams: int | None = None,
         rerank_k: int | None = None,
         max_answer_tokens: int | None = None,
+        min_answer_tokens: int = 0,
     ) -> ReaderOutput:
-        """Answers of a batch of questions; None for `num_beams`, `rerank_k`, `max_answer_tokens`: the config's."""
+        """Answers of a batch of questions; None for `num_beams`, `rerank_k`, `max_answer_tokens`: the config's.
+        `min_answer_tokens` forbids the end token before that many tokens (benchmarks use it to fix the length)."""
         encoded = self.encode(questions, memory, memory_mask, passage_texts, rerank_k=rerank_k)
         watch = _Stopwatch(self.device)
         with watch.stage("decode"):
@@ -386,6 +388,7 @@ class Reader(nn.Module):
                 mask,
                 max_new_tokens=max_answer_tokens or self.config.max_answer_tokens,
                 num_beams=num_beams or self.config.num_beams,
+                min_new_tokens=min_answer_tokens,
             )
             answers = self.decoder.decode(ids)
         timings = {"live": 0.0, "rerank": 0.0, **encoded.timings_ms, **watch.ms}

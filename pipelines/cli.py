@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -47,8 +47,7 @@ def build_index_command(
         build_config = BuildConfig.from_file(config, overrides)
         report = build_index(corpus, out, build_config, ray_address=ray_address)
     except (CorpusError, ManifestError, FileNotFoundError, ValueError) as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from error
+        raise _fail(error) from error
     rows = [
         ("documents", f"{report.documents:,}"),
         ("passages", f"{report.passages:,}"),
@@ -67,10 +66,225 @@ def build_index_command(
             else []
         ),
     ]
-    width = max(len(name) for name, _ in rows)
     typer.echo(f"\nstore ready at {out}")
+    _echo_rows(rows)
+
+
+def _echo_rows(rows: list[tuple[str, str]]) -> None:
+    """Print name / value rows as an aligned two-column table."""
+    width = max(len(name) for name, _ in rows)
     for name, value in rows:
         typer.echo(f"  {name:<{width}}  {value}")
+
+
+def _fail(error: Exception) -> typer.Exit:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+@app.command("train")
+def train_command(
+    store: Annotated[Path, typer.Option(help="memory store built by build-index")],
+    out: Annotated[Path, typer.Option(help="run directory to create (or resume); the reader goes to OUT/reader")],
+    config: Annotated[Path, typer.Option(help="train config, TOML or JSON (see configs/train-minilm.toml)")],
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides the config)")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="wall-clock budget; stops and saves")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides the config)")] = None,
+) -> None:
+    """Fine-tune a reader (live layers, reranker, decoder) over a store's memory (resumable)."""
+    from memory.manifest import ManifestError
+    from pipelines.config import TrainConfig
+    from pipelines.train import train
+
+    overrides: dict[str, Any] = {"optim": {"steps": steps}, "max_minutes": max_minutes, "device": device}
+    try:
+        report = train(store, out, TrainConfig.from_file(config, overrides))
+    except (ManifestError, FileNotFoundError, ValueError) as error:
+        raise _fail(error) from error
+    last = report.history[-1] if report.history else {}
+    typer.echo(f"\nreader ready at {report.reader_dir}")
+    _echo_rows(
+        [
+            ("steps", f"{report.steps}" + ("" if report.finished else " (stopped by the time budget)")),
+            ("time", f"{report.seconds / 60:.1f} min"),
+            *((f"dev {name}", f"{value:.3f}") for name, value in last.items() if "/" in name),
+        ]
+    )
+
+
+@app.command("query")
+def query_command(
+    question: Annotated[str, typer.Argument(help="the question")],
+    store: Annotated[Path, typer.Option(help="memory store built by build-index")] = Path("runs/minilm-mini"),
+    model: Annotated[Path | None, typer.Option(help="trained reader directory; default: the embedded one")] = None,
+    top_k: Annotated[int | None, typer.Option(help="passages retrieved; default: the reader's")] = None,
+    rerank_k: Annotated[int | None, typer.Option(help="glimmer: passages kept; default: the reader's")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Answer one question from the memory: the answer, the passages read and the time per stage."""
+    import time
+
+    from memory.manifest import ManifestError
+    from pipelines.rag import IncompatibleModelError, RAGPipeline
+
+    try:
+        start = time.perf_counter()
+        rag = RAGPipeline.load(store, model, device=device, verify=False)
+        load_ms = (time.perf_counter() - start) * 1000
+        [result] = rag.answer([question], top_k=top_k, rerank_k=rerank_k)
+    except (ManifestError, FileNotFoundError, IncompatibleModelError, ValueError) as error:
+        raise _fail(error) from error
+    typer.secho(result.answer or "(no answer)", bold=True)
+    typer.echo("\npassages read:")
+    for rank, passage in enumerate(result.passages, start=1):
+        typer.echo(f"  {rank}. {passage.title}  (score {passage.score:.3f}, {passage.passage_id})")
+    typer.echo("\ntime (ms):")
+    _echo_rows([("load", f"{load_ms:.0f}"), *((stage, f"{ms:.1f}") for stage, ms in result.timings_ms.items())])
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from error
+
+
+@app.command("eval")
+def eval_command(
+    data: Annotated[list[Path], typer.Option(help="KILT-format question/gold file (jsonl); repeat for several tasks")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="predictions + report.json/.md directory (resumable); optional with --predictions"),
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="store built by `memvq build-index`")] = None,
+    model: Annotated[Path | None, typer.Option(help="saved reader directory; default: the embedded reader")] = None,
+    predictions: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="score this KILT prediction file instead of running a model (repeatable); paired with --data by "
+            "task name (nq-predictions.jsonl -> nq), else in the order given"
+        ),
+    ] = None,
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="auto: the GPU when there is one")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="questions per batch (and per flush of the predictions)")] = 16,
+    top_k: Annotated[int | None, typer.Option(help="passages retrieved per question; default: the reader's")] = None,
+    rerank_k: Annotated[int | None, typer.Option(help="glimmer: passages kept after reranking")] = None,
+    max_answer_tokens: Annotated[int | None, typer.Option(help="answer length limit; default: the reader's")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="beam size; default: the reader's")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N questions of each file")] = None,
+    ks: Annotated[str, typer.Option(help="k of the retrieval metrics @k, comma-separated")] = "1,5",
+    rank_keys: Annotated[
+        str, typer.Option(help="provenance fields that identify a page, comma-separated")
+    ] = "wikipedia_id",
+    passage_text: Annotated[
+        bool, typer.Option(help="write passage text in the provenance (answer_in_context@k needs it)")
+    ] = True,
+    verify: Annotated[bool, typer.Option(help="sha256-check every store file when opening it")] = True,
+) -> None:
+    """Answer KILT-format questions with the store and reader, write KILT predictions and a metrics report."""
+    from memory.manifest import ManifestError
+    from pipelines.evaluate import EvalSettings, evaluate_predictions, run_eval, summary_table
+    from pipelines.kilt_data import KiltFormatError
+
+    def fail(message: object) -> typer.Exit:
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        return typer.Exit(2)
+
+    if predictions is None and store is None:
+        raise fail("--store is required to run the model (or give --predictions to score existing predictions)")
+    if predictions is None and out is None:
+        raise fail("--out is required to run the model")
+    for path in [*data, *(predictions or [])]:
+        if not path.is_file():
+            raise fail(f"file not found: {path}")
+    try:
+        settings = EvalSettings(
+            batch_size=batch_size,
+            top_k=top_k,
+            rerank_k=rerank_k,
+            max_answer_tokens=max_answer_tokens,
+            num_beams=num_beams,
+            limit=limit,
+            ks=tuple(_int_list(ks, "--ks")),
+            rank_keys=tuple(key.strip() for key in rank_keys.split(",") if key.strip()),
+            passage_text=passage_text,
+        )
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise fail(error) from error
+
+    if predictions is not None:
+        if store is not None or model is not None:
+            typer.echo("note: --predictions given, so --store/--model are not used (no model is run)")
+        try:
+            report = evaluate_predictions(data, predictions, out, settings)
+        except (KiltFormatError, ValueError) as error:
+            raise fail(error) from error
+    else:
+        from encoders.reader import default_reader_path
+        from pipelines.rag import RAGPipeline
+
+        try:
+            model_path = model if model is not None else default_reader_path()
+            pipeline = RAGPipeline.load(store, model_path, device=device, verify=verify)
+        except (FileNotFoundError, ManifestError, ValueError, RuntimeError) as error:
+            raise fail(error) from error
+        try:
+            report = run_eval(pipeline, data, out, settings, model_path=model_path)
+        except (FileNotFoundError, KiltFormatError, ValueError) as error:
+            raise fail(error) from error
+
+    typer.echo("")
+    typer.echo(summary_table(report))
+    for name, task in report["tasks"].items():
+        if task["bad_records"]:
+            typer.echo(f"{name}: {task['bad_records']} bad record(s) skipped (see the report), e.g.")
+            typer.echo(f"  {task['bad_record_examples'][0]}")
+        if task["unscored"]:
+            typer.echo(f"{name}: {task['unscored']} question(s) without a gold answer not scored")
+    if out is not None:
+        typer.echo(f"report: {out / 'report.md'} and {out / 'report.json'}")
+
+
+@app.command("serve")
+def serve_command(
+    store: Annotated[Path, typer.Option(help="store built by `memvq build-index` (memory-mapped)")],
+    model: Annotated[Path | None, typer.Option(help="saved reader directory; default: the embedded reader")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8000,
+    device: Annotated[str, typer.Option(help="auto (the GPU when there is one), cpu, cuda, cuda:N")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(min=1, help="questions per model call; 1: no batching")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="longest wait for a batch to fill, ms")] = 10.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="MEMVQ_API_KEY", show_default=False, help="require this key on all but /healthz, /readyz"),
+    ] = None,
+    verify: Annotated[bool, typer.Option(help="sha256-check every store file when opening it")] = True,
+    access_log: Annotated[bool, typer.Option(help="log every request (uvicorn access log)")] = True,
+) -> None:
+    """Serve the RAG query API over HTTP (FastAPI): /v1/answer, /v1/answer:batch, /v1/retrieve, /metrics."""
+    import uvicorn
+
+    from encoders.reader import default_reader_path
+    from memory.manifest import ManifestError
+    from pipelines.rag import RAGPipeline
+    from pipelines.server import ServeSettings, create_app
+
+    try:
+        settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, api_key=api_key or None)
+        pipeline = RAGPipeline.load(store, model or default_reader_path(), device=device, verify=verify)
+    except (FileNotFoundError, ManifestError, ValueError, RuntimeError) as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from error
+    logging.getLogger(__name__).info(
+        "serving on http://%s:%d (max batch size %d, max wait %.1f ms, API key %s)",
+        host,
+        port,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        "required" if settings.api_key else "off",
+    )
+    api = create_app(pipeline, settings)
+    uvicorn.run(api, host=host, port=port, access_log=access_log, log_level="info", timeout_graceful_shutdown=30)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ class RAGPipeline:
         rerank_k: int | None = None,
         max_answer_tokens: int | None = None,
         num_beams: int | None = None,
+        min_answer_tokens: int = 0,
     ) -> list[RAGAnswer]:
         """Answer a batch of questions: retrieve `top_k`, (glimmer) keep `rerank_k`, generate."""
         if not questions:
@@ -155,7 +156,7 @@ class RAGPipeline:
         start = time.perf_counter()
         with timer.stage("retrieve"):
             retrieved = self.retrieve(questions, top_k)
-        answers = self.read(questions, retrieved, rerank_k, max_answer_tokens, num_beams, timer)
+        answers = self.read(questions, retrieved, rerank_k, max_answer_tokens, num_beams, min_answer_tokens, timer)
         total = (time.perf_counter() - start) * 1000.0
         for result in answers:
             result.timings_ms["total"] = total
@@ -169,6 +170,7 @@ class RAGPipeline:
         rerank_k: int | None = None,
         max_answer_tokens: int | None = None,
         num_beams: int | None = None,
+        min_answer_tokens: int = 0,
         timer: _Timer | None = None,
     ) -> list[RAGAnswer]:
         """Answer questions from passages already retrieved (the same number for every question)."""
@@ -179,7 +181,12 @@ class RAGPipeline:
             inputs = reader_inputs(self.store, self.reader, [[p.row for p in passages] for passages in retrieved])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.reader.answer(
-                questions, num_beams=num_beams, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, **inputs
+                questions,
+                num_beams=num_beams,
+                rerank_k=rerank_k,
+                max_answer_tokens=max_answer_tokens,
+                min_answer_tokens=min_answer_tokens,
+                **inputs,
             )
         for stage in ("live", "rerank", "decode"):
             timer.ms[stage] += out.timings_ms.get(stage, 0.0)

@@ -1,0 +1,182 @@
+"""Reader benchmark on the NQ dev questions and the mini-corpus store, one backbone (MiniLM), one run, as tables.
+
+1. speed: queries/s at batch 1 and batch 16 of FiD (alpha = 1, passage text re-encoded), LUMEN (alpha = 1/3),
+   GLIMMER (rerank K -> k), their ratio to FiD, and milliseconds per stage (retrieve,
+   memory, live, rerank, decode). Every mode reads the same K retrieved passages with the same 2-layer decoder
+   and writes exactly `--answer-tokens` tokens (so that decoding costs the same whatever the weights);
+2. quality: EM / F1 (KILT normalisation) and page-level R-precision of each trained reader given with
+   `--reader MODE=DIR`, with the memory uncompressed (the memory layers re-run on the passage text), VQ 16x (the
+   store) and, with `--pq-store`, faiss PQ 16x.
+
+    python -m bench.bench_reader --store runs/minilm-mini --reader glimmer=runs/reader-minilm/reader \\
+        --data runs/reader-minilm/data/nq-dev.jsonl [--pq-store runs/minilm-mini-pq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from encoders.backbone import Backbone, memory_layer_count
+from encoders.reader import Reader, ReaderConfig
+from memory.store import MemoryStore
+from pipelines.kilt_data import gold_answer_list, load_kilt, record_input
+from pipelines.kilt_metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
+from pipelines.rag import STAGES, RAGPipeline, reader_inputs
+from retrieval.retriever import RetrievedPassage, Retriever
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+NQ_DEV = SHARED / "nq_open_oracle" / "nq-oracle-dev-kilt.jsonl"
+MODES = ("fid", "lumen", "glimmer")  # memory-only (alpha = 0) needs a store of all-layer memory
+
+
+def make_reader(backbone: Backbone, mode: str, retrieve_k: int, rerank_k: int, answer_tokens: int) -> Reader:
+    """An untrained reader of `mode` on a (shared) backbone: the architecture decides the speed, not the weights."""
+    alpha = {"fid": 1.0, "memory": 0.0}.get(mode)
+    config = ReaderConfig(
+        mode=mode,
+        alpha=alpha,
+        retrieve_k=retrieve_k,
+        rerank_k=rerank_k,
+        decoder_layers=2,
+        max_answer_tokens=answer_tokens,
+    )
+    memory_layers = memory_layer_count(backbone.num_layers, config.live_fraction)
+    split = Backbone(backbone.model, backbone.tokenizer, memory_layers, model_path=backbone.info.model_path)
+    return Reader.from_backbone(split, config).eval()
+
+
+def speed_rows(
+    store: MemoryStore, retriever: Retriever, questions: list[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    backbone = Backbone.from_pretrained()
+    rows = []
+    for mode in MODES:
+        reader = make_reader(backbone, mode, args.top_k, args.rerank_k, args.answer_tokens)
+        pipeline = RAGPipeline(store, reader, retriever)
+        pipeline.answer(questions[:2])  # warm up
+        for batch in (1, 16):
+            count = args.speed_questions if batch == 16 else args.speed_questions // 4
+            totals = dict.fromkeys(STAGES, 0.0)
+            start = time.perf_counter()
+            for first in range(0, count, batch):
+                result = pipeline.answer(questions[first : first + batch], min_answer_tokens=args.answer_tokens)
+                for stage in STAGES:
+                    totals[stage] += result[0].timings_ms[stage]
+            seconds = time.perf_counter() - start
+            rows.append(
+                {
+                    "mode": mode,
+                    "batch": batch,
+                    "qps": count / seconds,
+                    **{stage: ms / count for stage, ms in totals.items()},
+                }
+            )
+    fid = {row["batch"]: row["qps"] for row in rows if row["mode"] == "fid"}
+    for row in rows:
+        row["vs_fid"] = row["qps"] / fid[row["batch"]]
+    return rows
+
+
+def uncompressed_inputs(reader: Reader, store: MemoryStore, rows: list[list[int]]) -> dict[str, Any]:
+    """The memory without compression: the memory layers re-run over each passage's text, as the build did."""
+    flat = [row for question in rows for row in question]
+    records = store.passages(flat)
+    max_tokens = store.manifest["config"]["encoder"]["max_passage_tokens"]
+    batch = reader.backbone.tokenize_passages([r["title"] for r in records], [r["text"] for r in records], max_tokens)
+    batch = batch.to(reader.device)
+    with torch.no_grad():
+        memory = reader.backbone.encode_memory(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    cut = reader.config.max_passage_tokens
+    k = len(rows[0])
+    return {
+        "memory": rearrange(memory[:, :cut], "(b k) l d -> b k l d", k=k),
+        "memory_mask": rearrange(batch["attention_mask"][:, :cut].bool(), "(b k) l -> b k l", k=k),
+    }
+
+
+def quality_row(
+    pipeline: RAGPipeline, records: list[dict[str, Any]], retrieved: list[list[RetrievedPassage]], uncompressed: bool
+) -> dict[str, float]:
+    em = f1_sum = rprec = 0.0
+    reader = pipeline.reader
+    for first in range(0, len(records), 16):
+        chunk = records[first : first + 16]
+        hits = retrieved[first : first + 16]
+        questions = [record_input(r) or "" for r in chunk]
+        rows = [[p.row for p in passages] for passages in hits]
+        if uncompressed:
+            inputs = uncompressed_inputs(reader, pipeline.store, rows)
+        else:
+            inputs = reader_inputs(pipeline.store, reader, rows)
+        out = reader.answer(questions, **inputs)
+        kept = out.kept.tolist()
+        for record, answer, order, passages in zip(chunk, out.answers, kept, hits, strict=True):
+            answers = gold_answer_list(record)
+            em += metric_max_over_ground_truths(exact_match, answer, answers)
+            f1_sum += metric_max_over_ground_truths(f1, answer, answers)
+            guess = {"output": [{"provenance": [passages[j].provenance() for j in order]}]}
+            rprec += rprecision(guess, record)
+    n = len(records)
+    return {"em": 100 * em / n, "f1": 100 * f1_sum / n, "r_precision": 100 * rprec / n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, default=Path("runs/minilm-mini"))
+    parser.add_argument("--pq-store", type=Path, default=None, help="the same corpus built with a faiss PQ codec")
+    parser.add_argument("--reader", action="append", default=[], help="MODE=DIR of a trained reader (repeatable)")
+    parser.add_argument("--data", type=Path, default=NQ_DEV, help="KILT questions (held out from training)")
+    parser.add_argument("--quality-questions", type=int, default=270)
+    parser.add_argument("--speed-questions", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--rerank-k", type=int, default=3)
+    parser.add_argument("--answer-tokens", type=int, default=8)
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+
+    store = MemoryStore.open(args.store, verify=False)
+    retriever = Retriever.for_store(store)
+    records = [r for r in load_kilt(args.data) if record_input(r) and gold_answer_list(r)]
+    questions = [record_input(r) or "" for r in records]
+
+    if not args.skip_speed:
+        rows = speed_rows(store, retriever, questions, args)
+        print(
+            f"\n## Speed (K = {args.top_k}, GLIMMER keeps {args.rerank_k}, {args.answer_tokens} answer tokens, "
+            f"{torch.get_num_threads()} threads)\n"
+        )
+        print("| mode | batch | queries/s | vs FiD | " + " | ".join(f"{s} ms/q" for s in STAGES) + " |")
+        print("|---|---:|---:|---:|" + "---:|" * len(STAGES))
+        for row in rows:
+            stages = " | ".join(f"{row[s]:.1f}" for s in STAGES)
+            print(f"| {row['mode']} | {row['batch']} | {row['qps']:.2f} | {row['vs_fid']:.2f}x | {stages} |")
+
+    if args.reader:
+        records = records[: args.quality_questions]
+        retrieved = retriever.search([record_input(r) or "" for r in records], args.top_k)
+        print(f"\n## Quality ({len(records)} questions of {args.data.name}, K = {args.top_k})\n")
+        print("| reader | memory | EM | F1 | R-precision |")
+        print("|---|---|---:|---:|---:|")
+        for spec in args.reader:
+            mode, _, directory = spec.partition("=")
+            reader = Reader.load(directory)
+            variants = [("uncompressed", store, True), ("VQ 16x", store, False)]
+            if args.pq_store:
+                variants.append(("faiss PQ 16x", MemoryStore.open(args.pq_store, verify=False), False))
+            for name, variant_store, raw in variants:
+                pipeline = RAGPipeline(variant_store, reader, retriever)
+                scores = quality_row(pipeline, records, retrieved, uncompressed=raw)
+                print(f"| {mode} | {name} | {scores['em']:.1f} | {scores['f1']:.1f} | {scores['r_precision']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

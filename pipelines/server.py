@@ -1,0 +1,261 @@
+"""The HTTP query API (`memvq serve`): a FastAPI app over one loaded `RAGPipeline`.
+
+It owns the app and its lifetime: routes, the settings (batching, limits, API key), the dynamic batcher that
+starts and stops with the app, and which middleware guards it. The wire models live in `api_schema`, the guards in
+`api_guards`, the metrics in `serve_metrics`. All state lives on the app (`app.state.server`), so several apps can
+live in one process (tests do).
+
+    POST /v1/answer         {question, top_k?, rerank_k?, max_answer_tokens?, return_passages?}
+    POST /v1/answer:batch   {questions: [...], same options}
+    POST /v1/retrieve       {question, top_k?, return_passages?}
+    GET  /healthz  /readyz  /metrics       and the OpenAPI schema at /openapi.json (/docs: Swagger UI)
+"""
+
+# No `from __future__ import annotations` here: the request models are built per app (their limits come from the
+# settings) and FastAPI must see the endpoints' annotations as objects.
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, NamedTuple, Protocol
+
+from fastapi import APIRouter, FastAPI, Security
+from fastapi.responses import Response
+from fastapi.security import APIKeyHeader, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from pipelines.api_guards import ApiKeyGuard, BodySizeLimit
+from pipelines.api_schema import (
+    AnswerResponse,
+    ApiError,
+    BatchAnswerResponse,
+    ErrorResponse,
+    Provenance,
+    RetrieveResponse,
+    error_response,
+    install_error_handlers,
+    request_models,
+)
+from pipelines.batcher import BatcherClosedError, Completed, DynamicBatcher, QueueFullError
+from pipelines.rag import RAGAnswer
+from pipelines.serve_metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
+from retrieval.retriever import RetrievedPassage
+
+logger = logging.getLogger(__name__)
+
+
+class ServeSettings(BaseModel):
+    """Batching and input limits of one server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="questions per model call; 1: no batching")
+    max_wait_ms: float = Field(default=10.0, ge=0.0, le=10_000.0, description="longest wait for a batch to fill")
+    max_queue: int = Field(default=1024, ge=1, description="questions waiting for the model before 503")
+    max_question_chars: int = Field(default=1000, ge=1)
+    max_top_k: int = Field(default=100, ge=1, description="largest top_k (and rerank_k) a request may ask for")
+    max_answer_tokens: int = Field(default=64, ge=1, description="largest max_answer_tokens a request may ask for")
+    max_batch_questions: int = Field(default=64, ge=1, description="questions in one /v1/answer:batch request")
+    max_body_bytes: int = Field(default=1 << 20, ge=1, description="request bodies above this get 413")
+    api_key: SecretStr | None = Field(default=None, description="when set, all but /healthz and /readyz need it")
+
+
+class QAPipeline(Protocol):
+    """What the server needs of a pipeline (`RAGPipeline`, or a fake in tests)."""
+
+    @property
+    def config(self) -> Any: ...
+
+    def answer(
+        self, questions: list[str], top_k: int | None, rerank_k: int | None, max_answer_tokens: int | None
+    ) -> list[RAGAnswer]: ...
+
+    def retrieve(self, questions: list[str], top_k: int | None) -> list[list[RetrievedPassage]]: ...
+
+
+class BatchKey(NamedTuple):
+    """Requests go in one model call only when all of these are equal."""
+
+    op: str  # "answer" or "retrieve"
+    top_k: int
+    rerank_k: int | None = None
+    max_answer_tokens: int | None = None
+
+
+# -- the app -------------------------------------------------------------------------------------------------------
+
+
+class Server:
+    """What one app holds: the pipeline, its batcher, settings, metrics and readiness."""
+
+    def __init__(self, pipeline: QAPipeline, settings: ServeSettings) -> None:
+        self.pipeline = pipeline
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.batcher: DynamicBatcher[Any] = DynamicBatcher(
+            self._run,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            observe=self.metrics.observe_batch,
+        )
+        self.metrics.queue_depth.set_function(lambda: self.batcher.pending)
+        self.ready = False
+
+    def _run(self, questions: list[str], key: BatchKey) -> Sequence[Any]:
+        """One model call (on the batcher's worker thread)."""
+        if key.op == "answer":
+            return self.pipeline.answer(
+                questions, top_k=key.top_k, rerank_k=key.rerank_k, max_answer_tokens=key.max_answer_tokens
+            )
+        start = time.perf_counter()
+        found = self.pipeline.retrieve(questions, top_k=key.top_k)
+        ms = (time.perf_counter() - start) * 1000.0
+        return [(passages, ms) for passages in found]
+
+    def answer_key(self, request: Any) -> BatchKey:
+        """The request's options with the reader's defaults filled in (so that equal options batch together)."""
+        config = self.pipeline.config
+        top_k = request.top_k or config.retrieve_k
+        rerank_k = request.rerank_k or min(config.rerank_k, top_k)
+        if rerank_k > top_k:
+            raise ApiError(422, "invalid_request", f"rerank_k ({rerank_k}) must be <= top_k ({top_k})")
+        return BatchKey("answer", top_k, rerank_k, request.max_answer_tokens or config.max_answer_tokens)
+
+    async def submit(self, questions: list[str], key: BatchKey) -> list[Completed[Any]]:
+        """Questions through the batcher; batcher and model failures become API errors."""
+        if not self.ready:
+            raise ApiError(503, "unavailable", "the server is not ready", {"Retry-After": "1"})
+        try:
+            done = await self.batcher.submit_many(questions, key)
+        except QueueFullError as error:
+            raise ApiError(503, "overloaded", f"too many requests waiting ({error})", {"Retry-After": "1"}) from error
+        except BatcherClosedError as error:
+            raise ApiError(503, "unavailable", str(error), {"Retry-After": "1"}) from error
+        except Exception as error:
+            raise ApiError(500, "model_error", f"the model failed on this request ({type(error).__name__})") from error
+        for item in done:
+            self.metrics.queue_wait.labels(key.op).observe(item.queued_ms / 1000.0)
+        self.metrics.questions.labels(key.op).inc(len(done))
+        return done
+
+
+def _provenance(passages: list[RetrievedPassage], with_text: bool) -> list[Provenance]:
+    return [Provenance(**passage.provenance(with_text)) for passage in passages]
+
+
+def _answer_response(done: Completed[RAGAnswer], with_text: bool) -> AnswerResponse:
+    result = done.value
+    return AnswerResponse(
+        question=result.question,
+        answer=result.answer,
+        provenance=_provenance(result.passages, with_text),
+        timings_ms={**result.timings_ms, "queue": done.queued_ms},
+        batch_size=done.batch_size,
+    )
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (401, "missing or wrong API key"),
+        (413, "request body too large"),
+        (422, "invalid request (empty or over-long question, wrong type, option out of range)"),
+        (500, "the model failed on this request"),
+        (503, "not ready, shutting down or overloaded"),
+    )
+}
+
+
+def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None) -> FastAPI:
+    """The API over a loaded pipeline; the batcher runs while the app does (its lifespan)."""
+    settings = settings or ServeSettings()
+    server = Server(pipeline, settings)
+    models = request_models(settings)
+    AnswerRequest, BatchAnswerRequest, RetrieveRequest = models
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await server.batcher.start()
+        server.ready = True
+        try:
+            yield
+        finally:
+            server.ready = False
+            await server.batcher.stop()
+
+    keyed = settings.api_key is not None
+    app = FastAPI(
+        title="memvq",
+        version="1",
+        summary="Retrieval-augmented question answering over a compressed passage memory.",
+        description=(
+            "Answers come from the passages retrieved from the store and read by the reader; `provenance` lists "
+            "the passages read, best first. Concurrent requests are batched into one model call. "
+            + ("Every endpoint but /healthz and /readyz needs the API key." if keyed else "")
+        ),
+        lifespan=lifespan,
+    )
+    app.state.server = server
+    install_error_handlers(app)
+
+    # Declarative only (the ApiKeyGuard middleware checks the key): shows the schemes in the OpenAPI schema.
+    security = (
+        [Security(APIKeyHeader(name="X-API-Key", auto_error=False)), Security(HTTPBearer(auto_error=False))]
+        if keyed
+        else []
+    )
+    api = APIRouter(prefix="/v1", dependencies=security, responses=ERROR_RESPONSES)
+
+    @api.post("/answer", response_model=AnswerResponse, response_model_exclude_none=True)
+    async def answer(request: AnswerRequest) -> AnswerResponse:
+        """Answer one question, with the passages read as provenance."""
+        [done] = await server.submit([request.question], server.answer_key(request))
+        return _answer_response(done, request.return_passages)
+
+    @api.post("/answer:batch", response_model=BatchAnswerResponse, response_model_exclude_none=True)
+    async def answer_batch(request: BatchAnswerRequest) -> BatchAnswerResponse:
+        """Answer many questions that share the options (they go through the model in batches)."""
+        done = await server.submit(list(request.questions), server.answer_key(request))
+        return BatchAnswerResponse(answers=[_answer_response(item, request.return_passages) for item in done])
+
+    @api.post("/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True)
+    async def retrieve(request: RetrieveRequest) -> RetrieveResponse:
+        """The top_k passages of a question (no answer)."""
+        key = BatchKey("retrieve", request.top_k or server.pipeline.config.retrieve_k)
+        [done] = await server.submit([request.question], key)
+        passages, ms = done.value
+        return RetrieveResponse(
+            question=request.question,
+            passages=_provenance(passages, request.return_passages),
+            timings_ms={"retrieve": ms, "queue": done.queued_ms},
+            batch_size=done.batch_size,
+        )
+
+    app.include_router(api)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is up (no model involved)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
+    async def readyz() -> Any:
+        """Ready to answer: the model is loaded and its worker runs."""
+        if not server.ready or not server.batcher.running:
+            return error_response(503, "unavailable", "not ready", **{"Retry-After": "1"})
+        config = server.pipeline.config
+        return {"status": "ready", "reader": config.mode, "retrieve_k": config.retrieve_k}
+
+    @app.get("/metrics", dependencies=security, response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text: request counts and latencies, batch sizes and times, queue wait and depth."""
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    # Outermost last: metrics count every response, the key is checked before the body is read.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(RequestMetrics, metrics=server.metrics)
+    return app
