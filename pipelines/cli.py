@@ -112,6 +112,23 @@ def train_command(
     )
 
 
+@app.command("split")
+def split_command(
+    config: Annotated[Path, typer.Option(help="train config whose tasks to split (see configs/train-minilm.toml)")],
+    out: Annotated[Path, typer.Option(help="directory for {task}-train.jsonl and {task}-dev.jsonl")],
+) -> None:
+    """Write the train / dev split of a train config's tasks as KILT files (dev = what the reader never saw)."""
+    from pipelines.config import TrainConfig
+    from pipelines.qa_data import load_task, write_split_files
+
+    try:
+        tasks = [load_task(task) for task in TrainConfig.from_file(config).tasks]
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(error) from error
+    for path in write_split_files(tasks, out):
+        typer.echo(f"{path}  ({sum(1 for _ in path.open()):,} questions)")
+
+
 @app.command("query")
 def query_command(
     question: Annotated[str, typer.Argument(help="the question")],

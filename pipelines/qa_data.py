@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from memory.manifest import atomic_write
 from pipelines.config import TaskConfig
 from pipelines.kilt_data import gold_answer_list, iter_kilt, record_id, record_input
 
@@ -83,6 +84,19 @@ def load_task(config: TaskConfig) -> TaskData:
     if not train:
         raise ValueError(f"task {config.name!r}: no training examples in {config.path}")
     return TaskData(config, train, dev)
+
+
+def write_split_files(tasks: Sequence[TaskData], out: Path, splits: Sequence[str] = ("train", "dev")) -> list[Path]:
+    """Write each task's splits as KILT jsonl files, OUT/{task}-{split}.jsonl (what `memvq eval --data` reads)."""
+    written = []
+    for task in tasks:
+        for split in splits:
+            examples = task.train if split == "train" else task.dev
+            path = out / f"{task.config.name}-{split}.jsonl"
+            text = "".join(json.dumps(example.record, ensure_ascii=False) + "\n" for example in examples)
+            atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+            written.append(path)
+    return written
 
 
 def schedule(tasks: Sequence[TaskData], slots: int, seed: int) -> list[tuple[int, int]]:

@@ -15,7 +15,6 @@ evaluation (EM / F1) and a checkpoint every `eval_every` steps -> save the reade
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from memory.manifest import ManifestError, atomic_write, file_record, library_ve
 from memory.store import MemoryStore
 from pipelines.config import TrainConfig
 from pipelines.kilt_metrics import exact_match, f1, metric_max_over_ground_truths
-from pipelines.qa_data import QAExample, TaskData, load_task, schedule
+from pipelines.qa_data import QAExample, TaskData, load_task, schedule, write_split_files
 from pipelines.rag import RAGPipeline, reader_inputs
 from retrieval.retriever import Retriever, passage_from_record
 
@@ -69,13 +68,6 @@ def _check_resume(out: Path, config: TrainConfig, store: Path) -> None:
             raise ManifestError(f"{out} holds a training run with another config or store; use a new --out")
         return
     write_json(path, record)
-
-
-def _write_dev_files(out: Path, tasks: Sequence[TaskData]) -> None:
-    for task in tasks:
-        path = out / "data" / f"{task.config.name}-dev.jsonl"
-        lines = "".join(json.dumps(example.record, ensure_ascii=False) + "\n" for example in task.dev)
-        atomic_write(path, lambda tmp, text=lines: tmp.write_text(text, encoding="utf-8"))
 
 
 def _retrieve_all(out: Path, tasks: Sequence[TaskData], retriever: Retriever, k: int) -> dict[str, np.ndarray]:
@@ -155,7 +147,7 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
     pipeline = RAGPipeline(store, reader, retriever)
 
     tasks = [load_task(task) for task in config.tasks]
-    _write_dev_files(out, tasks)
+    write_split_files(tasks, out / "data", splits=("dev",))
     for task in tasks:
         logger.info("task %s: %d train, %d dev questions", task.config.name, len(task.train), len(task.dev))
     rows = _retrieve_all(out, tasks, retriever, config.reader.retrieve_k)

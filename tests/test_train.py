@@ -102,3 +102,19 @@ def test_tiny_run_trains_saves_and_resumes_identically(tiny_store, tiny_bert_pat
     with pytest.raises(ManifestError, match="another config"):
         train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"seed": 1}))
     assert (tmp_path / "resumed" / CONFIG_FILE).is_file()
+
+
+def test_split_command_writes_disjoint_kilt_files(shared_data, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the recipe's data paths are relative to the checkout
+    result = CliRunner().invoke(app, ["split", "--config", "configs/train-minilm.toml", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    ids = {}
+    for split in ("train", "dev"):
+        lines = (tmp_path / f"nq-{split}.jsonl").read_text().splitlines()
+        ids[split] = {json.loads(line)["id"] for line in lines}
+    assert len(ids["train"]) + len(ids["dev"]) == 1293 and not ids["train"] & ids["dev"]
+    assert 0.15 < len(ids["dev"]) / 1293 < 0.25
