@@ -1,7 +1,7 @@
 """Build benchmark on the shared mini corpus with MiniLM (memory = first 4 layers), one run, printed as tables.
 
 1. pipeline throughput (passages/s of the Ray encode step and of the whole build) vs the raw encoder forward
-   pass alone over the same passages, same batch size and threads;
+   pass alone over the same passages in the same (per-shard, length-sorted) batches, with Ray shut down;
 2. codec quality: VQ-VAE vs faiss PQ / OPQ at 16x and 32x vs bf16 (bench_codec.codec_table);
 3. `get()` latency for 20 random passages from the store (codes, and decoded memory);
 4. peak memory (RSS of the build process and its Ray workers, sampled).
@@ -25,7 +25,7 @@ import torch
 
 from encoders.backbone import Backbone
 from memory.store import MemoryStore
-from pipelines.build import build_index
+from pipelines.build import build_index, length_sorted_batches
 from pipelines.config import BuildConfig
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle" / "wiki-mini-knowledgesource.jsonl"
@@ -61,29 +61,29 @@ class PeakMemory:
 
 
 def raw_forward_throughput(store: Path, config: BuildConfig) -> tuple[float, int]:
-    """Passages/s of the bare model forward over the store's passages (tokenised beforehand, not timed)."""
+    """Passages/s of the bare model forward over the store's passages in the very batches the build makes (each
+    shard's `length_sorted_batches`), tokenised beforehand (not timed), with Ray shut down (nothing else running)."""
+    import ray
+
+    ray.shutdown()
     torch.set_num_threads(psutil.cpu_count(logical=True))
     backbone = Backbone.from_pretrained(config.encoder.model, alpha=config.encoder.alpha)
-    titles, texts = [], []
+    batches, count = [], 0
     for path in sorted((store / "shards").glob("*.passages.parquet")):
         table = pq.read_table(path, columns=["title", "text"])
-        titles += table.column("title").to_pylist()
-        texts += table.column("text").to_pylist()
-    order = sorted(range(len(texts)), key=lambda i: (len(titles[i]) + len(texts[i]), i))
-    size = config.encoder.batch_size
-    batches = [
-        backbone.tokenize_passages(
-            [titles[i] for i in order[s : s + size]],
-            [texts[i] for i in order[s : s + size]],
-            config.encoder.max_passage_tokens,
-        )
-        for s in range(0, len(order), size)
-    ]
+        titles, texts = table.column("title").to_pylist(), table.column("text").to_pylist()
+        count += len(texts)
+        for chosen in length_sorted_batches(titles, texts, config.encoder.batch_size):
+            batches.append(
+                backbone.tokenize_passages(
+                    [titles[i] for i in chosen], [texts[i] for i in chosen], config.encoder.max_passage_tokens
+                )
+            )
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
             backbone.model(**batch)
-    return len(texts) / (time.perf_counter() - start), len(texts)
+    return count / (time.perf_counter() - start), count
 
 
 def get_latency(store_dir: Path, repeats: int = 200) -> dict[str, float]:

@@ -4,8 +4,9 @@ It owns the decoder model, the answer tokenisation (start / end tokens), teacher
 generation (greedy or beam, batched across questions).
 
 * BERT backbones: a BERT2BERT decoder, `BertLMHeadModel(is_decoder=True, add_cross_attention=True)` loaded from the
-  backbone's own checkpoint: embeddings, self-attention and FFN weights come from the checkpoint, cross-attention
-  (and the MLM transform of sentence-transformers checkpoints, which ship none) is new; the LM head is tied to the
+  backbone's own checkpoint: embeddings, self-attention and FFN weights come from the checkpoint; each layer's
+  cross-attention starts as a copy of its self-attention (it learns to read the passages much sooner than from a
+  random start); the MLM transform (sentence-transformers checkpoints ship none) is new; the LM head is tied to the
   decoder's word embeddings. Targets are `[CLS] answer [SEP]`: [CLS] starts decoding, [SEP] ends it.
 * T5 backbones: the decoder and lm_head of `T5ForConditionalGeneration` from the same local path, loaded with
   `num_layers=0` so that the encoder (which the backbone already holds) is not loaded twice. Targets are
@@ -104,6 +105,9 @@ class FiDDecoder(nn.Module):
             model, info = model_class.from_pretrained(
                 path, is_decoder=True, add_cross_attention=True, dtype=dtype, output_loading_info=True, **depth
             )
+            with torch.no_grad():  # cross-attention starts as a copy of the layer's self-attention, not random
+                for layer in model.bert.encoder.layer:
+                    layer.crossattention.load_state_dict(layer.attention.state_dict())
             logger.info("BERT2BERT decoder from %s: %d new tensors", path, len(info["missing_keys"]))
         else:
             config = AutoConfig.from_pretrained(path)

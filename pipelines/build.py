@@ -154,18 +154,20 @@ def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 # -- encoding, shared by the codec sample and the shard encoder -------------------------------------------------
 
 
+def length_sorted_batches(titles: list[str], texts: list[str], batch_size: int) -> list[list[int]]:
+    """Passage indices in batches of similar length (little padding); deterministic, so re-encoding gives the same
+    bytes."""
+    lengths = [len(title) + len(text) for title, text in zip(titles, texts, strict=True)]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def encode_passages(
     backbone: Backbone, titles: list[str], texts: list[str], max_tokens: int, batch_size: int
 ) -> Iterator[tuple[list[int], list[torch.Tensor], torch.Tensor]]:
-    """Yield (passage indices, memory 'l d' per passage, embeddings 'b d') in length-sorted batches.
-
-    Sorting by length keeps padding small; the order is deterministic so re-encoding gives the same bytes.
-    """
-    lengths = [len(title) + len(text) for title, text in zip(titles, texts, strict=True)]
-    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    """Yield (passage indices, memory 'l d' per passage, embeddings 'b d') in `length_sorted_batches`."""
     use_amp = backbone.device.type == "cuda"
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
+    for chosen in length_sorted_batches(titles, texts, batch_size):
         batch = backbone.tokenize_passages([titles[i] for i in chosen], [texts[i] for i in chosen], max_tokens)
         batch = batch.to(backbone.device)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
