@@ -1,11 +1,13 @@
-# The two commands of the README: `make demo` (set up + build the memory index) and `make test`.
+# The two commands of the README: `make demo` (set up, build the memory index, answer a question) and `make test`.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 CORPUS ?= ../shared/data/nq_open_oracle/wiki-mini-knowledgesource.jsonl
 STORE ?= runs/minilm-mini
+READER ?= runs/reader-minilm
+QUESTION ?= who got the first nobel prize in physics
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo reader test lint bench
 
 $(BIN)/memvq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,11 @@ setup: $(BIN)/memvq
 
 demo: setup
 	$(BIN)/memvq build-index --corpus $(CORPUS) --out $(STORE) --config configs/build-minilm.toml
+	$(BIN)/memvq query "$(QUESTION)" --store $(STORE)
+
+# Retrain the embedded default reader from its recipe (encoders/weights/minilm-glimmer is a copy of READER/reader).
+reader: setup
+	$(BIN)/memvq train --store $(STORE) --config configs/train-minilm.toml --out $(READER)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -77,7 +77,8 @@ def _echo_rows(rows: list[tuple[str, str]]) -> None:
         typer.echo(f"  {name:<{width}}  {value}")
 
 
-def _fail(error: Exception) -> typer.Exit:
+def _fail(error: object) -> typer.Exit:
+    """Print `error: ...` in red on stderr; the caller raises the returned exit (code 2)."""
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     return typer.Exit(2)
 
@@ -203,17 +204,13 @@ def eval_command(
     from pipelines.evaluate import EvalSettings, evaluate_predictions, run_eval, summary_table
     from pipelines.kilt_data import KiltFormatError
 
-    def fail(message: object) -> typer.Exit:
-        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-        return typer.Exit(2)
-
     if predictions is None and store is None:
-        raise fail("--store is required to run the model (or give --predictions to score existing predictions)")
+        raise _fail("--store is required to run the model (or give --predictions to score existing predictions)")
     if predictions is None and out is None:
-        raise fail("--out is required to run the model")
+        raise _fail("--out is required to run the model")
     for path in [*data, *(predictions or [])]:
         if not path.is_file():
-            raise fail(f"file not found: {path}")
+            raise _fail(f"file not found: {path}")
     try:
         settings = EvalSettings(
             batch_size=batch_size,
@@ -227,7 +224,7 @@ def eval_command(
             passage_text=passage_text,
         )
     except ValueError as error:  # pydantic's ValidationError is a ValueError
-        raise fail(error) from error
+        raise _fail(error) from error
 
     if predictions is not None:
         if store is not None or model is not None:
@@ -235,7 +232,7 @@ def eval_command(
         try:
             report = evaluate_predictions(data, predictions, out, settings)
         except (KiltFormatError, ValueError) as error:
-            raise fail(error) from error
+            raise _fail(error) from error
     else:
         from encoders.reader import default_reader_path
         from pipelines.rag import RAGPipeline
@@ -244,11 +241,11 @@ def eval_command(
             model_path = model if model is not None else default_reader_path()
             pipeline = RAGPipeline.load(store, model_path, device=device, verify=verify)
         except (FileNotFoundError, ManifestError, ValueError, RuntimeError) as error:
-            raise fail(error) from error
+            raise _fail(error) from error
         try:
             report = run_eval(pipeline, data, out, settings, model_path=model_path)
         except (FileNotFoundError, KiltFormatError, ValueError) as error:
-            raise fail(error) from error
+            raise _fail(error) from error
 
     typer.echo("")
     typer.echo(summary_table(report))
@@ -290,8 +287,7 @@ def serve_command(
         settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, api_key=api_key or None)
         pipeline = RAGPipeline.load(store, model or default_reader_path(), device=device, verify=verify)
     except (FileNotFoundError, ManifestError, ValueError, RuntimeError) as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from error
+        raise _fail(error) from error
     logging.getLogger(__name__).info(
         "serving on http://%s:%d (max batch size %d, max wait %.1f ms, API key %s)",
         host,

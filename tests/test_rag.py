@@ -47,3 +47,18 @@ def test_a_reader_of_another_split_is_refused(tiny_store, tiny_bert_path):
     store = MemoryStore.open(tiny_store[0], verify=False)
     with pytest.raises(IncompatibleModelError, match="memory_layers: store 2 vs reader 1"):
         RAGPipeline(store, reader, retriever=None)
+
+
+def test_query_command_prints_answer_passages_and_stage_times(tiny_store, tiny_reader_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    args = ["query", "first nobel prize in physics", "--store", str(tiny_store[0]), "--model", str(tiny_reader_path)]
+    result = CliRunner().invoke(app, [*args, "--top-k", "4", "--rerank-k", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "passages read:" in result.output and "  2. " in result.output and "  3. " not in result.output
+    for stage in ("load", "retrieve", "memory", "live", "rerank", "decode", "total"):
+        assert f"  {stage} " in result.output
+    missing = CliRunner().invoke(app, ["query", "x", "--store", str(tiny_store[0]) + "-nope"])
+    assert missing.exit_code == 2 and "error:" in missing.output
