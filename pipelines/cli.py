@@ -88,6 +88,9 @@ def train_command(
     store: Annotated[Path, typer.Option(help="memory store built by build-index")],
     out: Annotated[Path, typer.Option(help="run directory to create (or resume); the reader goes to OUT/reader")],
     config: Annotated[Path, typer.Option(help="train config, TOML or JSON (see configs/train-minilm.toml)")],
+    mode: Annotated[
+        str | None, typer.Option(help="reader mode: glimmer, lumen, fid, memory (overrides the config)")
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides the config)")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="wall-clock budget; stops and saves")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides the config)")] = None,
@@ -97,7 +100,12 @@ def train_command(
     from pipelines.config import TrainConfig
     from pipelines.train import train
 
-    overrides: dict[str, Any] = {"optim": {"steps": steps}, "max_minutes": max_minutes, "device": device}
+    overrides: dict[str, Any] = {
+        "reader": {"mode": mode},
+        "optim": {"steps": steps},
+        "max_minutes": max_minutes,
+        "device": device,
+    }
     try:
         report = train(store, out, TrainConfig.from_file(config, overrides))
     except (ManifestError, FileNotFoundError, ValueError) as error:
