@@ -91,3 +91,17 @@ def tiny_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     reader = Reader.from_backbone(Backbone.from_pretrained(tiny_bert_path, alpha=config.live_fraction), config)
     return reader.save(tmp_path_factory.mktemp("readers") / "tiny-glimmer")
+
+
+@pytest.fixture(scope="session")
+def minilm_store(mini_corpus, tmp_path_factory) -> Path:
+    """A store of the 40-page mini corpus built with the real embedded MiniLM (faiss PQ48x8 codec: quick to fit)."""
+    from pipelines.build import build_index
+    from pipelines.config import BuildConfig
+
+    config = BuildConfig.model_validate(
+        {"shard_size": 64, "codec_sample_passages": 64, "codec": {"kind": "faiss", "factory": "PQ48x8"}}
+    )
+    out = tmp_path_factory.mktemp("stores") / "minilm"
+    build_index(mini_corpus, out, config)
+    return out

@@ -18,7 +18,6 @@ from conftest import tiny_config
 from memory.manifest import ManifestError
 from memory.store import MemoryStore
 from pipelines.build import build_index
-from pipelines.config import BuildConfig
 from retrieval.corpus import CorpusError
 
 
@@ -183,15 +182,11 @@ def test_trained_index_from_config(tiny_bert_path, mini_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_store_retrieves_gold_pages(shared_data, mini_corpus, tmp_path):
+def test_minilm_store_retrieves_gold_pages(shared_data, mini_corpus, minilm_store):
     """NQ dev questions whose gold page is in the corpus find it among the top-5 passages (real MiniLM)."""
     from encoders.backbone import Backbone
 
-    config = BuildConfig.model_validate(
-        {"shard_size": 64, "codec_sample_passages": 64, "codec": {"kind": "faiss", "factory": "PQ48x8"}}
-    )
-    build_index(mini_corpus, tmp_path / "store", config)
-    store = MemoryStore.open(tmp_path / "store")
+    store = MemoryStore.open(minilm_store)
     pages = {json.loads(line)["wikipedia_id"] for line in mini_corpus.read_text().splitlines()}
     questions = []
     for line in (shared_data / "nq_open_oracle" / "nq-oracle-dev-kilt.jsonl").read_text().splitlines():
