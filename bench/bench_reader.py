@@ -115,7 +115,8 @@ def quality_row(
             inputs = uncompressed_inputs(reader, pipeline.store, rows)
         else:
             inputs = reader_inputs(pipeline.store, reader, rows)
-        out = reader.answer(questions, **inputs)
+        prior = torch.tensor([[p.score for p in passages] for passages in hits])
+        out = reader.answer(questions, retrieval_scores=prior, **inputs)
         kept = out.kept.tolist()
         for record, answer, order, passages in zip(chunk, out.answers, kept, hits, strict=True):
             answers = gold_answer_list(record)

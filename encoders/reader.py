@@ -84,6 +84,9 @@ class ReaderConfig(BaseModel):
     )
     rerank_k: int = Field(default=5, ge=1, description="glimmer: passages kept after reranking")
     rerank_layers: int = Field(default=1, ge=1, description="glimmer: Live-A layer count")
+    retrieval_weight: float = Field(
+        default=0.0, ge=0.0, description="glimmer: passages are kept by reranker score + this x retrieval score"
+    )
     max_question_tokens: int = Field(default=32, ge=2)
     max_passage_tokens: int = Field(default=128, ge=2)
     max_answer_tokens: int = Field(default=16, ge=2)
@@ -313,10 +316,12 @@ class Reader(nn.Module):
         memory_mask: torch.Tensor | None = None,
         passage_texts: Sequence[Sequence[PassageText]] | None = None,
         rerank_k: int | None = None,
+        retrieval_scores: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """Questions + memory 'b k l d' / mask 'b k l' (fid: passage (title, text) 'b k') -> EncoderOutput.
 
-        glimmer keeps `rerank_k` passages (default: the config's; at most the K given)."""
+        glimmer keeps `rerank_k` passages (default: the config's; at most the K given) by reranker score, plus
+        `retrieval_weight` x `retrieval_scores` 'b K' when they are given (the retriever as a prior)."""
         watch = _Stopwatch(self.device)
         with watch.stage("live"):
             if self.config.mode == "fid":
@@ -347,6 +352,8 @@ class Reader(nn.Module):
         segment = rearrange(pairs.segment, "(b k) n -> b k n", b=batch)
         with watch.stage("rerank"):
             scores = self.reranker(live_a, mask & (segment == 0), mask & (segment == 1))
+            if retrieval_scores is not None and self.config.retrieval_weight:
+                scores = scores + self.config.retrieval_weight * retrieval_scores.to(scores)
             kept = scores.topk(min(rerank_k or self.config.rerank_k, k), dim=-1).indices
         with watch.stage("live"):
             rows = torch.arange(batch, device=self.device).unsqueeze(1)
@@ -376,10 +383,13 @@ class Reader(nn.Module):
         rerank_k: int | None = None,
         max_answer_tokens: int | None = None,
         min_answer_tokens: int = 0,
+        retrieval_scores: torch.Tensor | None = None,
     ) -> ReaderOutput:
         """Answers of a batch of questions; None for `num_beams`, `rerank_k`, `max_answer_tokens`: the config's.
         `min_answer_tokens` forbids the end token before that many tokens (benchmarks use it to fix the length)."""
-        encoded = self.encode(questions, memory, memory_mask, passage_texts, rerank_k=rerank_k)
+        encoded = self.encode(
+            questions, memory, memory_mask, passage_texts, rerank_k=rerank_k, retrieval_scores=retrieval_scores
+        )
         watch = _Stopwatch(self.device)
         with watch.stage("decode"):
             hidden, mask = encoded.decoder_inputs()

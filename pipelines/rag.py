@@ -186,6 +186,7 @@ class RAGPipeline:
                 rerank_k=rerank_k,
                 max_answer_tokens=max_answer_tokens,
                 min_answer_tokens=min_answer_tokens,
+                retrieval_scores=torch.tensor([[p.score for p in passages] for passages in retrieved]),
                 **inputs,
             )
         for stage in ("live", "rerank", "decode"):

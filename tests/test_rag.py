@@ -62,3 +62,17 @@ def test_query_command_prints_answer_passages_and_stage_times(tiny_store, tiny_r
         assert f"  {stage} " in result.output
     missing = CliRunner().invoke(app, ["query", "x", "--store", str(tiny_store[0]) + "-nope"])
     assert missing.exit_code == 2 and "error:" in missing.output
+
+
+def test_retrieval_weight_makes_glimmer_keep_the_retrievers_best(rag):
+    question = ["who got the first nobel prize in physics"]
+    [hits] = rag.retrieve(question, top_k=6)
+    base = rag.reader.config
+    try:
+        rag.reader.config = base.model_copy(update={"retrieval_weight": 1e6})
+        [result] = rag.read(question, [hits], rerank_k=3)
+    finally:
+        rag.reader.config = base
+    assert [p.passage_id for p in result.passages] == [h.passage_id for h in hits[:3]]
+    [plain] = rag.read(question, [hits], rerank_k=3)  # weight 0: the (untrained) reranker's own order
+    assert [p.score for p in plain.passages] != [p.score for p in result.passages]
