@@ -160,12 +160,12 @@ class _Pairs:
     k: int
 
 
-class _Stopwatch:
-    """Milliseconds per named stage (synchronising CUDA around each stage)."""
+class Stopwatch:
+    """Milliseconds per named stage (synchronising CUDA around each stage); `stages` start at 0."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, stages: Sequence[str] = ()) -> None:
         self.device = device
-        self.ms: dict[str, float] = {}
+        self.ms: dict[str, float] = dict.fromkeys(stages, 0.0)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -322,7 +322,7 @@ class Reader(nn.Module):
 
         glimmer keeps `rerank_k` passages (default: the config's; at most the K given) by reranker score, plus
         `retrieval_weight` x `retrieval_scores` 'b K' when they are given (the retriever as a prior)."""
-        watch = _Stopwatch(self.device)
+        watch = Stopwatch(self.device)
         with watch.stage("live"):
             if self.config.mode == "fid":
                 if passage_texts is None:
@@ -390,7 +390,7 @@ class Reader(nn.Module):
         encoded = self.encode(
             questions, memory, memory_mask, passage_texts, rerank_k=rerank_k, retrieval_scores=retrieval_scores
         )
-        watch = _Stopwatch(self.device)
+        watch = Stopwatch(self.device)
         with watch.stage("decode"):
             hidden, mask = encoded.decoder_inputs()
             ids = self.decoder.generate(

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from einops import rearrange
 
 from encoders.backbone import resolve_device
-from encoders.reader import Reader, default_reader_path
+from encoders.reader import Reader, Stopwatch, default_reader_path
 from memory.store import MemoryStore
 from retrieval.retriever import RetrievedPassage, Retriever
 
@@ -49,24 +47,6 @@ class RAGAnswer:
     def kilt_output(self, with_text: bool = False) -> dict[str, Any]:
         """A KILT `output` entry: the answer and the passages read as provenance."""
         return {"answer": self.answer, "provenance": [p.provenance(with_text) for p in self.passages]}
-
-
-class _Timer:
-    """Milliseconds per stage of one batch (synchronising CUDA around each stage)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.ms: dict[str, float] = dict.fromkeys(STAGES, 0.0)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.ms[name] += (time.perf_counter() - start) * 1000.0
 
 
 def check_compatible(store: MemoryStore, reader: Reader) -> None:
@@ -152,7 +132,7 @@ class RAGPipeline:
         """Answer a batch of questions: retrieve `top_k`, (glimmer) keep `rerank_k`, generate."""
         if not questions:
             return []
-        timer = _Timer(self.device)
+        timer = Stopwatch(self.device, STAGES)
         start = time.perf_counter()
         with timer.stage("retrieve"):
             retrieved = self.retrieve(questions, top_k)
@@ -171,10 +151,10 @@ class RAGPipeline:
         max_answer_tokens: int | None = None,
         num_beams: int | None = None,
         min_answer_tokens: int = 0,
-        timer: _Timer | None = None,
+        timer: Stopwatch | None = None,
     ) -> list[RAGAnswer]:
         """Answer questions from passages already retrieved (the same number for every question)."""
-        timer = timer or _Timer(self.device)
+        timer = timer or Stopwatch(self.device, STAGES)
         k = min(len(passages) for passages in retrieved)
         retrieved = [passages[:k] for passages in retrieved]
         with timer.stage("memory"):

@@ -90,7 +90,12 @@ def _retrieve_all(out: Path, tasks: Sequence[TaskData], retriever: Retriever, k:
                     ]
                     bar.update(len(questions))
                 rows[f"{task.config.name}/{split}"] = found
-    atomic_write(path, lambda tmp: np.savez(tmp.open("wb"), **rows))
+
+    def save(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.savez(handle, **rows)
+
+    atomic_write(path, save)
     return rows
 
 
