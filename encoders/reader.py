@@ -444,16 +444,20 @@ class Reader(nn.Module):
     def loss(
         self,
         questions: list[str],
-        memory: torch.Tensor | None,
-        memory_mask: torch.Tensor | None,
         answers: list[str],
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
         passage_texts: Sequence[Sequence[PassageText]] | None = None,
+        retrieval_scores: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """{loss, generation_loss, rerank_loss}: teacher-forced answer cross entropy over the passages read, plus
-        (glimmer) rerank_loss_weight * KL(target || softmax(reranker scores)) with the perplexity target."""
+        (glimmer) rerank_loss_weight * KL(target || softmax(reranker scores)) with the perplexity target.
+
+        glimmer reads the passages it would keep at query time: by reranker score plus `retrieval_weight` x
+        `retrieval_scores` 'b K' when they are given."""
         if len(answers) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-        encoded = self.encode(questions, memory, memory_mask, passage_texts)
+        encoded = self.encode(questions, memory, memory_mask, passage_texts, retrieval_scores=retrieval_scores)
         labels = self.decoder.tokenize_targets(answers, self.config.max_answer_tokens)
         hidden, mask = encoded.decoder_inputs()
         generation_loss = self.decoder(hidden, mask, labels).loss
@@ -469,13 +473,14 @@ class Reader(nn.Module):
     def forward(
         self,
         questions: list[str],
-        memory: torch.Tensor | None,
-        memory_mask: torch.Tensor | None,
         answers: list[str],
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
         passage_texts: Sequence[Sequence[PassageText]] | None = None,
+        retrieval_scores: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The training loss (see `loss`)."""
-        return self.loss(questions, memory, memory_mask, answers, passage_texts)
+        return self.loss(questions, answers, memory, memory_mask, passage_texts, retrieval_scores)
 
     # -- persistence -------------------------------------------------------------------------------------------
 

@@ -71,11 +71,13 @@ def _check_resume(out: Path, config: TrainConfig, store: Path) -> None:
 
 
 def _retrieve_all(out: Path, tasks: Sequence[TaskData], retriever: Retriever, k: int) -> dict[str, np.ndarray]:
-    """Top-k store rows 'n k' of every train / dev question, keyed '{task}/{split}'; cached in OUT."""
+    """Top-k store rows 'n k' and their retrieval scores 'n k' of every train / dev question, keyed
+    '{task}/{split}' and '{task}/{split}/scores'; cached in OUT (a cache without scores is rebuilt)."""
     path = out / RETRIEVAL_FILE
     if path.is_file():
         with np.load(path) as cached:
-            return {key: cached[key] for key in cached.files}
+            if all(key.endswith("/scores") or f"{key}/scores" in cached.files for key in cached.files):
+                return {key: cached[key] for key in cached.files}
     rows: dict[str, np.ndarray] = {}
     batch = 256
     total = sum(len(task.train) + len(task.dev) for task in tasks)
@@ -83,13 +85,14 @@ def _retrieve_all(out: Path, tasks: Sequence[TaskData], retriever: Retriever, k:
         for task in tasks:
             for split, examples in (("train", task.train), ("dev", task.dev)):
                 found = np.zeros((len(examples), k), dtype=np.int64)
+                scores = np.zeros((len(examples), k), dtype=np.float32)
                 for start in range(0, len(examples), batch):
                     questions = [e.question for e in examples[start : start + batch]]
-                    found[start : start + len(questions)] = retriever.store.index.search(retriever.embed(questions), k)[
-                        1
-                    ]
+                    chunk = slice(start, start + len(questions))
+                    scores[chunk], found[chunk] = retriever.store.index.search(retriever.embed(questions), k)
                     bar.update(len(questions))
                 rows[f"{task.config.name}/{split}"] = found
+                rows[f"{task.config.name}/{split}/scores"] = scores
 
     def save(tmp: Path) -> None:
         with tmp.open("wb") as handle:
@@ -118,18 +121,23 @@ def _optimizer(reader: Reader, config: TrainConfig) -> tuple[torch.optim.Optimiz
 
 
 def evaluate_dev(
-    pipeline: RAGPipeline, examples: Sequence[QAExample], rows: np.ndarray, batch_size: int = 16
+    pipeline: RAGPipeline,
+    examples: Sequence[QAExample],
+    rows: np.ndarray,
+    scores: np.ndarray,
+    batch_size: int = 16,
 ) -> dict[str, float]:
-    """EM and F1 (KILT normalisation) of the reader on held-out questions, with their cached retrieval."""
+    """EM and F1 (KILT normalisation) of the reader on held-out questions, with their cached retrieval
+    (rows and scores 'n k': glimmer ranks passages with the retrieval scores as at query time)."""
     if not examples:
         return {}
     em = f1_sum = 0.0
     store = pipeline.store
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        chunk_rows = rows[start : start + len(chunk)]
+        chunk_rows, chunk_scores = rows[start : start + len(chunk)], scores[start : start + len(chunk)]
         records = iter(store.passages(chunk_rows.reshape(-1)))
-        retrieved = [[passage_from_record(next(records), 0.0) for _ in r] for r in chunk_rows]
+        retrieved = [[passage_from_record(next(records), float(score)) for score in row] for row in chunk_scores]
         for example, result in zip(chunk, pipeline.read([e.question for e in chunk], retrieved), strict=True):
             em += metric_max_over_ground_truths(exact_match, result.answer, example.answers)
             f1_sum += metric_max_over_ground_truths(f1, result.answer, example.answers)
@@ -192,8 +200,10 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
         scores: dict[str, Any] = {"step": step, "seconds": round(time.perf_counter() - started, 1)}
         for task in tasks:
             dev = task.dev[: task.config.max_dev]
-            task_rows = rows[f"{task.config.name}/dev"]
-            for name, value in evaluate_dev(pipeline, dev, task_rows, optim.batch_size * 2).items():
+            key = f"{task.config.name}/dev"
+            for name, value in evaluate_dev(
+                pipeline, dev, rows[key], rows[f"{key}/scores"], optim.batch_size * 2
+            ).items():
                 scores[f"{task.config.name}/{name}"] = round(value, 4)
         history.append(scores)
         logger.info("eval at step %d: %s", step, scores)
@@ -208,11 +218,17 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
             first = (step * optim.grad_accum + micro) * optim.batch_size
             batch = slots[first : first + optim.batch_size]
             examples = [tasks[t].train[i] for t, i in batch]
-            batch_rows = [rows[f"{tasks[t].config.name}/train"][i].tolist() for t, i in batch]
+            keys = [f"{tasks[t].config.name}/train" for t, _ in batch]
+            batch_rows = [rows[key][i].tolist() for key, (_, i) in zip(keys, batch, strict=True)]
+            batch_scores = torch.from_numpy(
+                np.stack([rows[f"{key}/scores"][i] for key, (_, i) in zip(keys, batch, strict=True)])
+            )
             answers = [e.answers[(first + n) % len(e.answers)] for n, e in enumerate(examples)]
             inputs = reader_inputs(store, reader, batch_rows)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                losses = reader.loss([e.question for e in examples], answers=answers, **_loss_inputs(inputs))
+                losses = reader.loss(
+                    [e.question for e in examples], answers=answers, retrieval_scores=batch_scores, **inputs
+                )
             (losses["loss"] / optim.grad_accum).backward()
             for name, value in losses.items():
                 running[name] = 0.9 * running.get(name, value.item()) + 0.1 * value.item()
@@ -234,14 +250,6 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
     seconds = time.perf_counter() - started
     reader_dir = _finalize(out, reader, config, store, step, finished, history, seconds)
     return TrainReport(steps=step, finished=finished, history=history, seconds=seconds, reader_dir=reader_dir)
-
-
-def _loss_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "memory": inputs.get("memory"),
-        "memory_mask": inputs.get("memory_mask"),
-        "passage_texts": inputs.get("passage_texts"),
-    }
 
 
 def _finalize(

@@ -142,7 +142,7 @@ def test_shapes_in_each_mode(shared_reader, mode):
         assert out.passage_scores.shape == (2, 3)
     assert set(out.timings_ms) == {"live", "rerank", "decode"} and min(out.timings_ms.values()) >= 0
 
-    losses = reader.loss(QUESTIONS, memory, mask, ANSWERS, texts)
+    losses = reader.loss(QUESTIONS, ANSWERS, memory, mask, texts)
     assert set(losses) == {"loss", "generation_loss", "rerank_loss"}
     assert all(torch.isfinite(value) for value in losses.values())
     assert (float(losses["rerank_loss"].detach()) > 0) == (mode == "glimmer")
@@ -286,6 +286,24 @@ def test_perplexity_distillation_target_and_loss(tiny_bert_path):
     assert torch.allclose(perplexity_distillation_target(torch.tensor([[0.0, 0.0]])), torch.tensor([[0.5, 0.5]]))
 
 
+def test_training_reads_the_passages_that_retrieval_scores_rank_first(tiny_bert_path):
+    reader = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"], retrieval_weight=1e4)
+    sharpen_decoder(reader)
+    memory, mask = passage_memory(reader.backbone)
+    swapped = [0, 2, 1]  # passages 1 and 2 trade places
+
+    def generation_loss(order: list[int], scores: list[float]) -> float:
+        retrieval = torch.tensor([scores, scores])
+        with torch.no_grad():
+            losses = reader.loss(QUESTIONS, ANSWERS, memory[:, order], mask[:, order], retrieval_scores=retrieval)
+        return float(losses["generation_loss"])
+
+    # rerank_k = 2: the decoder reads passages {0, 2} whether they sit at 0, 2 or at 0, 1 with scores to match.
+    keep_0_2 = generation_loss([0, 1, 2], [1.0, 0.0, 0.5])
+    assert generation_loss(swapped, [1.0, 0.5, 0.0]) == pytest.approx(keep_0_2, abs=1e-5)
+    assert abs(generation_loss([0, 1, 2], [1.0, 0.5, 0.0]) - keep_0_2) > 1e-2  # reads {0, 1}
+
+
 def test_a_few_steps_overfit_one_example(tiny_bert_path):
     reader = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"], train_decoder_embeddings=True).train()
     backbone = reader.backbone
@@ -296,7 +314,7 @@ def test_a_few_steps_overfit_one_example(tiny_bert_path):
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
     first = None
     for _ in range(40):
-        losses = reader.loss(QUESTIONS[1:], memory, mask, ANSWERS[1:])
+        losses = reader.loss(QUESTIONS[1:], ANSWERS[1:], memory, mask)
         optimizer.zero_grad()
         losses["loss"].backward()
         if first is None:
@@ -305,7 +323,7 @@ def test_a_few_steps_overfit_one_example(tiny_bert_path):
         optimizer.step()
     reader.eval()
     with torch.no_grad():
-        last = reader.loss(QUESTIONS[1:], memory, mask, ANSWERS[1:])
+        last = reader.loss(QUESTIONS[1:], ANSWERS[1:], memory, mask)
     assert float(last["generation_loss"]) < 0.2 * first["generation_loss"]
     assert float(last["loss"]) < first["loss"]
     assert reader.answer(QUESTIONS[1:], memory, mask).answers == ["paris"]
