@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 MANIFEST_NAME = "manifest.json"
 TRACKED_LIBRARIES = (
     "memvq",
@@ -46,15 +48,37 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's) contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` then move the result to `path` in one step."""
+    """Call `write(tmp_path)`, flush it to disk, then move it to `path` in one step (a crash leaves the old file
+    or the new one, never a torn one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Atomically write one array as .npy (through a handle: np.save would add ".npy" to the temporary name)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

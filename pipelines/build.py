@@ -37,6 +37,7 @@ from memory.manifest import (
     file_record,
     library_versions,
     read_json,
+    save_npy,
     write_json,
 )
 from memory.store import SHARD_SUFFIXES, STORE_FORMAT, StoreLayout
@@ -263,17 +264,12 @@ def encode_shard(layout: StoreLayout, shard: int, backbone: Backbone, codec: Mem
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
     arrays = {"codes.npy": np.concatenate(codes), "offsets.npy": offsets, "emb.npy": embeddings}
     for suffix, array in arrays.items():
-        atomic_write(layout.shard_file(shard, suffix), lambda tmp, array=array: _save_npy(tmp, array))
+        save_npy(layout.shard_file(shard, suffix), array)
     files = {
         layout.relative(layout.shard_file(shard, s)): file_record(layout.shard_file(shard, s)) for s in SHARD_SUFFIXES
     }
     write_json(layout.shard_done(shard), {"passages": len(texts), "tokens": int(offsets[-1]), "files": files})
     return int(offsets[-1])
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)
 
 
 def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray_address: str | None) -> float:
@@ -335,16 +331,16 @@ def write_manifest(
     layout: StoreLayout,
     config: BuildConfig,
     plan: _Plan,
+    markers: list[dict[str, Any]],
     backbone_info: dict[str, Any],
     codec: MemoryCodec,
     report: BuildReport,
 ) -> dict[str, Any]:
-    shards, files, tokens = [], {}, 0
-    for shard, start in enumerate(plan.row_starts):
-        done = read_json(layout.shard_done(shard), "shard marker")
+    """The store manifest, from the plan, the shards' done markers (in shard order) and the build report."""
+    shards, files = [], {}
+    for shard, (start, done) in enumerate(zip(plan.row_starts, markers, strict=True)):
         shards.append({"shard": shard, "row_start": start, "passages": done["passages"], "tokens": done["tokens"]})
         files.update(done["files"])
-        tokens += done["tokens"]
     for path in sorted([*layout.codec_dir.iterdir(), *layout.index_dir.iterdir()]):
         if path.is_file() and not path.name.startswith("."):
             files[layout.relative(path)] = file_record(path)
@@ -361,7 +357,7 @@ def write_manifest(
         "versions": library_versions(),
         "num_documents": plan.documents,
         "num_passages": plan.passages,
-        "num_tokens": tokens,
+        "num_tokens": report.tokens,
         "shards": shards,
         "files": files,
         "report": report.model_dump(),
@@ -406,7 +402,8 @@ def build_index(
     total = sum(seconds.values())
     seconds["total"] = total
 
-    tokens = sum(read_json(layout.shard_done(s), "shard marker")["tokens"] for s in range(len(plan.shard_sizes)))
+    markers = [read_json(layout.shard_done(shard), "shard marker") for shard in range(len(plan.shard_sizes))]
+    tokens = sum(marker["tokens"] for marker in markers)
     report = BuildReport(
         documents=plan.documents,
         passages=plan.passages,
@@ -423,7 +420,7 @@ def build_index(
         encode_busy_passages_per_second=plan.passages / busy if busy and done_before == 0 else None,
     )
     info = backbone.info.__dict__ | {"model_path": portable_model_path(config.encoder.model)}
-    write_manifest(layout, config, plan, info, codec, report)
+    write_manifest(layout, config, plan, markers, info, codec, report)
     return report
 
 

@@ -21,7 +21,6 @@ import errno
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -30,6 +29,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from memory.manifest import atomic_write, save_npy, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -208,14 +209,6 @@ def _place(cpu_index: Any, params: Mapping[str, int], use_gpu: bool | None) -> t
         return cpu_index, False
     _apply_params(gpu_index, params, on_gpu=True)
     return gpu_index, True
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -441,26 +434,10 @@ class PassageIndex:
             "ntotal": self.ntotal,
             "faiss_version": faiss.__version__,
         }
-        final = [directory / INDEX_FILE, directory / IDS_FILE, directory / META_FILE]  # index.json last
-        tmp = [path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in final]
-        try:
-            faiss.write_index(cpu_index, str(tmp[0]))
-            _fsync(tmp[0])
-            with open(tmp[1], "wb") as fh:
-                np.save(fh, np.asarray(self._ids, dtype=np.int64))
-                fh.flush()
-                os.fsync(fh.fileno())
-            with open(tmp[2], "w", encoding="utf-8") as fh:
-                json.dump(meta, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            for src, dst in zip(tmp, final, strict=True):
-                os.replace(src, dst)
-            _fsync(directory)
-        finally:
-            for path in tmp:
-                path.unlink(missing_ok=True)
+        ids = np.asarray(self._ids, dtype=np.int64)
+        atomic_write(directory / INDEX_FILE, lambda tmp: faiss.write_index(cpu_index, str(tmp)))
+        save_npy(directory / IDS_FILE, ids)
+        write_json(directory / META_FILE, meta)  # last: a directory with index.json is complete
         logger.info("saved %r index (%d vectors) to %s", self._config.factory, self.ntotal, directory)
 
     @classmethod
