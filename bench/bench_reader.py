@@ -28,7 +28,7 @@ from encoders.reader import Reader, ReaderConfig
 from memory.store import MemoryStore
 from pipelines.kilt_data import gold_answer_list, load_kilt, record_input
 from pipelines.kilt_metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
-from pipelines.rag import STAGES, RAGPipeline, reader_inputs
+from pipelines.rag import STAGES, RAGPipeline, passage_tokens, reader_inputs
 from retrieval.retriever import RetrievedPassage, Retriever
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -86,18 +86,17 @@ def speed_rows(
 
 def uncompressed_inputs(reader: Reader, store: MemoryStore, rows: list[list[int]]) -> dict[str, Any]:
     """The memory without compression: the memory layers re-run over each passage's text, as the build did."""
-    flat = [row for question in rows for row in question]
-    records = store.passages(flat)
-    max_tokens = store.manifest["config"]["encoder"]["max_passage_tokens"]
-    batch = reader.backbone.tokenize_passages([r["title"] for r in records], [r["text"] for r in records], max_tokens)
-    batch = batch.to(reader.device)
+    tokens = passage_tokens(store, reader, [row for question in rows for row in question])
     with torch.no_grad():
-        memory = reader.backbone.encode_memory(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-    cut = reader.config.max_passage_tokens
+        memory = reader.backbone.encode_memory(
+            tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids")
+        )
+    cut = reader.config.max_passage_tokens  # the store keeps the whole passage's memory and cuts it when read
     k = len(rows[0])
     return {
         "memory": rearrange(memory[:, :cut], "(b k) l d -> b k l d", k=k),
-        "memory_mask": rearrange(batch["attention_mask"][:, :cut].bool(), "(b k) l -> b k l", k=k),
+        "memory_mask": rearrange(tokens["attention_mask"][:, :cut].bool(), "(b k) l -> b k l", k=k),
+        "memory_ids": rearrange(tokens["input_ids"][:, :cut], "(b k) l -> b k l", k=k),
     }
 
 

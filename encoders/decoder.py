@@ -12,6 +12,13 @@ generation (greedy or beam, batched across questions).
   `num_layers=0` so that the encoder (which the backbone already holds) is not loaded twice. Targets are
   `<pad> answer </s>` (`decoder_start_token_id`, `eos_token_id` of the checkpoint's config).
 
+With `copy=True` the decoder is a pointer-generator (See et al., 2017): a `CopyHead` attends from the decoder's last
+hidden state over the encoder tokens it reads, and each answer token's probability mixes the LM head's softmax with
+that attention over the encoder positions holding the token, `p = g p_vocab + (1 - g) p_copy`. Short factoid
+answers are mostly spans of the passages, and copying them is learnt from far fewer examples than generating
+them; it needs the encoder tokens' ids (`encoder_ids`). Generation with copying runs its own greedy / beam loop
+over the model's KV cache (the library's `generate` cannot mix in the copy distribution).
+
 Encoder states go in only through the libraries' public arguments: `encoder_hidden_states` /
 `encoder_attention_mask` for BERT, `encoder_outputs=BaseModelOutput(...)` + `attention_mask` for T5, and
 `.generate(...)`. BERT generation is given an `EncoderDecoderCache` (a public `Cache`), because the default cache
@@ -21,10 +28,12 @@ that `generate` makes for a decoder-only model has no room for cross-attention k
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from einops import rearrange
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -55,17 +64,43 @@ DECODER_CLASSES: dict[str, type[PreTrainedModel]] = {
 
 @dataclass
 class DecoderOutput:
-    """Teacher-forced pass: mean token cross entropy, logits 'b t v', summed answer log-likelihood 'b'."""
+    """Teacher-forced pass: mean token cross entropy, summed answer log-likelihood 'b'."""
 
     loss: torch.Tensor
-    logits: torch.Tensor
     log_likelihood: torch.Tensor
+
+
+class CopyHead(nn.Module):
+    """Pointer-generator head: from decoder states 'b t d' and encoder states 'b n d', the copy attention
+    'b t n' (a distribution over the encoder tokens) and the gate 'b t 1' (the weight of the LM head's softmax)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.gate = nn.Linear(2 * dim, 1)
+        with torch.no_grad():  # start by matching decoder and encoder states as they are, the gate at 1/2
+            self.query.weight.copy_(torch.eye(dim))
+            self.gate.weight.zero_()
+            self.gate.bias.zero_()
+
+    def forward(
+        self, hidden: torch.Tensor, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, encoder_hidden = hidden.float(), encoder_hidden.float()
+        scores = torch.einsum("btd,bnd->btn", self.query(hidden.to(self.query.weight.dtype)).float(), encoder_hidden)
+        scores = scores / math.sqrt(hidden.shape[-1])
+        attention = scores.masked_fill(~encoder_mask.bool()[:, None, :], float("-inf")).softmax(dim=-1)
+        context = torch.einsum("btn,bnd->btd", attention, encoder_hidden)
+        both = torch.cat([hidden, context], dim=-1).to(self.gate.weight.dtype)
+        return attention, torch.sigmoid(self.gate(both).float())
 
 
 class FiDDecoder(nn.Module):
     """A decoder that cross-attends over encoder states 'b n d' and predicts answer tokens."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: str) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: str, copy: bool = False
+    ) -> None:
         super().__init__()
         if family not in ("bert", "t5"):
             raise ValueError(f"no FiD decoder for family {family!r} (bert or t5)")
@@ -82,15 +117,20 @@ class FiDDecoder(nn.Module):
         self.start_id: int = int(start)
         self.end_id: int = int(end)
         self.pad_id: int = int(pad)
+        self.copy_head: CopyHead | None = None
+        if copy:
+            dim = config.hidden_size if family == "bert" else config.d_model
+            parameter = next(model.parameters())
+            self.copy_head = CopyHead(dim).to(device=parameter.device, dtype=parameter.dtype)
 
     # -- construction ------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, backbone: Backbone, num_layers: int | None = None) -> FiDDecoder:
+    def from_backbone(cls, backbone: Backbone, num_layers: int | None = None, copy: bool = False) -> FiDDecoder:
         """The decoder initialised from the backbone's own local checkpoint (`backbone.info.model_path`).
 
         `num_layers` keeps the checkpoint's first layers only (None: all): a shallow decoder is cheap, and for
-        short answers most of FiD's cost is in the encoder anyway.
+        short answers most of FiD's cost is in the encoder anyway. `copy`: add a (new) `CopyHead`.
         """
         from encoders.backbone import resolve_model_path
 
@@ -126,7 +166,7 @@ class FiDDecoder(nn.Module):
                     len(missing),
                     missing[0],
                 )
-        return cls(model.to(backbone.device).eval(), backbone.tokenizer, backbone.family)
+        return cls(model.to(backbone.device).eval(), backbone.tokenizer, backbone.family, copy=copy)
 
     @property
     def num_layers(self) -> int:
@@ -169,34 +209,76 @@ class FiDDecoder(nn.Module):
 
     # -- teacher forcing ---------------------------------------------------------------------------------------
 
-    def forward(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, labels: torch.Tensor) -> DecoderOutput:
-        """encoder_hidden 'b n d', encoder_mask 'b n', labels 'b t' (from `tokenize_targets`) -> DecoderOutput.
-
-        logits[:, i] predicts labels[:, i]; loss is the mean cross entropy over the real label tokens.
-        """
-        input_ids, decoder_mask = self.decoder_inputs(labels)
-        encoder_mask = encoder_mask.long()
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        encoder_hidden: torch.Tensor,
+        encoder_mask: torch.Tensor,
+        decoder_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decoder pass over input_ids 'b t' -> (logits 'b t v', last hidden states 'b t d' when copying).
+        With `cache`, input_ids are the new tokens only and the cache is extended in place."""
+        wants_hidden = self.copy_head is not None
         if self.family == "bert":
-            logits = self.model(
+            out = self.model(
                 input_ids=input_ids,
                 attention_mask=decoder_mask,
                 encoder_hidden_states=encoder_hidden,
                 encoder_attention_mask=encoder_mask,
-                use_cache=False,
-            ).logits
-        else:
-            logits = self.model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden),
-                attention_mask=encoder_mask,
-                decoder_input_ids=input_ids,
-                decoder_attention_mask=decoder_mask,
-                use_cache=False,
-            ).logits
+                past_key_values=cache,
+                use_cache=cache is not None,
+                output_hidden_states=wants_hidden,
+            )
+            return out.logits, out.hidden_states[-1] if wants_hidden else None
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden),
+            attention_mask=encoder_mask,
+            decoder_input_ids=input_ids,
+            decoder_attention_mask=decoder_mask,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            output_hidden_states=wants_hidden,
+        )
+        return out.logits, out.decoder_hidden_states[-1] if wants_hidden else None
+
+    def _check_ids(self, encoder_hidden: torch.Tensor, encoder_ids: torch.Tensor | None) -> torch.Tensor | None:
+        if self.copy_head is None:
+            return None
+        if encoder_ids is None or encoder_ids.shape != encoder_hidden.shape[:2]:
+            shape = None if encoder_ids is None else tuple(encoder_ids.shape)
+            raise ValueError(
+                f"a copying decoder needs encoder_ids 'b n' {tuple(encoder_hidden.shape[:2])}, got {shape}"
+            )
+        return encoder_ids.to(encoder_hidden.device)
+
+    def forward(
+        self,
+        encoder_hidden: torch.Tensor,
+        encoder_mask: torch.Tensor,
+        labels: torch.Tensor,
+        encoder_ids: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """encoder_hidden 'b n d', encoder_mask 'b n', labels 'b t' (from `tokenize_targets`), encoder_ids 'b n'
+        (the encoder tokens' ids; copying decoders only) -> DecoderOutput.
+
+        Position i predicts labels[:, i]; loss is the mean negative log-likelihood over the real label tokens.
+        """
+        encoder_ids = self._check_ids(encoder_hidden, encoder_ids)
+        input_ids, decoder_mask = self.decoder_inputs(labels)
+        encoder_mask = encoder_mask.long()
+        logits, hidden = self._run(input_ids, encoder_hidden, encoder_mask, decoder_mask)
         valid = labels != IGNORE_INDEX
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        token_ll = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+        targets = labels.clamp(min=0)
+        token_ll = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        if self.copy_head is not None:
+            assert hidden is not None and encoder_ids is not None
+            attention, gate = self.copy_head(hidden, encoder_hidden, encoder_mask)
+            copied = (attention * (encoder_ids[:, None, :] == targets[:, :, None])).sum(dim=-1)
+            token_ll = torch.log((gate.squeeze(-1) * token_ll.exp() + (1 - gate.squeeze(-1)) * copied).clamp_min(1e-12))
+        token_ll = token_ll * valid
         loss = -token_ll.sum() / valid.sum().clamp(min=1)
-        return DecoderOutput(loss=loss, logits=logits, log_likelihood=token_ll.sum(dim=-1))
+        return DecoderOutput(loss=loss, log_likelihood=token_ll.sum(dim=-1))
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -208,13 +290,19 @@ class FiDDecoder(nn.Module):
         max_new_tokens: int = 16,
         num_beams: int = 1,
         min_new_tokens: int = 0,
+        encoder_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Greedy (num_beams=1) or beam search: encoder_hidden 'b n d', encoder_mask 'b n' -> token ids 'b t'.
+        """Greedy (num_beams=1) or beam search: encoder_hidden 'b n d', encoder_mask 'b n' (encoder_ids 'b n' for
+        a copying decoder) -> token ids 'b t'.
 
         Row i starts with the start token and ends with the end token, then pad (or stops at max_new_tokens).
         """
         batch = encoder_hidden.shape[0]
         encoder_mask = encoder_mask.long()
+        if self.copy_head is not None:
+            ids = self._check_ids(encoder_hidden, encoder_ids)
+            assert ids is not None
+            return self._search(encoder_hidden, encoder_mask, ids, max_new_tokens, num_beams, min_new_tokens)
         common = {
             "max_new_tokens": max_new_tokens,
             "min_new_tokens": min_new_tokens,
@@ -225,13 +313,12 @@ class FiDDecoder(nn.Module):
         }
         if self.family == "bert":
             start = torch.full((batch, 1), self.start_id, dtype=torch.long, device=encoder_hidden.device)
-            config = self.model.config
             return self.model.generate(
                 input_ids=start,
                 attention_mask=torch.ones_like(start),
                 encoder_hidden_states=encoder_hidden,
                 encoder_attention_mask=encoder_mask,
-                past_key_values=EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config)),
+                past_key_values=self._new_cache(),
                 **common,
             )
         return self.model.generate(
@@ -240,6 +327,59 @@ class FiDDecoder(nn.Module):
             decoder_start_token_id=self.start_id,
             **common,
         )
+
+    def _new_cache(self) -> EncoderDecoderCache:
+        config = self.model.config
+        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+
+    def _search(
+        self,
+        encoder_hidden: torch.Tensor,
+        encoder_mask: torch.Tensor,
+        encoder_ids: torch.Tensor,
+        max_new_tokens: int,
+        num_beams: int,
+        min_new_tokens: int,
+    ) -> torch.Tensor:
+        """Beam search (greedy at num_beams=1) over the pointer-generator mixture, on the model's KV cache.
+
+        Beams are ranked by summed log-probability; a finished beam only continues with pad at no cost.
+        """
+        assert self.copy_head is not None
+        batch, device = encoder_hidden.shape[0], encoder_hidden.device
+        encoder_hidden, encoder_mask, encoder_ids = (
+            x.repeat_interleave(num_beams, dim=0) for x in (encoder_hidden, encoder_mask, encoder_ids)
+        )
+        tokens = torch.full((batch * num_beams, 1), self.start_id, dtype=torch.long, device=device)
+        scores = torch.full((batch, num_beams), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # all beams start equal: expand the first one only
+        finished = torch.zeros(batch * num_beams, dtype=torch.bool, device=device)
+        cache = self._new_cache()
+        for step in range(max_new_tokens):
+            logits, hidden = self._run(tokens[:, -1:], encoder_hidden, encoder_mask, cache=cache)
+            assert hidden is not None
+            attention, gate = self.copy_head(hidden[:, -1:], encoder_hidden, encoder_mask)
+            vocab = torch.softmax(logits[:, -1].float(), dim=-1)
+            copied = torch.zeros_like(vocab).scatter_add_(-1, encoder_ids, attention[:, 0])
+            log_probs = torch.log((gate[:, 0] * vocab + (1 - gate[:, 0]) * copied).clamp_min(1e-12))
+            if step < min_new_tokens:
+                log_probs[:, self.end_id] = float("-inf")
+            log_probs[finished] = float("-inf")
+            log_probs[finished, self.pad_id] = 0.0
+            vocab_size = log_probs.shape[-1]
+            total = rearrange(scores, "b k -> (b k) 1") + log_probs
+            scores, best = rearrange(total, "(b k) v -> b (k v)", k=num_beams).topk(num_beams, dim=-1)
+            source = rearrange(
+                torch.arange(batch, device=device)[:, None] * num_beams + best // vocab_size, "b k -> (b k)"
+            )
+            chosen = rearrange(best % vocab_size, "b k -> (b k) 1")
+            tokens = torch.cat([tokens[source], chosen], dim=1)
+            finished = finished[source] | (chosen[:, 0] == self.end_id)
+            cache.reorder_cache(source)
+            if bool(finished.all()):
+                break
+        winner = torch.arange(batch, device=device) * num_beams + scores.argmax(dim=-1)
+        return tokens[winner]
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         """Generated ids 'b t' -> answer strings: drop the start token, cut at the end token, detokenise."""

@@ -94,6 +94,10 @@ class ReaderConfig(BaseModel):
     train_decoder_embeddings: bool = Field(
         default=False, description="False: the checkpoint's word embeddings (and tied LM head) stay frozen, unsaved"
     )
+    copy_answers: bool = Field(
+        default=False,
+        description="pointer-generator decoder: answer tokens may be copied from the question and passages read",
+    )
     num_beams: int = Field(default=1, ge=1)
     distill_temperature: float = Field(default=1.0, gt=0.0)
     rerank_loss_weight: float = Field(default=1.0, ge=0.0)
@@ -120,23 +124,30 @@ class ReaderConfig(BaseModel):
 class EncoderOutput:
     """What the decoder reads, plus the reranking that chose it.
 
-    hidden 'b k n d' and mask 'b k n' (bool): the final states of the k pairs kept (k = K except in glimmer);
+    hidden 'b k n d', mask 'b k n' (bool) and token_ids 'b k n': the final states of the k pairs kept (k = K
+    except in glimmer) and their tokens' ids (0 where unknown: passage memory given without its ids);
     passage_scores 'b K' (glimmer, else None); kept 'b k' (indices into the K passages, best score first in
     glimmer, 0..K-1 otherwise); live_a 'b K n d' / live_a_mask 'b K n': glimmer's states of all K pairs after
-    Live-A (else None); timings_ms: milliseconds per stage ("live", "rerank").
+    Live-A (else None), live_a_ids 'b K n' their token ids; timings_ms: milliseconds per stage ("live", "rerank").
     """
 
     hidden: torch.Tensor
     mask: torch.Tensor
+    token_ids: torch.Tensor
     passage_scores: torch.Tensor | None
     kept: torch.Tensor
     live_a: torch.Tensor | None = None
     live_a_mask: torch.Tensor | None = None
+    live_a_ids: torch.Tensor | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
-    def decoder_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The FiD concatenation: ('b (k n) d', 'b (k n)')."""
-        return rearrange(self.hidden, "b k n d -> b (k n) d"), rearrange(self.mask, "b k n -> b (k n)")
+    def decoder_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The FiD concatenation: states 'b (k n) d', mask 'b (k n)', token ids 'b (k n)'."""
+        return (
+            rearrange(self.hidden, "b k n d -> b (k n) d"),
+            rearrange(self.mask, "b k n -> b (k n)"),
+            rearrange(self.token_ids, "b k n -> b (k n)"),
+        )
 
 
 @dataclass
@@ -151,11 +162,12 @@ class ReaderOutput:
 
 @dataclass
 class _Pairs:
-    """Packed [question; passage] pairs, (b k) rows: hidden '(b k) n d', mask '(b k) n', segment '(b k) n'."""
+    """Packed [question; passage] pairs, (b k) rows: hidden '(b k) n d', mask, segment and token ids '(b k) n'."""
 
     hidden: torch.Tensor
     mask: torch.Tensor
     segment: torch.Tensor  # 0 = question token, 1 = passage token
+    ids: torch.Tensor
     batch: int
     k: int
 
@@ -180,15 +192,15 @@ class Stopwatch:
             torch.cuda.synchronize(self.device)
 
 
-def pack(hidden: torch.Tensor, mask: torch.Tensor, segment: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def pack(hidden: torch.Tensor, mask: torch.Tensor, *per_token: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Move each row's real tokens to the front, keeping their order, and trim the padding to the longest row.
 
-    hidden 'r n d', mask 'r n' (bool), segment 'r n' -> the same, n = the longest row's token count.
+    hidden 'r n d', mask 'r n' (bool), per-token tensors 'r n' -> the same, n = the longest row's token count.
     """
     order = torch.argsort((~mask).int(), dim=1, stable=True)
     order = order[:, : int(mask.sum(dim=1).max())]
     hidden = hidden.gather(1, repeat(order, "r n -> r n d", d=hidden.shape[-1]))
-    return hidden, mask.gather(1, order), segment.gather(1, order)
+    return hidden, mask.gather(1, order), *(values.gather(1, order) for values in per_token)
 
 
 class Reader(nn.Module):
@@ -228,7 +240,9 @@ class Reader(nn.Module):
     @classmethod
     def from_backbone(cls, backbone: Backbone, config: ReaderConfig) -> Reader:
         """A new reader: decoder from the backbone's checkpoint, fresh reranker (glimmer)."""
-        return cls(backbone, FiDDecoder.from_backbone(backbone, config.decoder_layers), config)
+        return cls(
+            backbone, FiDDecoder.from_backbone(backbone, config.decoder_layers, copy=config.copy_answers), config
+        )
 
     @property
     def device(self) -> torch.device:
@@ -248,11 +262,23 @@ class Reader(nn.Module):
 
     # -- encoder side ------------------------------------------------------------------------------------------
 
-    def _memory_pairs(self, questions: list[str], memory: torch.Tensor, memory_mask: torch.Tensor) -> _Pairs:
-        """[question memory; passage memory] for every (question, passage): memory 'b k l d', mask 'b k l'."""
+    def _memory_pairs(
+        self,
+        questions: list[str],
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        memory_ids: torch.Tensor | None = None,
+    ) -> _Pairs:
+        """[question memory; passage memory] for every (question, passage): memory 'b k l d', mask 'b k l',
+        memory_ids 'b k l' (the passage tokens' ids; None: unknown, 0)."""
         cfg = self.config
         memory = memory[:, :, : cfg.max_passage_tokens].to(self.device)
         memory_mask = memory_mask[:, :, : cfg.max_passage_tokens].to(self.device).bool()
+        if memory_ids is None:
+            memory_ids = torch.zeros(memory.shape[:3], dtype=torch.long)
+        memory_ids = memory_ids[:, :, : cfg.max_passage_tokens].to(self.device)
+        if memory_ids.shape != memory_mask.shape:
+            raise ValueError(f"memory_ids {tuple(memory_ids.shape)} do not match the memory {tuple(memory_mask.shape)}")
         batch, k = memory.shape[:2]
         if batch != len(questions):
             raise ValueError(f"{len(questions)} questions but memory for {batch}")
@@ -274,7 +300,10 @@ class Reader(nn.Module):
         segment = torch.cat(
             [torch.zeros(batch * k, question.shape[1]), torch.ones(batch * k, memory.shape[2])], dim=1
         ).to(device=self.device, dtype=torch.long)
-        return _Pairs(*pack(hidden, mask, segment), batch=batch, k=k)
+        ids = torch.cat(
+            [repeat(tokens["input_ids"], "b q -> (b k) q", k=k), rearrange(memory_ids, "b k l -> (b k) l")], dim=1
+        )
+        return _Pairs(*pack(hidden, mask, segment, ids), batch=batch, k=k)
 
     def _text_pairs(self, questions: list[str], passage_texts: Sequence[Sequence[PassageText]]) -> _Pairs:
         """FiD: `question [SEP] title [SEP] text` for every (question, passage), embedded (no layer run yet)."""
@@ -300,7 +329,9 @@ class Reader(nn.Module):
         hidden = self.backbone.embed(tokens["input_ids"], tokens.get("token_type_ids"))
         mask = tokens["attention_mask"].bool()
         # The reranker (the only reader of segments) is not used in fid: every token is marked as passage.
-        return _Pairs(hidden, mask, torch.ones_like(tokens["input_ids"]), batch=len(questions), k=k)
+        return _Pairs(
+            hidden, mask, torch.ones_like(tokens["input_ids"]), tokens["input_ids"], batch=len(questions), k=k
+        )
 
     def _live_b(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """glimmer: the live layers after Live-A over '(b k) n d' (nothing left when Live-A reached the top)."""
@@ -317,8 +348,10 @@ class Reader(nn.Module):
         passage_texts: Sequence[Sequence[PassageText]] | None = None,
         rerank_k: int | None = None,
         retrieval_scores: torch.Tensor | None = None,
+        memory_ids: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """Questions + memory 'b k l d' / mask 'b k l' (fid: passage (title, text) 'b k') -> EncoderOutput.
+        """Questions + memory 'b k l d' / mask 'b k l' / token ids 'b k l' (fid: passage (title, text) 'b k')
+        -> EncoderOutput. A copying decoder (`copy_answers`) needs `memory_ids`.
 
         glimmer keeps `rerank_k` passages (default: the config's; at most the K given) by reranker score, plus
         `retrieval_weight` x `retrieval_scores` 'b K' when they are given (the retriever as a prior)."""
@@ -331,7 +364,9 @@ class Reader(nn.Module):
             else:
                 if memory is None or memory_mask is None:
                     raise ValueError(f"{self.config.mode} mode reads memory: give memory and memory_mask")
-                pairs = self._memory_pairs(questions, memory, memory_mask)
+                if self.config.copy_answers and memory_ids is None:
+                    raise ValueError("copy_answers reads the passages' token ids: give memory_ids")
+                pairs = self._memory_pairs(questions, memory, memory_mask, memory_ids)
             batch, k = pairs.batch, pairs.k
             if self.config.mode == "glimmer":  # Live-A only; Live-B after reranking
                 stop = self.first_live + self.config.rerank_layers
@@ -342,6 +377,7 @@ class Reader(nn.Module):
             return EncoderOutput(
                 hidden=rearrange(hidden, "(b k) n d -> b k n d", b=batch),
                 mask=rearrange(pairs.mask, "(b k) n -> b k n", b=batch),
+                token_ids=rearrange(pairs.ids, "(b k) n -> b k n", b=batch),
                 passage_scores=None,
                 kept=torch.arange(k, device=self.device).expand(batch, k),
                 timings_ms=watch.ms,
@@ -350,6 +386,7 @@ class Reader(nn.Module):
         live_a = rearrange(live_a, "(b k) n d -> b k n d", b=batch)
         mask = rearrange(pairs.mask, "(b k) n -> b k n", b=batch)
         segment = rearrange(pairs.segment, "(b k) n -> b k n", b=batch)
+        ids = rearrange(pairs.ids, "(b k) n -> b k n", b=batch)
         with watch.stage("rerank"):
             scores = self.reranker(live_a, mask & (segment == 0), mask & (segment == 1))
             if retrieval_scores is not None and self.config.retrieval_weight:
@@ -363,10 +400,12 @@ class Reader(nn.Module):
         return EncoderOutput(
             hidden=rearrange(hidden, "(b k) n d -> b k n d", b=batch),
             mask=chosen_mask,
+            token_ids=ids[rows, kept],
             passage_scores=scores,
             kept=kept,
             live_a=live_a,
             live_a_mask=mask,
+            live_a_ids=ids,
             timings_ms=watch.ms,
         )
 
@@ -384,21 +423,29 @@ class Reader(nn.Module):
         max_answer_tokens: int | None = None,
         min_answer_tokens: int = 0,
         retrieval_scores: torch.Tensor | None = None,
+        memory_ids: torch.Tensor | None = None,
     ) -> ReaderOutput:
         """Answers of a batch of questions; None for `num_beams`, `rerank_k`, `max_answer_tokens`: the config's.
         `min_answer_tokens` forbids the end token before that many tokens (benchmarks use it to fix the length)."""
         encoded = self.encode(
-            questions, memory, memory_mask, passage_texts, rerank_k=rerank_k, retrieval_scores=retrieval_scores
+            questions,
+            memory,
+            memory_mask,
+            passage_texts,
+            rerank_k=rerank_k,
+            retrieval_scores=retrieval_scores,
+            memory_ids=memory_ids,
         )
         watch = Stopwatch(self.device)
         with watch.stage("decode"):
-            hidden, mask = encoded.decoder_inputs()
+            hidden, mask, token_ids = encoded.decoder_inputs()
             ids = self.decoder.generate(
                 hidden,
                 mask,
                 max_new_tokens=max_answer_tokens or self.config.max_answer_tokens,
                 num_beams=num_beams or self.config.num_beams,
                 min_new_tokens=min_answer_tokens,
+                encoder_ids=token_ids,
             )
             answers = self.decoder.decode(ids)
         timings = {"live": 0.0, "rerank": 0.0, **encoded.timings_ms, **watch.ms}
@@ -414,16 +461,18 @@ class Reader(nn.Module):
         train/eval mode (with dropout while training, as the generation loss does).
         """
         with torch.no_grad():
-            if encoded.live_a is not None and encoded.live_a_mask is not None:
+            if encoded.live_a is not None and encoded.live_a_mask is not None and encoded.live_a_ids is not None:
                 batch = encoded.live_a.shape[0]
                 mask = rearrange(encoded.live_a_mask, "b k n -> (b k) n")
                 hidden = self._live_b(rearrange(encoded.live_a, "b k n d -> (b k) n d"), mask)
+                ids = rearrange(encoded.live_a_ids, "b k n -> (b k) n")
             else:
                 batch = encoded.hidden.shape[0]
                 mask = rearrange(encoded.mask, "b k n -> (b k) n")
                 hidden = rearrange(encoded.hidden, "b k n d -> (b k) n d")
+                ids = rearrange(encoded.token_ids, "b k n -> (b k) n")
             k = hidden.shape[0] // batch
-            out = self.decoder(hidden, mask, labels.repeat_interleave(k, dim=0))
+            out = self.decoder(hidden, mask, labels.repeat_interleave(k, dim=0), ids)
             return rearrange(out.log_likelihood, "(b k) -> b k", b=batch)
 
     @torch.no_grad()
@@ -434,9 +483,10 @@ class Reader(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         passage_texts: Sequence[Sequence[PassageText]] | None = None,
+        memory_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The perplexity-distillation target 'b K' (rows sum to 1) over the K passages read."""
-        encoded = self.encode(questions, memory, memory_mask, passage_texts)
+        encoded = self.encode(questions, memory, memory_mask, passage_texts, memory_ids=memory_ids)
         labels = self.decoder.tokenize_targets(answers, self.config.max_answer_tokens)
         ll = self._passage_log_likelihood(encoded, labels)
         return perplexity_distillation_target(ll, self.config.distill_temperature)
@@ -449,6 +499,7 @@ class Reader(nn.Module):
         memory_mask: torch.Tensor | None = None,
         passage_texts: Sequence[Sequence[PassageText]] | None = None,
         retrieval_scores: torch.Tensor | None = None,
+        memory_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """{loss, generation_loss, rerank_loss}: teacher-forced answer cross entropy over the passages read, plus
         (glimmer) rerank_loss_weight * KL(target || softmax(reranker scores)) with the perplexity target.
@@ -457,10 +508,12 @@ class Reader(nn.Module):
         `retrieval_scores` 'b K' when they are given."""
         if len(answers) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-        encoded = self.encode(questions, memory, memory_mask, passage_texts, retrieval_scores=retrieval_scores)
+        encoded = self.encode(
+            questions, memory, memory_mask, passage_texts, retrieval_scores=retrieval_scores, memory_ids=memory_ids
+        )
         labels = self.decoder.tokenize_targets(answers, self.config.max_answer_tokens)
-        hidden, mask = encoded.decoder_inputs()
-        generation_loss = self.decoder(hidden, mask, labels).loss
+        hidden, mask, token_ids = encoded.decoder_inputs()
+        generation_loss = self.decoder(hidden, mask, labels, token_ids).loss
         rerank_loss = torch.zeros((), device=generation_loss.device)
         if encoded.passage_scores is not None:
             target = perplexity_distillation_target(
@@ -478,9 +531,10 @@ class Reader(nn.Module):
         memory_mask: torch.Tensor | None = None,
         passage_texts: Sequence[Sequence[PassageText]] | None = None,
         retrieval_scores: torch.Tensor | None = None,
+        memory_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The training loss (see `loss`)."""
-        return self.loss(questions, answers, memory, memory_mask, passage_texts, retrieval_scores)
+        return self.loss(questions, answers, memory, memory_mask, passage_texts, retrieval_scores, memory_ids)
 
     # -- persistence -------------------------------------------------------------------------------------------
 
@@ -503,6 +557,8 @@ class Reader(nn.Module):
         state.update(
             {f"decoder.{key}": value for key, value in self.decoder.model.state_dict().items() if key not in frozen}
         )
+        if self.decoder.copy_head is not None:
+            state.update({f"copy.{key}": value for key, value in self.decoder.copy_head.state_dict().items()})
         return state
 
     def save(self, directory: str | Path, fp16: bool = False) -> Path:
@@ -549,13 +605,13 @@ class Reader(nn.Module):
                     f"the reader was trained on {info[name]}"
                 )
         config = ReaderConfig(**meta["config"])
-        reader = cls(backbone, FiDDecoder.from_backbone(backbone, config.decoder_layers), config)
+        reader = cls.from_backbone(backbone, config)
         reader.load_trained_state(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
         return reader.eval()
 
     def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load `trained_state()` tensors (any float dtype) into the live layers, reranker and decoder."""
-        parts: dict[str, dict[str, torch.Tensor]] = {"live": {}, "reranker": {}, "decoder": {}}
+        parts: dict[str, dict[str, torch.Tensor]] = {"live": {}, "reranker": {}, "decoder": {}, "copy": {}}
         for key, value in state.items():
             part, _, name = key.partition(".")
             if part not in parts:
@@ -575,3 +631,7 @@ class Reader(nn.Module):
             raise ValueError(
                 f"decoder does not match: missing {sorted(set(missing) - frozen)}, unexpected {unexpected}"
             )
+        if self.decoder.copy_head is not None:
+            self.decoder.copy_head.load_state_dict(parts["copy"])
+        elif parts["copy"]:
+            raise ValueError("a copy head was saved but the config has copy_answers off")

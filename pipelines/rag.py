@@ -63,19 +63,35 @@ def check_compatible(store: MemoryStore, reader: Reader) -> None:
         raise IncompatibleModelError(f"the reader does not fit the store's memory ({details})")
 
 
+def passage_tokens(store: MemoryStore, reader: Reader, rows: list[int]) -> dict[str, torch.Tensor]:
+    """Passages (store rows) tokenised exactly as the build tokenised them: input_ids 'r l', attention_mask
+    'r l' (and token_type_ids for BERT), on the reader's device."""
+    records = store.passages(rows)
+    max_tokens = store.manifest["config"]["encoder"]["max_passage_tokens"]
+    tokens = reader.backbone.tokenize_passages([r["title"] for r in records], [r["text"] for r in records], max_tokens)
+    return {name: values.to(reader.device) for name, values in tokens.items()}
+
+
 def reader_inputs(store: MemoryStore, reader: Reader, rows: list[list[int]]) -> dict[str, Any]:
-    """What the reader reads for passages 'b k' (store rows): decoded memory + mask on the reader's device, or
-    (fid) the passages' (title, text)."""
+    """What the reader reads for passages 'b k' (store rows): decoded memory + mask on the reader's device (and,
+    for a copying decoder, the passages' token ids), or (fid) the passages' (title, text)."""
     flat = [row for question_rows in rows for row in question_rows]
     if reader.config.mode == "fid":
         records = iter(store.passages(flat))
         return {"passage_texts": [[(r["title"], r["text"]) for r in islice(records, len(q))] for q in rows]}
     memory, mask = store.get_memory(flat, reader.device, max_tokens=reader.config.max_passage_tokens)
     k = len(rows[0])
-    return {
+    inputs = {
         "memory": rearrange(memory, "(b k) l d -> b k l d", k=k),
         "memory_mask": rearrange(mask, "(b k) l -> b k l", k=k),
     }
+    if reader.config.copy_answers:
+        tokens = passage_tokens(store, reader, flat)
+        cut = mask.shape[1]
+        if not torch.equal(tokens["attention_mask"][:, :cut].bool(), mask):
+            raise ValueError("the passages' tokens do not line up with the store's memory (another tokenizer?)")
+        inputs["memory_ids"] = rearrange(tokens["input_ids"][:, :cut], "(b k) l -> b k l", k=k)
+    return inputs
 
 
 class RAGPipeline:

@@ -81,13 +81,15 @@ def tiny_store(tiny_bert_path, mini_corpus, tmp_path_factory) -> tuple[Path, obj
 
 @pytest.fixture(scope="session")
 def tiny_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
-    """An untrained glimmer reader on the tiny BERT (fits `tiny_store`), saved as `memvq train` saves one."""
+    """An untrained copying glimmer reader on the tiny BERT (fits `tiny_store`), saved as `memvq train` saves one."""
     import torch
 
     from encoders.backbone import Backbone
     from encoders.reader import Reader, ReaderConfig
 
-    config = ReaderConfig(mode="glimmer", retrieve_k=6, rerank_k=3, max_answer_tokens=4, decoder_layers=1)
+    config = ReaderConfig(
+        mode="glimmer", retrieve_k=6, rerank_k=3, max_answer_tokens=4, decoder_layers=1, copy_answers=True
+    )
     torch.manual_seed(0)
     reader = Reader.from_backbone(Backbone.from_pretrained(tiny_bert_path, alpha=config.live_fraction), config)
     return reader.save(tmp_path_factory.mktemp("readers") / "tiny-glimmer")

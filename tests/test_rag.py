@@ -6,7 +6,7 @@ import pytest
 
 from encoders.backbone import Backbone
 from encoders.reader import Reader, ReaderConfig
-from pipelines.rag import STAGES, IncompatibleModelError, RAGPipeline
+from pipelines.rag import STAGES, IncompatibleModelError, RAGPipeline, reader_inputs
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,16 @@ def test_retrieval_weight_makes_glimmer_keep_the_retrievers_best(rag):
     assert [p.passage_id for p in result.passages] == [h.passage_id for h in hits[:3]]
     [plain] = rag.read(question, [hits], rerank_k=3)  # weight 0: the (untrained) reranker's own order
     assert [p.score for p in plain.passages] != [p.score for p in result.passages]
+
+
+def test_a_copying_reader_reads_each_passages_token_ids_lined_up_with_its_memory(rag):
+    assert rag.reader.config.copy_answers
+    [hits] = rag.retrieve(["what is the capital of france"], top_k=3)
+    inputs = reader_inputs(rag.store, rag.reader, [[hit.row for hit in hits]])
+    ids, mask = inputs["memory_ids"][0], inputs["memory_mask"][0]
+    assert ids.shape == mask.shape == inputs["memory"].shape[1:3]
+    assert (ids[mask] > 0).all() and (ids[~mask] == 0).all()
+    tokenizer = rag.reader.backbone.tokenizer
+    for j, hit in enumerate(hits):
+        words = tokenizer.decode(ids[j][mask[j]], skip_special_tokens=True).replace(" ", "")
+        assert words.startswith((hit.title + hit.text[:20]).lower().replace(" ", "")), (words[:60], hit.title)

@@ -109,6 +109,13 @@ def passage_memory(backbone: Backbone, passages=PASSAGES) -> tuple[torch.Tensor,
     )
 
 
+def passage_ids(backbone: Backbone, passages=PASSAGES) -> torch.Tensor:
+    """The passages' token ids 'b k l', lined up with `passage_memory`."""
+    flat = [passage for row in passages for passage in row]
+    tokens = backbone.tokenize_passages([t for t, _ in flat], [x for _, x in flat], max_length=64)
+    return rearrange(tokens["input_ids"], "(b k) l -> b k l", b=len(passages))
+
+
 def alone(backbone: Backbone, question: str, title: str, text: str) -> torch.Tensor:
     """[question memory; passage memory] of one pair, each encoded on its own with no padding: 'n d'."""
     q = backbone.tokenize_questions([question], 32)
@@ -131,7 +138,8 @@ def test_shapes_in_each_mode(shared_reader, mode):
         encoded = reader.encode(QUESTIONS, memory, mask, texts)
     assert encoded.hidden.shape[:2] == (2, k) and encoded.hidden.shape[-1] == 32
     assert encoded.mask.shape == encoded.hidden.shape[:3] and encoded.mask.dtype == torch.bool
-    hidden, flat_mask = encoded.decoder_inputs()
+    hidden, flat_mask, flat_ids = encoded.decoder_inputs()
+    assert flat_ids.shape == flat_mask.shape and flat_ids.dtype == torch.long
     assert hidden.shape == (2, k * encoded.hidden.shape[2], 32) and flat_mask.shape == hidden.shape[:2]
 
     out = reader.answer(QUESTIONS, memory, mask, texts)
@@ -346,7 +354,7 @@ def test_greedy_and_beam_generate_batched(shared_reader, family):
             single = reader.answer(QUESTIONS[b : b + 1], memory[b : b + 1], mask[b : b + 1], num_beams=beams)
             assert single.answers == [batched[b]]
     with torch.no_grad():
-        hidden, flat_mask = reader.encode(QUESTIONS, memory, mask).decoder_inputs()
+        hidden, flat_mask, _ = reader.encode(QUESTIONS, memory, mask).decoder_inputs()
         ids = reader.decoder.generate(hidden, flat_mask, max_new_tokens=4, num_beams=2)
     assert ids.shape[0] == 2 and 2 <= ids.shape[1] <= 5 and (ids[:, 0] == reader.decoder.start_id).all()
 
@@ -422,27 +430,30 @@ def test_t5_decoder_is_the_checkpoints_decoder_without_its_encoder(tiny_t5_path)
 # -- persistence and public API ------------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip(tiny_bert_path, tmp_path):
-    reader = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"])
+@pytest.mark.parametrize("copy", [False, True])
+def test_save_load_round_trip(tiny_bert_path, tmp_path, copy):
+    reader = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"], copy_answers=copy)
     with torch.no_grad():  # move the trained parts off their initialisation, as training would
         generator = torch.Generator().manual_seed(1)
         for p in reader.parameters():
             if p.requires_grad:
                 p.add_(0.2 * torch.randn(p.shape, generator=generator))
     memory, mask = passage_memory(reader.backbone)
-    expected = reader.answer(QUESTIONS, memory, mask)
+    ids = passage_ids(reader.backbone)
+    expected = reader.answer(QUESTIONS, memory, mask, memory_ids=ids)
 
     reader.save(tmp_path / "reader")
     assert (tmp_path / "reader" / READER_FILE).is_file()
     saved = torch.load(tmp_path / "reader" / WEIGHTS_FILE, weights_only=True)
     assert not any(key.startswith("live.embeddings") or key.startswith("live.encoder.layer.0.") for key in saved)
     assert any(key.startswith("live.encoder.layer.2.") for key in saved)
+    assert any(key.startswith("copy.") for key in saved) == copy
     # the decoder's word embeddings (and the LM head tied to them) stay the checkpoint's: not saved
     assert not {"decoder.bert.embeddings.word_embeddings.weight", "decoder.cls.predictions.decoder.weight"} & set(saved)
     for directory, backbone_path in [(tmp_path / "reader", None), (tmp_path / "reader", tiny_bert_path)]:
         loaded = Reader.load(directory, backbone_path=backbone_path)
         assert loaded.config == reader.config
-        got = loaded.answer(QUESTIONS, memory, mask)
+        got = loaded.answer(QUESTIONS, memory, mask, memory_ids=ids)
         assert got.answers == expected.answers
         assert torch.equal(got.kept, expected.kept)
         assert torch.allclose(got.passage_scores, expected.passage_scores, atol=1e-6)
@@ -457,6 +468,81 @@ def test_save_load_round_trip(tiny_bert_path, tmp_path):
     for name, p in loaded.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, original[name].half().float()), name
+
+
+def naive_copy_greedy(decoder: FiDDecoder, hidden, mask, ids, steps: int) -> tuple[list[list[int]], list[float]]:
+    """Greedy decoding of the pointer-generator mixture without any cache, one question at a time."""
+    outputs, scores = [], []
+    for b in range(hidden.shape[0]):
+        tokens, total = [decoder.start_id], 0.0
+        for _ in range(steps):
+            prefix = torch.tensor([tokens])
+            logits, states = decoder._run(prefix, hidden[b : b + 1], mask[b : b + 1].long())
+            attention, gate = decoder.copy_head(states[:, -1:], hidden[b : b + 1], mask[b : b + 1])
+            probs = gate[0, 0] * torch.softmax(logits[0, -1].float(), -1)
+            probs = probs + (1 - gate[0, 0]) * torch.zeros_like(probs).index_add_(0, ids[b], attention[0, 0])
+            token = int(probs.argmax())
+            tokens.append(token)
+            total += float(probs[token].log())
+            if token == decoder.end_id:
+                break
+        outputs.append(tokens)
+        scores.append(total)
+    return outputs, scores
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_copying_decoder_search_matches_a_plain_greedy_loop_and_teacher_forcing(paths, family):
+    backbone = Backbone.from_pretrained(paths[family])
+    torch.manual_seed(0)
+    decoder = FiDDecoder.from_backbone(backbone, copy=True).eval()
+    with torch.no_grad():  # a gate that depends on the state, and a sharp copy attention
+        decoder.copy_head.gate.weight.normal_(0.0, 0.5)
+        decoder.copy_head.query.weight.mul_(20.0)
+    hidden = torch.randn(2, 9, 32)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    ids = torch.randint(1000, 1100, (2, 9))
+    with torch.no_grad():
+        got = decoder.generate(hidden, mask, max_new_tokens=5, encoder_ids=ids)
+        expected, scores = naive_copy_greedy(decoder, hidden, mask, ids, steps=5)
+        for row, tokens in zip(got.tolist(), expected, strict=True):
+            assert row[: len(tokens)] == tokens and set(row[len(tokens) :]) <= {decoder.pad_id}
+        assert any(token in ids.tolist()[0] + ids.tolist()[1] for row in expected for token in row)  # it copies
+        # teacher forcing gives the greedy answers the log-likelihood the loop summed
+        labels = torch.full((2, 6), IGNORE_INDEX)
+        for b, tokens in enumerate(expected):
+            labels[b, : len(tokens) - 1] = torch.tensor(tokens[1:])
+        likelihood = decoder(hidden, mask, labels, encoder_ids=ids).log_likelihood
+        assert torch.allclose(likelihood, torch.tensor(scores), atol=1e-4)
+        beams = decoder.generate(hidden, mask, max_new_tokens=5, num_beams=3, encoder_ids=ids)
+        assert beams.shape[0] == 2 and (beams[:, 0] == decoder.start_id).all()
+    with pytest.raises(ValueError, match="encoder_ids"):
+        decoder.generate(hidden, mask)
+
+
+def test_a_copying_reader_needs_the_passage_ids_and_learns_to_copy(tiny_bert_path):
+    reader = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"], copy_answers=True).train()
+    memory, mask = passage_memory(reader.backbone, PASSAGES[:1])
+    ids = passage_ids(reader.backbone, PASSAGES[:1])
+    with pytest.raises(ValueError, match="memory_ids"):
+        reader.loss(QUESTIONS[:1], ANSWERS[:1], memory, mask)
+    optimizer = torch.optim.Adam([p for p in reader.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(30):
+        losses = reader.loss(QUESTIONS[:1], ANSWERS[:1], memory, mask, memory_ids=ids)
+        optimizer.zero_grad()
+        losses["generation_loss"].backward()
+        optimizer.step()
+        first = first or float(losses["generation_loss"].detach())
+    reader.eval()
+    assert reader.answer(QUESTIONS[:1], memory, mask, memory_ids=ids).answers == ["wilhelm rontgen"]
+    with torch.no_grad():
+        hidden, encoder_mask, _ = reader.encode(QUESTIONS[:1], memory, mask, memory_ids=ids).decoder_inputs()
+        labels = reader.decoder.tokenize_targets(ANSWERS[:1], 6)
+        states = reader.decoder._run(reader.decoder.decoder_inputs(labels)[0], hidden, encoder_mask)[1]
+        _, gate = reader.decoder.copy_head(states, hidden, encoder_mask)
+    assert float(gate[0, :2].mean()) < 0.5  # the answer's words come mostly from the copy attention
 
 
 def test_shallow_decoder_round_trip(tiny_bert_path, tmp_path):

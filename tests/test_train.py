@@ -59,7 +59,14 @@ def kilt_task(shared_data, tmp_path_factory) -> TaskConfig:
 def tiny_train_config(task: TaskConfig, **extra) -> TrainConfig:
     return TrainConfig.model_validate(
         {
-            "reader": {"mode": "glimmer", "retrieve_k": 4, "rerank_k": 2, "decoder_layers": 1, "max_answer_tokens": 6},
+            "reader": {
+                "mode": "glimmer",
+                "retrieve_k": 4,
+                "rerank_k": 2,
+                "decoder_layers": 1,
+                "max_answer_tokens": 6,
+                "copy_answers": True,
+            },
             "tasks": [task.model_dump()],
             "optim": {"steps": 4, "batch_size": 2, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 1},
             "eval_every": 2,
