@@ -36,7 +36,9 @@ NQ_DEV = SHARED / "nq_open_oracle" / "nq-oracle-dev-kilt.jsonl"
 MODES = ("fid", "lumen", "glimmer")  # memory-only (alpha = 0) needs a store of all-layer memory
 
 
-def make_reader(backbone: Backbone, mode: str, retrieve_k: int, rerank_k: int, answer_tokens: int) -> Reader:
+def make_reader(
+    backbone: Backbone, mode: str, retrieve_k: int, rerank_k: int, answer_tokens: int, copy_answers: bool
+) -> Reader:
     """An untrained reader of `mode` on a (shared) backbone: the architecture decides the speed, not the weights."""
     alpha = {"fid": 1.0, "memory": 0.0}.get(mode)
     config = ReaderConfig(
@@ -46,6 +48,7 @@ def make_reader(backbone: Backbone, mode: str, retrieve_k: int, rerank_k: int, a
         rerank_k=rerank_k,
         decoder_layers=2,
         max_answer_tokens=answer_tokens,
+        copy_answers=copy_answers,
     )
     memory_layers = memory_layer_count(backbone.num_layers, config.live_fraction)
     split = Backbone(backbone.model, backbone.tokenizer, memory_layers, model_path=backbone.info.model_path)
@@ -58,7 +61,7 @@ def speed_rows(
     backbone = Backbone.from_pretrained()
     rows = []
     for mode in MODES:
-        reader = make_reader(backbone, mode, args.top_k, args.rerank_k, args.answer_tokens)
+        reader = make_reader(backbone, mode, args.top_k, args.rerank_k, args.answer_tokens, args.copy_answers)
         pipeline = RAGPipeline(store, reader, retriever)
         pipeline.answer(questions[:2])  # warm up
         for batch in (1, 16):
@@ -139,6 +142,12 @@ def main() -> None:
     parser.add_argument("--rerank-k", type=int, default=3)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--copy-answers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="speed: the copying decoder (the embedded reader's) in every mode",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -152,7 +161,7 @@ def main() -> None:
         rows = speed_rows(store, retriever, questions, args)
         print(
             f"\n## Speed (K = {args.top_k}, GLIMMER keeps {args.rerank_k}, {args.answer_tokens} answer tokens, "
-            f"{torch.get_num_threads()} threads)\n"
+            f"copying decoder {'on' if args.copy_answers else 'off'}, {torch.get_num_threads()} threads)\n"
         )
         print("| mode | batch | queries/s | vs FiD | " + " | ".join(f"{s} ms/q" for s in STAGES) + " |")
         print("|---|---:|---:|---:|" + "---:|" * len(STAGES))
@@ -170,7 +179,9 @@ def main() -> None:
             mode, _, directory = spec.partition("=")
             reader = Reader.load(directory)
             variants = [("uncompressed", store, True), ("VQ 16x", store, False)]
-            if args.pq_store:
+            if reader.config.mode == "fid":  # no memory: the passage text itself
+                variants = [("none (passage text)", store, False)]
+            elif args.pq_store:
                 variants.append(("faiss PQ 16x", MemoryStore.open(args.pq_store, verify=False), False))
             for name, variant_store, raw in variants:
                 pipeline = RAGPipeline(variant_store, reader, retriever)
