@@ -220,15 +220,14 @@ class FiDDecoder(nn.Module):
         """One decoder pass over input_ids 'b t' -> (logits 'b t v', last hidden states 'b t d' when copying).
         With `cache`, input_ids are the new tokens only and the cache is extended in place."""
         wants_hidden = self.copy_head is not None
+        common = {"past_key_values": cache, "use_cache": cache is not None, "output_hidden_states": wants_hidden}
         if self.family == "bert":
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=decoder_mask,
                 encoder_hidden_states=encoder_hidden,
                 encoder_attention_mask=encoder_mask,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                output_hidden_states=wants_hidden,
+                **common,
             )
             return out.logits, out.hidden_states[-1] if wants_hidden else None
         out = self.model(
@@ -236,9 +235,7 @@ class FiDDecoder(nn.Module):
             attention_mask=encoder_mask,
             decoder_input_ids=input_ids,
             decoder_attention_mask=decoder_mask,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            output_hidden_states=wants_hidden,
+            **common,
         )
         return out.logits, out.decoder_hidden_states[-1] if wants_hidden else None
 
