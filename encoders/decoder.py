@@ -220,7 +220,7 @@ class FiDDecoder(nn.Module):
         """One decoder pass over input_ids 'b t' -> (logits 'b t v', last hidden states 'b t d' when copying).
         With `cache`, input_ids are the new tokens only and the cache is extended in place."""
         wants_hidden = self.copy_head is not None
-        common = {"past_key_values": cache, "use_cache": cache is not None, "output_hidden_states": wants_hidden}
+        common = {"cache": cache, "use_cache": cache is not None, "output_hidden_states": wants_hidden}
         if self.family == "bert":
             out = self.model(
                 input_ids=input_ids,
@@ -315,7 +315,7 @@ class FiDDecoder(nn.Module):
                 attention_mask=torch.ones_like(start),
                 encoder_hidden_states=encoder_hidden,
                 encoder_attention_mask=encoder_mask,
-                past_key_values=self._new_cache(),
+                cache=self._new_cache(),
                 **common,
             )
         return self.model.generate(
