@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
 
 from encoders.backbone import Backbone, memory_layer_count
 from encoders.reader import Reader, ReaderConfig
 from memory.store import MemoryStore
 from pipelines.kilt_data import gold_answer_list, load_kilt, record_input
 from pipelines.kilt_metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
-from pipelines.rag import STAGES, RAGPipeline, passage_tokens, reader_inputs
+from pipelines.rag import STAGES, RAGPipeline, reader_inputs, recomputed_inputs
 from retrieval.retriever import RetrievedPassage, Retriever
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -87,22 +86,6 @@ def speed_rows(
     return rows
 
 
-def uncompressed_inputs(reader: Reader, store: MemoryStore, rows: list[list[int]]) -> dict[str, Any]:
-    """The memory without compression: the memory layers re-run over each passage's text, as the build did."""
-    tokens = passage_tokens(store, reader, [row for question in rows for row in question])
-    with torch.no_grad():
-        memory = reader.backbone.encode_memory(
-            tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids")
-        )
-    cut = reader.config.max_passage_tokens  # the store keeps the whole passage's memory and cuts it when read
-    k = len(rows[0])
-    return {
-        "memory": rearrange(memory[:, :cut], "(b k) l d -> b k l d", k=k),
-        "memory_mask": rearrange(tokens["attention_mask"][:, :cut].bool(), "(b k) l -> b k l", k=k),
-        "memory_ids": rearrange(tokens["input_ids"][:, :cut], "(b k) l -> b k l", k=k),
-    }
-
-
 def quality_row(
     pipeline: RAGPipeline, records: list[dict[str, Any]], retrieved: list[list[RetrievedPassage]], uncompressed: bool
 ) -> dict[str, float]:
@@ -114,7 +97,7 @@ def quality_row(
         questions = [record_input(r) or "" for r in chunk]
         rows = [[p.row for p in passages] for passages in hits]
         if uncompressed:
-            inputs = uncompressed_inputs(reader, pipeline.store, rows)
+            inputs = recomputed_inputs(pipeline.store, reader, rows)
         else:
             inputs = reader_inputs(pipeline.store, reader, rows)
         prior = torch.tensor([[p.score for p in passages] for passages in hits])

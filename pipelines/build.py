@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from encoders.backbone import Backbone, portable_model_path, resolve_device
-from memory.codec import MemoryCodec, compression_ratio, load_codec, make_codec
+from memory.codec import CODEC_FILE, MemoryCodec, compression_ratio, load_codec, make_codec
 from memory.manifest import (
     ManifestError,
     atomic_write,
@@ -183,10 +183,23 @@ def encode_passages(
 # -- step 2: codec -----------------------------------------------------------------------------------------------
 
 
-def train_codec(layout: StoreLayout, config: BuildConfig, plan: _Plan, backbone: Backbone) -> MemoryCodec:
-    """Fit the codec on token vectors of a seeded passage sample; reuse a codec an earlier run saved."""
-    if (layout.codec_dir / "codec.json").is_file():
+def train_codec(
+    layout: StoreLayout, config: BuildConfig, plan: _Plan, backbone: Backbone, codec_from: Path | None = None
+) -> MemoryCodec:
+    """Fit the codec on token vectors of a seeded passage sample; reuse a codec an earlier run saved, or take
+    the fitted one in `codec_from` (e.g. codebooks fine-tuned by `memvq train`)."""
+    if (layout.codec_dir / CODEC_FILE).is_file():
         return load_codec(layout.codec_dir)
+    if codec_from is not None:
+        codec = load_codec(codec_from)
+        if codec.config != config.codec:
+            raise ManifestError(
+                f"the codec in {codec_from} was made with another codec config than this build's; build with the "
+                "config of the store it came from (--config STORE/build_config.json)"
+            )
+        log.info("codec: taking the fitted codec in %s", codec_from)
+        codec.save(layout.codec_dir)
+        return codec
     rng = np.random.default_rng(config.seed)
     count = min(config.codec_sample_passages, plan.passages)
     rows = np.sort(rng.choice(plan.passages, size=count, replace=False))
@@ -370,9 +383,14 @@ def write_manifest(
 
 
 def build_index(
-    corpus: str | Path, out: str | Path, config: BuildConfig | None = None, ray_address: str | None = None
+    corpus: str | Path,
+    out: str | Path,
+    config: BuildConfig | None = None,
+    ray_address: str | None = None,
+    codec_from: str | Path | None = None,
 ) -> BuildReport:
-    """Build (or resume building) a memory store at `out` from `corpus`; returns the report."""
+    """Build (or resume building) a memory store at `out` from `corpus`; returns the report. `codec_from`: a
+    fitted codec directory to encode with instead of fitting one (its config must be the build's)."""
     config = config or BuildConfig()
     corpus, layout = Path(corpus), StoreLayout(Path(out))
     if not corpus.exists():
@@ -388,7 +406,7 @@ def build_index(
 
     clock = time.perf_counter()
     backbone = load_backbone(config, resolve_device(config.encoder.device))
-    codec = train_codec(layout, config, plan, backbone)
+    codec = train_codec(layout, config, plan, backbone, None if codec_from is None else Path(codec_from))
     seconds["codec"] = time.perf_counter() - clock
 
     done_before = sum(layout.shard_done(shard).is_file() for shard in range(len(plan.shard_sizes)))

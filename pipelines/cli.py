@@ -33,8 +33,12 @@ def build_index_command(
     format: Annotated[str | None, typer.Option("--format", help="corpus format; default: detected")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address; default: a local Ray")] = None,
     workers: Annotated[int | None, typer.Option(help="encoder actors; default: one per GPU, else 1")] = None,
+    codec_from: Annotated[
+        Path | None, typer.Option(help="encode with this fitted codec (e.g. TRAIN_RUN/codec) instead of fitting one")
+    ] = None,
 ) -> None:
     """Build a compressed memory store and its FAISS passage index from a corpus (resumable)."""
+    from memory.codec import CodecLoadError
     from memory.manifest import ManifestError
     from pipelines.build import build_index
     from pipelines.config import BuildConfig
@@ -45,8 +49,8 @@ def build_index_command(
         overrides["encoder"] = {"model": model}
     try:
         build_config = BuildConfig.from_file(config, overrides)
-        report = build_index(corpus, out, build_config, ray_address=ray_address)
-    except (CorpusError, ManifestError, FileNotFoundError, ValueError) as error:
+        report = build_index(corpus, out, build_config, ray_address=ray_address, codec_from=codec_from)
+    except (CorpusError, CodecLoadError, ManifestError, FileNotFoundError, ValueError) as error:
         raise _fail(error) from error
     rows = [
         ("documents", f"{report.documents:,}"),

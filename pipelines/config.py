@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from encoders.reader import ReaderConfig
 from memory.codec import CodecConfig
@@ -103,6 +103,19 @@ class TrainConfig(FileConfig):
     amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+    finetune_codec: bool = Field(
+        False,
+        description="MEMORY-VQ: the memory is recomputed from passage text by the frozen memory layers and "
+        "quantized by the store's VQ codebooks, which EMA updates train with the reader (straight-through); the "
+        "codec is saved to OUT/codec, to rebuild the store with (build-index --codec-from)",
+    )
+    codec_decay: float = Field(0.99, gt=0.0, lt=1.0, description="EMA decay of the fine-tuned codebooks")
+
+    @model_validator(mode="after")
+    def _codec_needs_memory(self) -> Self:
+        if self.finetune_codec and self.reader.mode == "fid":
+            raise ValueError("finetune_codec needs a reader that reads memory; a fid reader reads passage text")
+        return self
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -94,14 +95,53 @@ def reader_inputs(store: MemoryStore, reader: Reader, rows: list[list[int]]) -> 
     return inputs
 
 
-class RAGPipeline:
-    """Retriever + memory store + reader."""
+def recomputed_inputs(
+    store: MemoryStore,
+    reader: Reader,
+    rows: list[list[int]],
+    quantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """What the reader reads for passages 'b k' (store rows) with the memory recomputed instead of decoded: the
+    memory layers re-run over the passages' text as the build ran them (the memory uncompressed), and with
+    `quantize` the valid token vectors 'n d' passed through it (MEMORY-VQ fine-tuning of the codebooks)."""
+    if reader.config.mode == "fid":
+        raise ValueError("a fid reader reads passage text, not memory")
+    flat = [row for question_rows in rows for row in question_rows]
+    tokens = passage_tokens(store, reader, flat)
+    with torch.no_grad():
+        memory = reader.backbone.encode_memory(
+            tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids")
+        )
+    cut = reader.config.max_passage_tokens  # the store keeps the whole passage's memory and cuts it when read
+    memory, mask = memory[:, :cut], tokens["attention_mask"][:, :cut].bool()
+    if quantize is not None:
+        memory = memory.clone()
+        memory[mask] = quantize(memory[mask]).to(memory.dtype)
+    k = len(rows[0])
+    inputs = {
+        "memory": rearrange(memory, "(b k) l d -> b k l d", k=k),
+        "memory_mask": rearrange(mask, "(b k) l -> b k l", k=k),
+    }
+    if reader.config.copy_answers:
+        inputs["memory_ids"] = rearrange(tokens["input_ids"][:, :cut], "(b k) l -> b k l", k=k)
+    return inputs
 
-    def __init__(self, store: MemoryStore, reader: Reader, retriever: Retriever) -> None:
+
+InputsFn = Callable[[MemoryStore, Reader, list[list[int]]], dict[str, Any]]
+
+
+class RAGPipeline:
+    """Retriever + memory store + reader; `inputs` turns retrieved store rows into what the reader reads (the
+    store's decoded memory by default, `recomputed_inputs` in training with codebook fine-tuning)."""
+
+    def __init__(
+        self, store: MemoryStore, reader: Reader, retriever: Retriever, inputs: InputsFn = reader_inputs
+    ) -> None:
         check_compatible(store, reader)
         self.store = store
         self.reader = reader.eval()
         self.retriever = retriever
+        self.inputs = inputs
         self.device = reader.device
 
     @classmethod
@@ -174,7 +214,7 @@ class RAGPipeline:
         k = min(len(passages) for passages in retrieved)
         retrieved = [passages[:k] for passages in retrieved]
         with timer.stage("memory"):
-            inputs = reader_inputs(self.store, self.reader, [[p.row for p in passages] for passages in retrieved])
+            inputs = self.inputs(self.store, self.reader, [[p.row for p in passages] for passages in retrieved])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.reader.answer(
                 questions,

@@ -3,13 +3,16 @@
 Steps, each resumable: plan (read and split the tasks, write the held-out questions as KILT files) -> retrieve
 (top-K store rows of every question, cached) -> train (AdamW, warmup then linear decay, gradient accumulation,
 bf16 autocast on GPU, gradient clipping; generation loss + GLIMMER perplexity distillation) with a dev
-evaluation (EM / F1) and a checkpoint every `eval_every` steps -> save the reader and `train.json`.
+evaluation (EM / F1) and a checkpoint every `eval_every` steps -> save the reader and `train.json`. With
+`finetune_codec` (MEMORY-VQ) the memory is recomputed from the passages' text by the frozen memory layers and
+quantized by the store's codebooks, trained by EMA alongside the reader; the codec is saved for a rebuild.
 
     OUT/config.json                the TrainConfig and store (a resume with another one is refused)
     OUT/data/{task}-dev.jsonl      held-out questions (KILT format: `memvq eval --data` reads them)
     OUT/retrieval.npz              top-K store rows of every train / dev question
     OUT/checkpoint.pt              trained tensors, optimizer, schedule, RNG, history (written atomically)
     OUT/reader/                    the trained reader (`--model` of query / eval / serve)
+    OUT/codec/                     (finetune_codec) the fine-tuned codec: `build-index --codec-from OUT/codec`
     OUT/train.json                 manifest: config, store, versions, history, time, sha256 of the reader files
 """
 
@@ -19,6 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +34,12 @@ from encoders.backbone import Backbone, resolve_device
 from encoders.reader import Reader
 from memory.manifest import ManifestError, atomic_write, file_record, library_versions, read_json, write_json
 from memory.store import MemoryStore
+from memory.vq import CodebookFinetuner, VQCodec
+from pipelines.build import CONFIG_NAME as BUILD_CONFIG
 from pipelines.config import TrainConfig
 from pipelines.kilt_metrics import exact_match, f1, metric_max_over_ground_truths
 from pipelines.qa_data import QAExample, TaskData, load_task, schedule, write_split_files
-from pipelines.rag import RAGPipeline, reader_inputs
+from pipelines.rag import RAGPipeline, recomputed_inputs
 from retrieval.retriever import Retriever, passage_from_record
 
 logger = logging.getLogger(__name__)
@@ -42,6 +48,7 @@ CONFIG_FILE = "config.json"
 RETRIEVAL_FILE = "retrieval.npz"
 CHECKPOINT_FILE = "checkpoint.pt"
 READER_DIR = "reader"
+CODEC_DIR = "codec"
 MANIFEST_FILE = "train.json"
 
 
@@ -54,6 +61,7 @@ class TrainReport:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     reader_dir: Path | None = None
+    codec_dir: Path | None = None
 
 
 # Run arguments that do not change what a step computes: a run may be resumed with other values.
@@ -157,7 +165,11 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
     backbone = Backbone.from_pretrained(config.model or info["model_path"], alpha=config.reader.live_fraction)
     reader = Reader.from_backbone(backbone.to(device), config.reader)
     retriever = Retriever.for_store(store, device)
-    pipeline = RAGPipeline(store, reader, retriever)
+    finetuner = _codebook_finetuner(store, config)
+    if finetuner is None:
+        pipeline = RAGPipeline(store, reader, retriever)
+    else:
+        pipeline = RAGPipeline(store, reader, retriever, inputs=partial(recomputed_inputs, quantize=finetuner))
 
     tasks = [load_task(task) for task in config.tasks]
     write_split_files(tasks, out / "data", splits=("dev",))
@@ -174,6 +186,8 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
         reader.load_trained_state(state["reader"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if finetuner is not None:
+            finetuner.load_state_dict(state["codec"])
         torch.set_rng_state(state["rng"])
         step, elapsed, history = state["step"], state["seconds"], state["history"]
         logger.info("resuming at step %d (%.0f s trained)", step, elapsed)
@@ -193,10 +207,17 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
             "seconds": time.perf_counter() - started,
             "history": history,
         }
+        if finetuner is not None:
+            state["codec"] = finetuner.state_dict()
         atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
 
+    def train_mode(on: bool) -> None:
+        reader.train(on)
+        if finetuner is not None:
+            finetuner.train(on)
+
     def evaluate() -> None:
-        reader.eval()
+        train_mode(False)
         scores: dict[str, Any] = {"step": step, "seconds": round(time.perf_counter() - started, 1)}
         for task in tasks:
             dev = task.dev[: task.config.max_dev]
@@ -207,9 +228,9 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
                 scores[f"{task.config.name}/{name}"] = round(value, 4)
         history.append(scores)
         logger.info("eval at step %d: %s", step, scores)
-        reader.train()
+        train_mode(True)
 
-    reader.train()
+    train_mode(True)
     bar = tqdm(total=optim.steps, initial=step, desc="train", unit="step")
     running: dict[str, float] = {}
     while step < optim.steps:
@@ -224,7 +245,7 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
                 np.stack([rows[f"{key}/scores"][i] for key, (_, i) in zip(keys, batch, strict=True)])
             )
             answers = [e.answers[(first + n) % len(e.answers)] for n, e in enumerate(examples)]
-            inputs = reader_inputs(store, reader, batch_rows)
+            inputs = pipeline.inputs(store, reader, batch_rows)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 losses = reader.loss(
                     [e.question for e in examples], answers=answers, retrieval_scores=batch_scores, **inputs
@@ -248,8 +269,29 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
     bar.close()
     finished = finished or step >= optim.steps
     seconds = time.perf_counter() - started
-    reader_dir = _finalize(out, reader, config, store, step, finished, history, seconds)
-    return TrainReport(steps=step, finished=finished, history=history, seconds=seconds, reader_dir=reader_dir)
+    codec_dir = None
+    if finetuner is not None:
+        codec_dir = out / CODEC_DIR
+        finetuner.codec().save(codec_dir)
+        logger.info(
+            "fine-tuned codec in %s: re-encode the store with it (build-index --config %s --codec-from %s)",
+            codec_dir,
+            store.layout.root / BUILD_CONFIG,
+            codec_dir,
+        )
+    reader_dir = _finalize(out, reader, config, store, step, finished, history, seconds, codec_dir)
+    return TrainReport(
+        steps=step, finished=finished, history=history, seconds=seconds, reader_dir=reader_dir, codec_dir=codec_dir
+    )
+
+
+def _codebook_finetuner(store: MemoryStore, config: TrainConfig) -> CodebookFinetuner | None:
+    """The store's VQ codebooks, trainable (finetune_codec), or None."""
+    if not config.finetune_codec:
+        return None
+    if not isinstance(store.codec, VQCodec):
+        raise ValueError(f"finetune_codec needs a store built with the vq codec; {store.layout.root} has another")
+    return CodebookFinetuner(store.codec, decay=config.codec_decay)
 
 
 def _finalize(
@@ -261,9 +303,11 @@ def _finalize(
     finished: bool,
     history: list[dict[str, Any]],
     seconds: float,
+    codec_dir: Path | None,
 ) -> Path:
     reader_dir = reader.eval().save(out / READER_DIR, fp16=True)
     files = {path.name: file_record(path) for path in sorted(reader_dir.iterdir()) if path.is_file()}
+    codec_files = {} if codec_dir is None else {p.name: file_record(p) for p in sorted(codec_dir.iterdir())}
     write_json(
         out / MANIFEST_FILE,
         {
@@ -275,6 +319,7 @@ def _finalize(
             "seconds": round(seconds, 1),
             "history": history,
             "reader_files": files,
+            "codec_files": codec_files,
             "versions": library_versions(),
             "trainable_parameters": sum(p.numel() for p in reader.parameters() if p.requires_grad),
             "examples_seen": step * config.optim.grad_accum * config.optim.batch_size,

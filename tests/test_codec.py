@@ -28,7 +28,7 @@ from memory.codec import (
 )
 from memory.faiss_codec import FaissCodec
 from memory.quality import nn_agreement, relative_error
-from memory.vq import VQCodec, _Quantizer, procrustes
+from memory.vq import CodebookFinetuner, VQCodec, _Quantizer, procrustes
 
 DIM = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -268,6 +268,36 @@ def test_ema_epochs_update_the_codebooks(data: tuple[torch.Tensor, torch.Tensor]
     assert isinstance(a, VQCodec) and isinstance(b, VQCodec)
     assert any(not torch.equal(x, y) for x, y in zip(a.codebooks, b.codebooks, strict=True))
     assert relative_error(data[1], b.reconstruct(data[1])) < 1.1 * relative_error(data[1], a.reconstruct(data[1]))
+
+
+def test_codebook_finetuner_reads_like_the_codec_and_passes_gradients(
+    fitted: VQCodec, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    tuner = CodebookFinetuner(fitted).eval()
+    x = data[1][:200].clone().requires_grad_(True)
+    out = tuner(x)
+    assert torch.allclose(out, fitted.decode(fitted.encode(x.detach())), atol=1e-5)
+    out.square().sum().backward()  # straight-through: d out / d x is the identity
+    assert x.grad is not None and torch.allclose(x.grad, 2 * out.detach())
+    assert all(torch.equal(a, b) for a, b in zip(tuner.codec().codebooks, fitted.codebooks, strict=True))
+
+
+def test_codebook_finetuner_follows_the_data_it_is_trained_on(
+    fitted: VQCodec, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    before = [cb.clone() for cb in fitted.codebooks]
+    shifted = structured(2500, seed=0) * 1.3 + 0.4  # the memory the model reads drifts from the fit sample
+    train, test = shifted[:2000], shifted[2000:]
+    tuner = CodebookFinetuner(fitted, decay=0.8).train()
+    for _ in range(3):
+        for start in range(0, len(train), 250):
+            tuner(train[start : start + 250])
+    tuned = tuner.codec()
+    assert relative_error(test, tuned.reconstruct(test)) < 0.8 * relative_error(test, fitted.reconstruct(test))
+    assert all(torch.equal(a, b) for a, b in zip(fitted.codebooks, before, strict=True))  # the base is untouched
+    resumed = CodebookFinetuner(fitted)
+    resumed.load_state_dict(tuner.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(resumed.codec().codebooks, tuned.codebooks, strict=True))
 
 
 def test_faiss_kernel_and_torch_kernel_agree() -> None:

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from encoders.reader import WEIGHTS_FILE, Reader
+from memory.codec import load_codec
 from memory.manifest import ManifestError
+from memory.store import MemoryStore
+from memory.vq import CodebookFinetuner
+from pipelines.build import build_index
 from pipelines.config import TaskConfig, TrainConfig
 from pipelines.qa_data import in_dev, iter_squad, load_task, schedule
+from pipelines.rag import reader_inputs, recomputed_inputs
 from pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, train
 
 
@@ -109,6 +115,43 @@ def test_tiny_run_trains_saves_and_resumes_identically(tiny_store, tiny_bert_pat
     with pytest.raises(ManifestError, match="another config"):
         train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"seed": 1}))
     assert (tmp_path / "resumed" / CONFIG_FILE).is_file()
+
+
+def test_codebook_finetuning_trains_the_codec_and_a_rebuild_encodes_with_it(
+    tiny_store, tiny_bert_path, kilt_task, mini_corpus, tmp_path
+):
+    config = tiny_train_config(kilt_task, model=str(tiny_bert_path), finetune_codec=True, codec_decay=0.5)
+    straight = train(tiny_store[0], tmp_path / "straight", config)
+    assert straight.codec_dir is not None
+    store = MemoryStore.open(tiny_store[0])
+    tuned = load_codec(straight.codec_dir)
+    assert tuned.config == store.codec.config
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.codebooks, store.codec.codebooks, strict=True))
+    assert set(json.loads((tmp_path / "straight" / MANIFEST_FILE).read_text())["codec_files"]) == {
+        "codec.json",
+        tuned.weights_file,
+    }
+
+    # Stopped after a step and resumed: the same codebooks (the EMA statistics are in the checkpoint).
+    train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"max_minutes": 1e-9}))
+    resumed = load_codec(train(tiny_store[0], tmp_path / "resumed", config).codec_dir)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.codebooks, tuned.codebooks, strict=True))
+
+    # The store rebuilt with the fine-tuned codec holds what training read in eval mode.
+    build_index(mini_corpus, tmp_path / "rebuilt", tiny_config(tiny_bert_path), codec_from=straight.codec_dir)
+    rebuilt = MemoryStore.open(tmp_path / "rebuilt")
+    reader = Reader.load(straight.reader_dir)
+    rows = [[0, 1, 2], [3, 4, 5]]
+    stored = reader_inputs(rebuilt, reader, rows)
+    trained_on = recomputed_inputs(store, reader, rows, quantize=CodebookFinetuner(tuned).eval())
+    assert torch.equal(stored["memory_mask"], trained_on["memory_mask"])
+    mask = stored["memory_mask"]
+    close = (stored["memory"][mask] - trained_on["memory"][mask]).abs().amax(-1) < 1e-4
+    assert close.float().mean() > 0.99
+
+    with pytest.raises(ManifestError, match="another codec config"):
+        other = tiny_config(tiny_bert_path, codec={**tiny_config(tiny_bert_path).codec.model_dump(), "seed": 5})
+        build_index(mini_corpus, tmp_path / "other", other, codec_from=straight.codec_dir)
 
 
 def test_split_command_writes_disjoint_kilt_files(shared_data, tmp_path, monkeypatch):
