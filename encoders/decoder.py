@@ -372,7 +372,8 @@ class FiDDecoder(nn.Module):
             chosen = rearrange(best % vocab_size, "b k -> (b k) 1")
             tokens = torch.cat([tokens[source], chosen], dim=1)
             finished = finished[source] | (chosen[:, 0] == self.end_id)
-            cache.reorder_cache(source)
+            if num_beams > 1:  # greedy keeps every row in place: no copy of the (cross-attention) cache
+                cache.reorder_cache(source)
             if bool(finished.all()):
                 break
         winner = torch.arange(batch, device=device) * num_beams + scores.argmax(dim=-1)
