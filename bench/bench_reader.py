@@ -87,7 +87,7 @@ def speed_rows(
 
 
 def quality_row(
-    pipeline: RAGPipeline, records: list[dict[str, Any]], retrieved: list[list[RetrievedPassage]], uncompressed: bool
+    pipeline: RAGPipeline, records: list[dict[str, Any]], retrieved: list[list[RetrievedPassage]]
 ) -> dict[str, float]:
     em = f1_sum = rprec = 0.0
     reader = pipeline.reader
@@ -96,10 +96,7 @@ def quality_row(
         hits = retrieved[first : first + 16]
         questions = [record_input(r) or "" for r in chunk]
         rows = [[p.row for p in passages] for passages in hits]
-        if uncompressed:
-            inputs = recomputed_inputs(pipeline.store, reader, rows)
-        else:
-            inputs = reader_inputs(pipeline.store, reader, rows)
+        inputs = pipeline.inputs(pipeline.store, reader, rows)
         prior = torch.tensor([[p.score for p in passages] for passages in hits])
         out = reader.answer(questions, retrieval_scores=prior, **inputs)
         kept = out.kept.tolist()
@@ -161,14 +158,14 @@ def main() -> None:
         for spec in args.reader:
             mode, _, directory = spec.partition("=")
             reader = Reader.load(directory)
-            variants = [("uncompressed", store, True), ("VQ 16x", store, False)]
+            variants = [("uncompressed", store, recomputed_inputs), ("VQ 16x", store, reader_inputs)]
             if reader.config.mode == "fid":  # no memory: the passage text itself
-                variants = [("none (passage text)", store, False)]
+                variants = [("none (passage text)", store, reader_inputs)]
             elif args.pq_store:
-                variants.append(("faiss PQ 16x", MemoryStore.open(args.pq_store, verify=False), False))
-            for name, variant_store, raw in variants:
-                pipeline = RAGPipeline(variant_store, reader, retriever)
-                scores = quality_row(pipeline, records, retrieved, uncompressed=raw)
+                variants.append(("faiss PQ 16x", MemoryStore.open(args.pq_store, verify=False), reader_inputs))
+            for name, variant_store, inputs in variants:
+                pipeline = RAGPipeline(variant_store, reader, retriever, inputs=inputs)
+                scores = quality_row(pipeline, records, retrieved)
                 print(f"| {mode} | {name} | {scores['em']:.1f} | {scores['f1']:.1f} | {scores['r_precision']:.1f} |")
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from encoders.backbone import Backbone, resolve_device
 from encoders.reader import Reader
+from memory.codec import load_codec
 from memory.manifest import ManifestError, atomic_write, file_record, library_versions, read_json, write_json
 from memory.store import MemoryStore
 from memory.vq import CodebookFinetuner, VQCodec
@@ -39,7 +40,7 @@ from pipelines.build import CONFIG_NAME as BUILD_CONFIG
 from pipelines.config import TrainConfig
 from pipelines.kilt_metrics import exact_match, f1, metric_max_over_ground_truths
 from pipelines.qa_data import QAExample, TaskData, load_task, schedule, write_split_files
-from pipelines.rag import RAGPipeline, recomputed_inputs
+from pipelines.rag import RAGPipeline, reader_inputs, recomputed_inputs
 from retrieval.retriever import Retriever, passage_from_record
 
 logger = logging.getLogger(__name__)
@@ -165,11 +166,9 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
     backbone = Backbone.from_pretrained(config.model or info["model_path"], alpha=config.reader.live_fraction)
     reader = Reader.from_backbone(backbone.to(device), config.reader)
     retriever = Retriever.for_store(store, device)
-    finetuner = _codebook_finetuner(store, config)
-    if finetuner is None:
-        pipeline = RAGPipeline(store, reader, retriever)
-    else:
-        pipeline = RAGPipeline(store, reader, retriever, inputs=partial(recomputed_inputs, quantize=finetuner))
+    finetuner = _codebook_finetuner(store, config, device)
+    inputs = reader_inputs if finetuner is None else partial(recomputed_inputs, quantize=finetuner)
+    pipeline = RAGPipeline(store, reader, retriever, inputs=inputs)
 
     tasks = [load_task(task) for task in config.tasks]
     write_split_files(tasks, out / "data", splits=("dev",))
@@ -285,13 +284,15 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
     )
 
 
-def _codebook_finetuner(store: MemoryStore, config: TrainConfig) -> CodebookFinetuner | None:
-    """The store's VQ codebooks, trainable (finetune_codec), or None."""
+def _codebook_finetuner(store: MemoryStore, config: TrainConfig, device: torch.device) -> CodebookFinetuner | None:
+    """The store's VQ codebooks, trainable on `device` (finetune_codec), or None. The codec is a copy of the
+    store's: the store's own stays as it is, on its device."""
     if not config.finetune_codec:
         return None
-    if not isinstance(store.codec, VQCodec):
+    codec = load_codec(store.layout.codec_dir)
+    if not isinstance(codec, VQCodec):
         raise ValueError(f"finetune_codec needs a store built with the vq codec; {store.layout.root} has another")
-    return CodebookFinetuner(store.codec, decay=config.codec_decay)
+    return CodebookFinetuner(codec.to(device), decay=config.codec_decay)
 
 
 def _finalize(
