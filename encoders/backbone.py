@@ -12,6 +12,7 @@ local checkpoint). Layers are called through their public modules; masks come fr
 
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -216,6 +217,18 @@ class Backbone(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.info.hidden_size
+
+    def memory_digest(self) -> str:
+        """sha256 of the memory layers' tensors (as fp16): what names the memory they make, so that a store and
+        a reader with fine-tuned memory layers can be matched."""
+        digest = hashlib.sha256()
+        for index, layer in enumerate(self._stack.layers[: self.memory_layers]):
+            for key, value in sorted(layer.state_dict().items()):
+                value = value.detach().to("cpu")
+                value = value.half() if value.is_floating_point() else value
+                digest.update(f"{index}.{key}".encode())
+                digest.update(value.contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def device(self) -> torch.device:

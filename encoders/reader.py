@@ -16,10 +16,12 @@ Pairs are packed: each pair's real tokens are moved to the front (question, then
 end, so that a pair's states do not depend on how long the other questions / passages of the batch are (this
 matters for T5, whose relative position bias sees gaps). Passages are batched together as (b k) rows.
 
-The memory side (embeddings and memory layers) is frozen: the store was built with it. Trainable and saved:
-the live layers (and the T5 final norm), the reranker and the decoder. The memory arrives as tensors (memory
-'b k l d', mask 'b k l', as `MemoryStore.get_memory` returns them per question) so the reader does not depend
-on the store; fid takes the passage (title, text) pairs instead.
+The memory side (embeddings and memory layers) is frozen by default: the store was built with it. Trainable and
+saved: the live layers (and the T5 final norm), the reranker and the decoder; with `train_memory_layers` the
+memory layers too, and the store must then be rebuilt with them (`build-index --memory-from READER_DIR`):
+`Backbone.memory_digest` names them in the store's manifest and the pipeline refuses a mismatch. The memory
+arrives as tensors (memory 'b k l d', mask 'b k l', as `MemoryStore.get_memory` returns them per question) so
+the reader does not depend on the store; fid takes the passage (title, text) pairs instead.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ DEFAULT_ALPHA: dict[str, float] = {"fid": 1.0, "lumen": 1 / 3, "glimmer": 1 / 3,
 # The embedded default reader (MiniLM, trained by `memvq train` with configs/train-minilm.toml; see its README).
 DEFAULT_READER_DIR = Path(__file__).parent / "weights" / "minilm-glimmer"
 
-_LIVE_KEY = re.compile(r"^encoder\.(?:layer|block)\.(\d+)\.")
+_LAYER_KEY = re.compile(r"^encoder\.(?:layer|block)\.(\d+)\.")
 
 
 def default_reader_path() -> Path:
@@ -98,6 +100,11 @@ class ReaderConfig(BaseModel):
         default=False,
         description="pointer-generator decoder: answer tokens may be copied from the question and passages read",
     )
+    train_memory_layers: bool = Field(
+        default=False,
+        description="the memory layers are trained (on memory recomputed from passage text) and saved with the "
+        "reader; its store is then built with them: build-index --memory-from READER_DIR",
+    )
     num_beams: int = Field(default=1, ge=1)
     distill_temperature: float = Field(default=1.0, gt=0.0)
     rerank_loss_weight: float = Field(default=1.0, ge=0.0)
@@ -111,6 +118,8 @@ class ReaderConfig(BaseModel):
             raise ValueError(f"memory mode has no live layers: alpha must be 0, got {alpha}")
         if self.mode in ("lumen", "glimmer") and alpha <= 0.0:
             raise ValueError(f"{self.mode} needs live layers: alpha must be > 0 (alpha = 0 is mode 'memory')")
+        if self.mode == "fid" and self.train_memory_layers:
+            raise ValueError("fid has no memory layers (every layer is live): train_memory_layers needs memory")
         if self.mode == "glimmer" and self.rerank_k > self.retrieve_k:
             raise ValueError(f"rerank_k ({self.rerank_k}) must be <= retrieve_k ({self.retrieve_k})")
         return self
@@ -255,7 +264,8 @@ class Reader(nn.Module):
     def _freeze_memory_side(self) -> None:
         model = self.backbone.model
         embeddings = model.embeddings if self.backbone.family == "bert" else model.shared
-        for module in [embeddings, *self._encoder_layers()[: self.first_live]]:
+        memory_layers = [] if self.config.train_memory_layers else list(self._encoder_layers()[: self.first_live])
+        for module in [embeddings, *memory_layers]:
             module.requires_grad_(False)
         if not self.config.train_decoder_embeddings:
             self.decoder.freeze_embeddings()
@@ -538,19 +548,29 @@ class Reader(nn.Module):
 
     # -- persistence -------------------------------------------------------------------------------------------
 
-    def _is_live_key(self, key: str) -> bool:
-        """Whether a backbone state_dict key belongs to the live side (live layers, T5 final norm)."""
-        match = _LIVE_KEY.match(key)
-        if match:
-            return int(match.group(1)) >= self.first_live
-        return key.startswith("encoder.final_layer_norm.")
+    def _backbone_part(self, key: str) -> str | None:
+        """The trained part a backbone state_dict key belongs to: "live" (live layers, T5 final norm), "memory"
+        (memory layers, with `train_memory_layers`) or None (frozen: embeddings, memory layers by default)."""
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            return "live" if key.startswith("encoder.final_layer_norm.") else None
+        if int(match.group(1)) >= self.first_live:
+            return "live"
+        return "memory" if self.config.train_memory_layers else None
+
+    def memory_digest(self) -> str | None:
+        """`Backbone.memory_digest` of fine-tuned memory layers (`train_memory_layers`), else None: the pretrained
+        ones, which every store built without `--memory-from` holds."""
+        return self.backbone.memory_digest() if self.config.train_memory_layers else None
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """What the backbone checkpoint does not ship: live.*, reranker.*, decoder.* tensors (without the
-        decoder's word embeddings when they stay frozen)."""
-        state = {
-            f"live.{key}": value for key, value in self.backbone.model.state_dict().items() if self._is_live_key(key)
-        }
+        """What the backbone checkpoint does not ship: live.*, (train_memory_layers) memory.*, reranker.*,
+        decoder.* tensors (without the decoder's word embeddings when they stay frozen)."""
+        state = {}
+        for key, value in self.backbone.model.state_dict().items():
+            part = self._backbone_part(key)
+            if part is not None:
+                state[f"{part}.{key}"] = value
         if self.reranker is not None:
             state.update({f"reranker.{key}": value for key, value in self.reranker.state_dict().items()})
         frozen = set() if self.config.train_decoder_embeddings else self.decoder.embedding_keys()
@@ -591,36 +611,30 @@ class Reader(nn.Module):
     ) -> Reader:
         """A saved reader on top of a freshly loaded backbone (its saved path, or `backbone_path`)."""
         directory = Path(directory)
-        meta = json.loads((directory / READER_FILE).read_text())
-        if meta.get("format") != READER_FORMAT:
-            raise ValueError(f"{directory} is not a {READER_FORMAT} reader (format {meta.get('format')!r})")
+        meta = _read_meta(directory)
         info = meta["backbone"]
         backbone = Backbone.from_pretrained(
             backbone_path or info["model_path"], memory_layers=info["memory_layers"]
         ).to(device)
-        for name in ("model_type", "num_layers", "hidden_size"):
-            if getattr(backbone.info, name) != info[name]:
-                raise ValueError(
-                    f"backbone {backbone.info.model_path} has {name}={getattr(backbone.info, name)}, "
-                    f"the reader was trained on {info[name]}"
-                )
-        config = ReaderConfig(**meta["config"])
-        reader = cls.from_backbone(backbone, config)
+        _check_backbone(backbone, info)
+        reader = cls.from_backbone(backbone, ReaderConfig(**meta["config"]))
         reader.load_trained_state(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
         return reader.eval()
 
     def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load `trained_state()` tensors (any float dtype) into the live layers, reranker and decoder."""
-        parts: dict[str, dict[str, torch.Tensor]] = {"live": {}, "reranker": {}, "decoder": {}, "copy": {}}
+        """Load `trained_state()` tensors (any float dtype) into the live (and memory) layers, reranker, decoder."""
+        parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in ("live", "memory", "reranker", "decoder", "copy")}
         for key, value in state.items():
             part, _, name = key.partition(".")
             if part not in parts:
                 raise ValueError(f"unexpected tensor {key!r} in a reader state")
             parts[part][name] = value
-        missing, unexpected = self.backbone.model.load_state_dict(parts["live"], strict=False)
-        live_missing = [key for key in missing if self._is_live_key(key)]
-        if live_missing or unexpected:
-            raise ValueError(f"live layers do not match: missing {live_missing}, unexpected {unexpected}")
+        if parts["memory"] and not self.config.train_memory_layers:
+            raise ValueError("memory layers were saved but the config has train_memory_layers off")
+        missing, unexpected = self.backbone.model.load_state_dict(parts["live"] | parts["memory"], strict=False)
+        trained_missing = [key for key in missing if self._backbone_part(key) is not None]
+        if trained_missing or unexpected:
+            raise ValueError(f"backbone layers do not match: missing {trained_missing}, unexpected {unexpected}")
         if self.reranker is not None:
             self.reranker.load_state_dict(parts["reranker"])
         elif parts["reranker"]:
@@ -635,3 +649,44 @@ class Reader(nn.Module):
             self.decoder.copy_head.load_state_dict(parts["copy"])
         elif parts["copy"]:
             raise ValueError("a copy head was saved but the config has copy_answers off")
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    meta = json.loads((directory / READER_FILE).read_text())
+    if meta.get("format") != READER_FORMAT:
+        raise ValueError(f"{directory} is not a {READER_FORMAT} reader (format {meta.get('format')!r})")
+    return meta
+
+
+def _check_backbone(backbone: Backbone, info: dict[str, Any]) -> None:
+    """Refuse a backbone of another type, depth, width or memory split than a saved reader's `info`."""
+    for name in ("model_type", "num_layers", "hidden_size", "memory_layers"):
+        if getattr(backbone.info, name) != info[name]:
+            raise ValueError(
+                f"backbone {backbone.info.model_path} has {name}={getattr(backbone.info, name)}, "
+                f"the reader was trained on {info[name]}"
+            )
+
+
+def load_memory_layers(backbone: Backbone, directory: str | Path) -> Backbone:
+    """Put the fine-tuned memory layers of a saved reader (`train_memory_layers`) into `backbone` (which must
+    be the reader's: same checkpoint and split) and return it: the encoder a store for that reader is built with."""
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    if not meta["config"].get("train_memory_layers"):
+        raise ValueError(
+            f"the reader in {directory} kept the pretrained memory layers (train_memory_layers off): "
+            "build its store without --memory-from"
+        )
+    _check_backbone(backbone, meta["backbone"])
+    state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    memory = {key.removeprefix("memory."): value for key, value in state.items() if key.startswith("memory.")}
+    expected = {
+        key
+        for key in backbone.model.state_dict()
+        if (match := _LAYER_KEY.match(key)) and int(match.group(1)) < backbone.memory_layers
+    }
+    if set(memory) != expected:
+        raise ValueError(f"the memory layers in {directory} do not match the backbone's {backbone.memory_layers}")
+    backbone.model.load_state_dict(memory, strict=False)
+    return backbone

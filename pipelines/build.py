@@ -5,7 +5,8 @@ Four resumable steps, ColBERT-style (plan -> train codec -> encode chunks -> fin
 1. plan     stream the corpus once, chunk it into passages, write them as parquet shards (bad records reported)
 2. codec    encode a seeded sample of passages, fit the codec on their token vectors, save it
 3. encode   Ray Data `map_batches` over shards with a callable class holding the encoder (GPU actors when
-            there are GPUs): memory layers -> codes, and the dense embedding from the same forward pass
+            there are GPUs): memory layers -> codes, and the dense embedding from the same forward pass (a
+            second pass by the pretrained encoder when `encoder.memory_from` gives fine-tuned memory layers)
 4. finalize build the FAISS index from the shards' embeddings, then write the manifest (last)
 
 Every file is written atomically and each step leaves a marker, so a build killed at any point and started
@@ -30,6 +31,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from encoders.backbone import Backbone, portable_model_path, resolve_device
+from encoders.reader import load_memory_layers
 from memory.codec import CODEC_FILE, MemoryCodec, compression_ratio, load_codec, make_codec
 from memory.manifest import (
     ManifestError,
@@ -93,8 +95,29 @@ class _Plan:
         return np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(int).tolist()
 
 
-def load_backbone(config: BuildConfig, device: torch.device) -> Backbone:
-    return Backbone.from_pretrained(config.encoder.model, alpha=config.encoder.alpha).to(device)
+@dataclass
+class Encoders:
+    """The build's encoders: `index` embeds passages for the dense index (the pretrained backbone, which the
+    retriever embeds questions with), `memory` makes the memory: the same backbone, or a copy with a reader's
+    fine-tuned memory layers (`encoder.memory_from`)."""
+
+    index: Backbone
+    memory: Backbone
+
+    @classmethod
+    def load(cls, config: BuildConfig, device: torch.device) -> Encoders:
+        def pretrained() -> Backbone:
+            return Backbone.from_pretrained(config.encoder.model, alpha=config.encoder.alpha)
+
+        index = pretrained().to(device)
+        if config.encoder.memory_from is None:
+            return cls(index, index)
+        return cls(index, load_memory_layers(pretrained(), config.encoder.memory_from).to(device))
+
+    @property
+    def memory_digest(self) -> str | None:
+        """What the store's manifest records of fine-tuned memory layers (None: the pretrained ones)."""
+        return None if self.memory is self.index else self.memory.memory_digest()
 
 
 # -- step 1: plan ------------------------------------------------------------------------------------------------
@@ -164,17 +187,19 @@ def length_sorted_batches(titles: list[str], texts: list[str], batch_size: int) 
 
 
 def encode_passages(
-    backbone: Backbone, titles: list[str], texts: list[str], max_tokens: int, batch_size: int
+    encoders: Encoders, titles: list[str], texts: list[str], max_tokens: int, batch_size: int
 ) -> Iterator[tuple[list[int], list[torch.Tensor], torch.Tensor]]:
     """Yield (passage indices, memory 'l d' per passage, embeddings 'b d') in `length_sorted_batches`."""
+    backbone = encoders.index
     use_amp = backbone.device.type == "cuda"
     for chosen in length_sorted_batches(titles, texts, batch_size):
         batch = backbone.tokenize_passages([titles[i] for i in chosen], [texts[i] for i in chosen], max_tokens)
         batch = batch.to(backbone.device)
+        args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            memory, embedding = backbone.encode_with_embedding(
-                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-            )
+            memory, embedding = backbone.encode_with_embedding(*args)
+            if encoders.memory is not backbone:
+                memory = encoders.memory.encode_memory(*args)
         lengths_b = batch["attention_mask"].sum(dim=1).tolist()
         memory = memory.float()
         yield chosen, [memory[i, :n] for i, n in enumerate(lengths_b)], embedding.float()
@@ -184,7 +209,7 @@ def encode_passages(
 
 
 def train_codec(
-    layout: StoreLayout, config: BuildConfig, plan: _Plan, backbone: Backbone, codec_from: Path | None = None
+    layout: StoreLayout, config: BuildConfig, plan: _Plan, encoders: Encoders, codec_from: Path | None = None
 ) -> MemoryCodec:
     """Fit the codec on token vectors of a seeded passage sample; reuse a codec an earlier run saved, or take
     the fitted one in `codec_from` (e.g. codebooks fine-tuned by `memvq train`)."""
@@ -207,7 +232,7 @@ def train_codec(
     vectors = []
     with tqdm(total=count, desc="codec: encoding sample", unit=" passages") as bar:
         for chosen, memories, _ in encode_passages(
-            backbone, titles, texts, config.encoder.max_passage_tokens, config.encoder.batch_size
+            encoders, titles, texts, config.encoder.max_passage_tokens, config.encoder.batch_size
         ):
             vectors.extend(memory.cpu() for memory in memories)
             bar.update(len(chosen))
@@ -247,7 +272,7 @@ class ShardEncoder:
         self.layout = StoreLayout(Path(root))
         self.config = BuildConfig.model_validate(config)
         device = resolve_device(self.config.encoder.device)
-        self.backbone = load_backbone(self.config, device)
+        self.encoders = Encoders.load(self.config, device)
         self.codec = load_codec(self.layout.codec_dir).to(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -255,19 +280,19 @@ class ShardEncoder:
         tokens, seconds = [], []
         for shard in shards:
             start = time.perf_counter()
-            tokens.append(encode_shard(self.layout, shard, self.backbone, self.codec, self.config))
+            tokens.append(encode_shard(self.layout, shard, self.encoders, self.codec, self.config))
             seconds.append(time.perf_counter() - start)
         return {"shard": np.asarray(shards), "tokens": np.asarray(tokens), "seconds": np.asarray(seconds)}
 
 
-def encode_shard(layout: StoreLayout, shard: int, backbone: Backbone, codec: MemoryCodec, config: BuildConfig) -> int:
+def encode_shard(layout: StoreLayout, shard: int, encoders: Encoders, codec: MemoryCodec, config: BuildConfig) -> int:
     """Encode one planned shard into codes, offsets and embeddings; write them, then the done marker."""
     table = pq.read_table(layout.shard_file(shard, "passages.parquet"), columns=["title", "text"])
     titles, texts = table.column("title").to_pylist(), table.column("text").to_pylist()
     codes: list[np.ndarray | None] = [None] * len(texts)
-    embeddings = np.zeros((len(texts), backbone.hidden_size), dtype=np.float16)
+    embeddings = np.zeros((len(texts), encoders.index.hidden_size), dtype=np.float16)
     for chosen, memories, embedding in encode_passages(
-        backbone, titles, texts, config.encoder.max_passage_tokens, config.encoder.batch_size
+        encoders, titles, texts, config.encoder.max_passage_tokens, config.encoder.batch_size
     ):
         batch_codes = codec.encode(torch.cat(memories))
         bounds = np.cumsum([0] + [len(memory) for memory in memories])
@@ -405,8 +430,8 @@ def build_index(
     seconds["plan"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    backbone = load_backbone(config, resolve_device(config.encoder.device))
-    codec = train_codec(layout, config, plan, backbone, None if codec_from is None else Path(codec_from))
+    encoders = Encoders.load(config, resolve_device(config.encoder.device))
+    codec = train_codec(layout, config, plan, encoders, None if codec_from is None else Path(codec_from))
     seconds["codec"] = time.perf_counter() - clock
 
     done_before = sum(layout.shard_done(shard).is_file() for shard in range(len(plan.shard_sizes)))
@@ -415,7 +440,7 @@ def build_index(
     seconds["encode"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    build_passage_index(layout, config, plan, backbone.hidden_size)
+    build_passage_index(layout, config, plan, encoders.index.hidden_size)
     seconds["index"] = time.perf_counter() - clock
     total = sum(seconds.values())
     seconds["total"] = total
@@ -437,7 +462,10 @@ def build_index(
         # only meaningful when this run encoded every shard (not after a resume)
         encode_busy_passages_per_second=plan.passages / busy if busy and done_before == 0 else None,
     )
-    info = backbone.info.__dict__ | {"model_path": portable_model_path(config.encoder.model)}
+    info = encoders.index.info.__dict__ | {
+        "model_path": portable_model_path(config.encoder.model),
+        "memory_digest": encoders.memory_digest,
+    }
     write_manifest(layout, config, plan, markers, info, codec, report)
     return report
 

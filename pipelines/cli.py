@@ -36,6 +36,10 @@ def build_index_command(
     codec_from: Annotated[
         Path | None, typer.Option(help="encode with this fitted codec (e.g. TRAIN_RUN/codec) instead of fitting one")
     ] = None,
+    memory_from: Annotated[
+        Path | None,
+        typer.Option(help="a reader trained with train_memory_layers (TRAIN_RUN/reader): its memory layers encode"),
+    ] = None,
 ) -> None:
     """Build a compressed memory store and its FAISS passage index from a corpus (resumable)."""
     from memory.codec import CodecLoadError
@@ -44,9 +48,11 @@ def build_index_command(
     from pipelines.config import BuildConfig
     from retrieval.corpus import CorpusError
 
-    overrides: dict[str, Any] = {"format": format, "num_workers": workers}
-    if model is not None:
-        overrides["encoder"] = {"model": model}
+    overrides: dict[str, Any] = {
+        "format": format,
+        "num_workers": workers,
+        "encoder": {"model": model, "memory_from": None if memory_from is None else str(memory_from)},
+    }
     try:
         build_config = BuildConfig.from_file(config, overrides)
         report = build_index(corpus, out, build_config, ray_address=ray_address, codec_from=codec_from)

@@ -50,6 +50,11 @@ class EncoderConfig(_Frozen):
     max_passage_tokens: int = Field(192, ge=8)
     batch_size: int = Field(64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    memory_from: str | None = Field(
+        None,
+        description="a reader trained with train_memory_layers: its memory layers make the memory (the dense "
+        "index keeps the pretrained encoder, as the retriever does)",
+    )
 
 
 class BuildConfig(FileConfig):
@@ -105,7 +110,7 @@ class TrainConfig(FileConfig):
     seed: int = 0
     finetune_codec: bool = Field(
         False,
-        description="MEMORY-VQ: the memory is recomputed from passage text by the frozen memory layers and "
+        description="MEMORY-VQ: the memory is recomputed from passage text by the memory layers and "
         "quantized by the store's VQ codebooks, which EMA updates train with the reader (straight-through); the "
         "codec is saved to OUT/codec, to rebuild the store with (build-index --codec-from)",
     )

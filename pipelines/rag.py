@@ -50,8 +50,9 @@ class RAGAnswer:
         return {"answer": self.answer, "provenance": [p.provenance(with_text) for p in self.passages]}
 
 
-def check_compatible(store: MemoryStore, reader: Reader) -> None:
-    """Refuse a reader whose backbone differs from the store's (type, depth, width, memory split)."""
+def check_compatible(store: MemoryStore, reader: Reader, stored_memory: bool = True) -> None:
+    """Refuse a reader whose backbone differs from the store's (type, depth, width, memory split) and, when it
+    reads the store's memory (`stored_memory`), whose memory layers are not the ones the memory was made with."""
     stored = store.manifest["backbone"]
     info = reader.backbone.info
     if reader.config.mode == "fid":
@@ -62,6 +63,20 @@ def check_compatible(store: MemoryStore, reader: Reader) -> None:
     if wrong:
         details = ", ".join(f"{name}: store {a} vs reader {b}" for name, (a, b) in wrong.items())
         raise IncompatibleModelError(f"the reader does not fit the store's memory ({details})")
+    if not stored_memory or reader.config.mode == "fid":
+        return
+    built_with, reads_with = stored.get("memory_digest"), reader.memory_digest()
+    if built_with == reads_with:
+        return
+    if built_with is None:
+        raise IncompatibleModelError(
+            "the reader fine-tuned its memory layers (train_memory_layers) but the store's memory was made by the "
+            "pretrained ones: build a store for it with `memvq build-index --memory-from READER_DIR`"
+        )
+    raise IncompatibleModelError(
+        f"the store's memory was made by fine-tuned memory layers (sha256 {built_with[:12]}) that the reader does "
+        "not have: use the reader the store was built for (build-index --memory-from), or rebuild the store"
+    )
 
 
 def passage_tokens(store: MemoryStore, reader: Reader, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -102,16 +117,14 @@ def recomputed_inputs(
     quantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """What the reader reads for passages 'b k' (store rows) with the memory recomputed instead of decoded: the
-    memory layers re-run over the passages' text as the build ran them (the memory uncompressed), and with
-    `quantize` the valid token vectors 'n d' passed through it (MEMORY-VQ fine-tuning of the codebooks)."""
+    reader's memory layers re-run over the passages' text as the build ran them (the memory uncompressed, with
+    gradients when the memory layers are trained), and with `quantize` the valid token vectors 'n d' passed
+    through it (MEMORY-VQ fine-tuning of the codebooks)."""
     if reader.config.mode == "fid":
         raise ValueError("a fid reader reads passage text, not memory")
     flat = [row for question_rows in rows for row in question_rows]
     tokens = passage_tokens(store, reader, flat)
-    with torch.no_grad():
-        memory = reader.backbone.encode_memory(
-            tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids")
-        )
+    memory = reader.backbone.encode_memory(tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids"))
     cut = reader.config.max_passage_tokens  # the store keeps the whole passage's memory and cuts it when read
     memory, mask = memory[:, :cut], tokens["attention_mask"][:, :cut].bool()
     if quantize is not None:
@@ -132,12 +145,13 @@ InputsFn = Callable[[MemoryStore, Reader, list[list[int]]], dict[str, Any]]
 
 class RAGPipeline:
     """Retriever + memory store + reader; `inputs` turns retrieved store rows into what the reader reads (the
-    store's decoded memory by default, `recomputed_inputs` in training with codebook fine-tuning)."""
+    store's decoded memory by default; `recomputed_inputs` in training with codebook or memory-layer fine-tuning,
+    which does not read the store's memory, so the memory layers need not be the store's)."""
 
     def __init__(
         self, store: MemoryStore, reader: Reader, retriever: Retriever, inputs: InputsFn = reader_inputs
     ) -> None:
-        check_compatible(store, reader)
+        check_compatible(store, reader, stored_memory=inputs is reader_inputs)
         self.store = store
         self.reader = reader.eval()
         self.retriever = retriever

@@ -4,8 +4,10 @@ Steps, each resumable: plan (read and split the tasks, write the held-out questi
 (top-K store rows of every question, cached) -> train (AdamW, warmup then linear decay, gradient accumulation,
 bf16 autocast on GPU, gradient clipping; generation loss + GLIMMER perplexity distillation) with a dev
 evaluation (EM / F1) and a checkpoint every `eval_every` steps -> save the reader and `train.json`. With
-`finetune_codec` (MEMORY-VQ) the memory is recomputed from the passages' text by the frozen memory layers and
-quantized by the store's codebooks, trained by EMA alongside the reader; the codec is saved for a rebuild.
+`finetune_codec` (MEMORY-VQ) the memory is recomputed from the passages' text by the memory layers and
+quantized by the store's codebooks, trained by EMA alongside the reader; the codec is saved for a rebuild. With
+the reader's `train_memory_layers` the memory is recomputed too, and the memory layers train with the rest; the
+store is then rebuilt with them (`build-index --memory-from OUT/reader`).
 
     OUT/config.json                the TrainConfig and store (a resume with another one is refused)
     OUT/data/{task}-dev.jsonl      held-out questions (KILT format: `memvq eval --data` reads them)
@@ -167,7 +169,11 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
     reader = Reader.from_backbone(backbone.to(device), config.reader)
     retriever = Retriever.for_store(store, device)
     finetuner = _codebook_finetuner(store, config, device)
-    inputs = reader_inputs if finetuner is None else partial(recomputed_inputs, quantize=finetuner)
+    inputs = reader_inputs
+    if finetuner is not None:
+        inputs = partial(recomputed_inputs, quantize=finetuner)
+    elif config.reader.train_memory_layers:
+        inputs = recomputed_inputs
     pipeline = RAGPipeline(store, reader, retriever, inputs=inputs)
 
     tasks = [load_task(task) for task in config.tasks]
@@ -279,6 +285,14 @@ def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> Train
             codec_dir,
         )
     reader_dir = _finalize(out, reader, config, store, step, finished, history, seconds, codec_dir)
+    if config.reader.train_memory_layers:
+        logger.info(
+            "the reader's memory layers were fine-tuned: build its store with them (build-index --config %s "
+            "--memory-from %s%s)",
+            store.layout.root / BUILD_CONFIG,
+            reader_dir,
+            "" if codec_dir is None else f" --codec-from {codec_dir}",
+        )
     return TrainReport(
         steps=step, finished=finished, history=history, seconds=seconds, reader_dir=reader_dir, codec_dir=codec_dir
     )

@@ -6,11 +6,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 
-from encoders.reader import WEIGHTS_FILE, Reader
+from encoders.backbone import Backbone
+from encoders.reader import WEIGHTS_FILE, Reader, ReaderConfig, load_memory_layers
 from memory.codec import load_codec
 from memory.manifest import ManifestError
 from memory.store import MemoryStore
@@ -18,7 +20,7 @@ from memory.vq import CodebookFinetuner
 from pipelines.build import build_index
 from pipelines.config import TaskConfig, TrainConfig
 from pipelines.qa_data import in_dev, iter_squad, load_task, schedule
-from pipelines.rag import reader_inputs, recomputed_inputs
+from pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
 from pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, train
 
 
@@ -152,6 +154,56 @@ def test_codebook_finetuning_trains_the_codec_and_a_rebuild_encodes_with_it(
     with pytest.raises(ManifestError, match="another codec config"):
         other = tiny_config(tiny_bert_path, codec={**tiny_config(tiny_bert_path).codec.model_dump(), "seed": 5})
         build_index(mini_corpus, tmp_path / "other", other, codec_from=straight.codec_dir)
+
+
+def test_memory_layer_finetuning_trains_them_and_a_store_rebuilt_with_them_serves_the_reader(
+    tiny_store, tiny_bert_path, tiny_reader_path, kilt_task, mini_corpus, tmp_path
+):
+    config = tiny_train_config(kilt_task, model=str(tiny_bert_path))
+    config = config.model_copy(update={"reader": config.reader.model_copy(update={"train_memory_layers": True})})
+    run = train(tiny_store[0], tmp_path / "run", config)
+    reader = Reader.load(run.reader_dir)
+    pretrained = Backbone.from_pretrained(tiny_bert_path, alpha=config.reader.live_fraction)
+    saved = trained_tensors(tmp_path / "run")
+    memory_keys = [key for key in saved if key.startswith("memory.")]
+    assert memory_keys and all(key.startswith("memory.encoder.layer.") for key in memory_keys)
+    assert {int(key.split(".")[3]) for key in memory_keys} == set(range(pretrained.memory_layers))
+    assert reader.memory_digest() not in (None, pretrained.memory_digest())
+
+    # The tiny store's memory came from the pretrained memory layers: the tuned reader refuses it.
+    with pytest.raises(IncompatibleModelError, match="--memory-from"):
+        RAGPipeline.load(tiny_store[0], run.reader_dir, device="cpu")
+
+    # Rebuilt with the reader's memory layers (fp16 codec: nearly lossless), the store holds the memory the
+    # reader trained on, and the dense index (the pretrained retriever's) is unchanged.
+    lossless = {"kind": "faiss", "factory": "SQfp16", "dim": 32}
+    build = tiny_config(tiny_bert_path, codec=lossless)
+    build_index(mini_corpus, tmp_path / "plain", build)
+    tuned_encoder = build.encoder.model_copy(update={"memory_from": str(run.reader_dir)})
+    build_index(mini_corpus, tmp_path / "tuned", build.model_copy(update={"encoder": tuned_encoder}))
+    plain, tuned = MemoryStore.open(tmp_path / "plain"), MemoryStore.open(tmp_path / "tuned")
+    assert tuned.manifest["backbone"]["memory_digest"] == reader.memory_digest()
+    rows = [[0, 1, 2], [3, 4, 5]]
+    with torch.no_grad():
+        trained_on = recomputed_inputs(tuned, reader, rows)
+    mask = trained_on["memory_mask"]
+
+    def distance(store: MemoryStore) -> float:
+        return (reader_inputs(store, reader, rows)["memory"][mask] - trained_on["memory"][mask]).abs().max().item()
+
+    assert distance(tuned) < 1e-2 < distance(plain)
+    for shard in range(len(plain.manifest["shards"])):
+        embeddings = [np.load(store.layout.shard_file(shard, "emb.npy")) for store in (plain, tuned)]
+        assert np.array_equal(*embeddings)
+    [answer] = RAGPipeline.load(tmp_path / "tuned", run.reader_dir, device="cpu").answer(["who wrote hamlet"])
+    assert len(answer.passages) == config.reader.rerank_k
+    with pytest.raises(IncompatibleModelError, match="reader the store was built for"):
+        RAGPipeline.load(tmp_path / "tuned", tiny_reader_path, device="cpu")
+
+    with pytest.raises(ValueError, match="train_memory_layers off"):
+        load_memory_layers(Backbone.from_pretrained(tiny_bert_path), tiny_reader_path)
+    with pytest.raises(ValueError, match="fid has no memory layers"):
+        ReaderConfig(mode="fid", train_memory_layers=True)
 
 
 def test_split_command_writes_disjoint_kilt_files(shared_data, tmp_path, monkeypatch):
