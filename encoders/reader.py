@@ -64,6 +64,12 @@ DEFAULT_READER_DIR = Path(__file__).parent / "weights" / "minilm-glimmer"
 _LAYER_KEY = re.compile(r"^encoder\.(?:layer|block)\.(\d+)\.")
 
 
+def _layer_index(key: str) -> int | None:
+    """The encoder layer a backbone state_dict key belongs to (None: embeddings, final norm, ...)."""
+    match = _LAYER_KEY.match(key)
+    return None if match is None else int(match.group(1))
+
+
 def default_reader_path() -> Path:
     """The embedded default reader's directory; a clear error when its weights are not there."""
     if not (DEFAULT_READER_DIR / READER_FILE).is_file():
@@ -551,10 +557,10 @@ class Reader(nn.Module):
     def _backbone_part(self, key: str) -> str | None:
         """The trained part a backbone state_dict key belongs to: "live" (live layers, T5 final norm), "memory"
         (memory layers, with `train_memory_layers`) or None (frozen: embeddings, memory layers by default)."""
-        match = _LAYER_KEY.match(key)
-        if match is None:
+        layer = _layer_index(key)
+        if layer is None:
             return "live" if key.startswith("encoder.final_layer_norm.") else None
-        if int(match.group(1)) >= self.first_live:
+        if layer >= self.first_live:
             return "live"
         return "memory" if self.config.train_memory_layers else None
 
@@ -684,7 +690,7 @@ def load_memory_layers(backbone: Backbone, directory: str | Path) -> Backbone:
     expected = {
         key
         for key in backbone.model.state_dict()
-        if (match := _LAYER_KEY.match(key)) and int(match.group(1)) < backbone.memory_layers
+        if (layer := _layer_index(key)) is not None and layer < backbone.memory_layers
     }
     if set(memory) != expected:
         raise ValueError(f"the memory layers in {directory} do not match the backbone's {backbone.memory_layers}")
