@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
+from data.kilt.records import gold_answer_list, load_kilt, record_input
 from encoders.backbone import Backbone, memory_layer_count
 from encoders.reader import Reader, ReaderConfig
 from memory.store import MemoryStore
-from pipelines.kilt_data import gold_answer_list, load_kilt, record_input
-from pipelines.kilt_metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
 from pipelines.rag import STAGES, RAGPipeline, reader_inputs, recomputed_inputs
 from retrieval.retriever import RetrievedPassage, Retriever
 

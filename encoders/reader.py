@@ -44,7 +44,7 @@ from torch import nn
 from encoders.backbone import Backbone, memory_layer_count, portable_model_path
 from encoders.decoder import FiDDecoder
 from encoders.reranker import RerankerHead, perplexity_distillation_loss, perplexity_distillation_target
-from memory.manifest import atomic_write, write_json
+from memory.artifact import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 

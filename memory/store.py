@@ -3,8 +3,8 @@
 Layout of a store directory::
 
     manifest.json                       written last: a store is complete iff it exists
-    codec/                              the codec that made the codes (load with memory.codec.load_codec)
-    index/                              the FAISS passage index (retrieval.index.PassageIndex)
+    codec/                              the codec that made the codes (load with memory.codecs.load_codec)
+    index/                              the FAISS passage index (memory.index.PassageIndex)
     shards/shard-00000.passages.parquet passage rows [start, start + n) with their text and KILT provenance
     shards/shard-00000.codes.npy        'tokens m' uint8/uint16 codes of every token of those passages
     shards/shard-00000.offsets.npy      'n+1' int64: passage i's tokens are codes[offsets[i]:offsets[i+1]]
@@ -20,18 +20,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from memory.manifest import MANIFEST_NAME, ManifestError, read_json, verify_files
-
-if TYPE_CHECKING:
-    from memory.codec import MemoryCodec
-    from retrieval.index import PassageIndex
+from memory.artifact import MANIFEST_NAME, ManifestError, read_json, verify_files
+from memory.codecs import MemoryCodec, load_codec
+from memory.index import PassageIndex
 
 STORE_FORMAT = "memvq-store/1"
 SHARD_SUFFIXES = ("passages.parquet", "codes.npy", "offsets.npy", "emb.npy")
@@ -102,14 +100,10 @@ class MemoryStore:
 
     @cached_property
     def codec(self) -> MemoryCodec:
-        from memory.codec import load_codec
-
         return load_codec(self.layout.codec_dir)
 
     @cached_property
     def index(self) -> PassageIndex:
-        from retrieval.index import PassageIndex
-
         return PassageIndex.load(self.layout.index_dir)
 
     def _locate(self, rows: np.ndarray) -> np.ndarray:

@@ -30,10 +30,11 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from data.ingest.corpus import IngestReport, iter_documents
+from data.ingest.passages import iter_passages
 from encoders.backbone import Backbone, portable_model_path, resolve_device
 from encoders.reader import load_memory_layers
-from memory.codec import CODEC_FILE, MemoryCodec, compression_ratio, load_codec, make_codec
-from memory.manifest import (
+from memory.artifact import (
     ManifestError,
     atomic_write,
     file_record,
@@ -42,11 +43,10 @@ from memory.manifest import (
     save_npy,
     write_json,
 )
+from memory.codecs import CODEC_FILE, MemoryCodec, compression_ratio, load_codec, make_codec
+from memory.index import PassageIndex, training_rows
 from memory.store import SHARD_SUFFIXES, STORE_FORMAT, StoreLayout
 from pipelines.config import BuildConfig
-from retrieval.corpus import IngestReport, iter_documents
-from retrieval.index import PassageIndex, training_rows
-from retrieval.passages import iter_passages
 
 log = logging.getLogger(__name__)
 

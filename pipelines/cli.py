@@ -42,11 +42,11 @@ def build_index_command(
     ] = None,
 ) -> None:
     """Build a compressed memory store and its FAISS passage index from a corpus (resumable)."""
-    from memory.codec import CodecLoadError
-    from memory.manifest import ManifestError
+    from data.ingest.corpus import CorpusError
+    from memory.artifact import ManifestError
+    from memory.codecs import CodecLoadError
     from pipelines.build import build_index
     from pipelines.config import BuildConfig
-    from retrieval.corpus import CorpusError
 
     overrides: dict[str, Any] = {
         "format": format,
@@ -106,7 +106,7 @@ def train_command(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides the config)")] = None,
 ) -> None:
     """Fine-tune a reader (live layers, reranker, decoder) over a store's memory (resumable)."""
-    from memory.manifest import ManifestError
+    from memory.artifact import ManifestError
     from pipelines.config import TrainConfig
     from pipelines.train import train
 
@@ -137,8 +137,8 @@ def split_command(
     out: Annotated[Path, typer.Option(help="directory for {task}-train.jsonl and {task}-dev.jsonl")],
 ) -> None:
     """Write the train / dev split of a train config's tasks as KILT files (dev = what the reader never saw)."""
+    from data.tasks import load_task, write_split_files
     from pipelines.config import TrainConfig
-    from pipelines.qa_data import load_task, write_split_files
 
     try:
         tasks = [load_task(task) for task in TrainConfig.from_file(config).tasks]
@@ -160,7 +160,7 @@ def query_command(
     """Answer one question from the memory: the answer, the passages read and the time per stage."""
     import time
 
-    from memory.manifest import ManifestError
+    from memory.artifact import ManifestError
     from pipelines.rag import IncompatibleModelError, RAGPipeline
 
     try:
@@ -218,9 +218,9 @@ def eval_command(
     verify: Annotated[bool, typer.Option(help="sha256-check every store file when opening it")] = True,
 ) -> None:
     """Answer KILT-format questions with the store and reader, write KILT predictions and a metrics report."""
-    from memory.manifest import ManifestError
+    from data.kilt.records import KiltFormatError
+    from memory.artifact import ManifestError
     from pipelines.evaluate import EvalSettings, evaluate_predictions, run_eval, summary_table
-    from pipelines.kilt_data import KiltFormatError
 
     if predictions is None and store is None:
         raise _fail("--store is required to run the model (or give --predictions to score existing predictions)")
@@ -297,9 +297,9 @@ def serve_command(
     import uvicorn
 
     from encoders.reader import default_reader_path
-    from memory.manifest import ManifestError
+    from memory.artifact import ManifestError
     from pipelines.rag import RAGPipeline
-    from pipelines.server import ServeSettings, create_app
+    from pipelines.serve import ServeSettings, create_app
 
     try:
         settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, api_key=api_key or None)

@@ -9,9 +9,10 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from data.tasks import TaskConfig
 from encoders.reader import ReaderConfig
-from memory.codec import CodecConfig
-from retrieval.index import IndexConfig
+from memory.codecs import CodecConfig
+from memory.index import IndexConfig
 
 
 class _Frozen(BaseModel):
@@ -70,17 +71,6 @@ class BuildConfig(FileConfig):
     codec_train_vectors: int = Field(100_000, ge=256, description="token vectors the codec is fitted on")
     num_workers: int | None = Field(None, ge=1, description="encoder actors; None = one per GPU, else 1")
     seed: int = 0
-
-
-class TaskConfig(_Frozen):
-    """One training task: a question file, how it is split into train and dev, and its share of the mix."""
-
-    name: str
-    path: str = Field(description="KILT jsonl (id, input, output answers) or SQuAD json")
-    format: Literal["kilt", "squad"] = "kilt"
-    dev_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="held out: by article (SQuAD) or by id (KILT)")
-    weight: float = Field(1.0, gt=0.0, description="share of the training mix")
-    max_dev: int = Field(200, ge=0, description="dev questions scored at each evaluation")
 
 
 class OptimConfig(_Frozen):

@@ -3,10 +3,10 @@
 It owns running a pipeline over KILT-format question files (batched, with a progress bar, resumable), scoring
 prediction files (ours or anyone's) against gold, and the report: ``report.json`` and ``report.md`` with the
 metrics, queries/s and time per stage of each task, and the settings, model and store it ran with. The metrics
-themselves are :func:`pipelines.kilt_metrics.evaluate`; reading and validating KILT records is
-:mod:`pipelines.kilt_data`.
+themselves are :func:`data.kilt.metrics.evaluate`; reading and validating KILT records is
+:mod:`data.kilt.records`.
 
-Layout of an eval directory (``task``: :func:`pipelines.kilt_data.task_of` of the data file, or its stem)::
+Layout of an eval directory (``task``: :func:`data.kilt.records.task_of` of the data file, or its stem)::
 
     OUT/eval_config.json            what decides the predictions (store, model, decoding); a resume must match it
     OUT/{task}-predictions.jsonl    KILT predictions, appended and flushed per batch
@@ -39,9 +39,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
-from memory.manifest import MANIFEST_NAME, atomic_write, library_versions, sha256_file
-from pipelines import kilt_metrics
-from pipelines.kilt_data import (
+from data.kilt import metrics as kilt_metrics
+from data.kilt.records import (
     KiltFormatError,
     Record,
     gold_answers,
@@ -51,6 +50,7 @@ from pipelines.kilt_data import (
     record_input,
     task_of,
 )
+from memory.artifact import MANIFEST_NAME, atomic_write, library_versions, sha256_file
 
 if TYPE_CHECKING:
     from memory.store import MemoryStore
@@ -157,7 +157,7 @@ def read_kilt_file(path: str | Path, limit: int | None = None, need_input: bool 
 
 
 def task_names(paths: Sequence[str | Path]) -> list[str]:
-    """One task name per file: :func:`~pipelines.kilt_data.task_of` (``nq-dev-kilt.jsonl`` -> ``nq``), else the
+    """One task name per file: :func:`~data.kilt.records.task_of` (``nq-dev-kilt.jsonl`` -> ``nq``), else the
     file stem; files that would share a name get their stems. Two files with the same stem are an error."""
     paths = [Path(p) for p in paths]
     names = [task_of(p) or _stem(p) for p in paths]

@@ -32,16 +32,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
+from data.tasks import QAExample, TaskData, load_task, schedule, write_split_files
 from encoders.backbone import Backbone, resolve_device
 from encoders.reader import Reader
-from memory.codec import load_codec
-from memory.manifest import ManifestError, atomic_write, file_record, library_versions, read_json, write_json
+from memory.artifact import ManifestError, atomic_write, file_record, library_versions, read_json, write_json
+from memory.codecs import CodebookFinetuner, VQCodec, load_codec
 from memory.store import MemoryStore
-from memory.vq import CodebookFinetuner, VQCodec
 from pipelines.build import CONFIG_NAME as BUILD_CONFIG
 from pipelines.config import TrainConfig
-from pipelines.kilt_metrics import exact_match, f1, metric_max_over_ground_truths
-from pipelines.qa_data import QAExample, TaskData, load_task, schedule, write_split_files
 from pipelines.rag import RAGPipeline, reader_inputs, recomputed_inputs
 from retrieval.retriever import Retriever, passage_from_record
 

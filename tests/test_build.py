@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from memory.manifest import ManifestError
+from data.ingest.corpus import CorpusError
+from memory.artifact import ManifestError
 from memory.store import MemoryStore
 from pipelines.build import build_index
-from retrieval.corpus import CorpusError
 
 
 def test_report_and_manifest(tiny_store):

@@ -14,21 +14,22 @@ import pydantic
 import pytest
 import torch
 
-from memory.codec import (
+from memory.codecs import (
     CODEC_FILE,
-    DEFAULT_16X,
-    DEFAULT_32X,
+    CodebookFinetuner,
     CodecConfig,
     CodecLoadError,
+    FaissCodec,
     Segment,
+    VQCodec,
     compression_ratio,
     load_codec,
     make_codec,
     preset,
 )
-from memory.faiss_codec import FaissCodec
+from memory.codecs.base import DEFAULT_16X, DEFAULT_32X
+from memory.codecs.vq import _Quantizer, procrustes
 from memory.quality import nn_agreement, relative_error
-from memory.vq import CodebookFinetuner, VQCodec, _Quantizer, procrustes
 
 DIM = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def test_fit_is_deterministic_across_fresh_processes(tmp_path: Path) -> None:
         sys.path.insert(0, {str(REPO)!r})
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_codec import small_cfg, structured
-        from memory.codec import make_codec
+        from memory.codecs import make_codec
         x = structured(2000, seed=0)
         codes = make_codec(small_cfg()).fit(x).encode(x)
         print(hashlib.sha256(codes.tobytes()).hexdigest())

@@ -1,4 +1,4 @@
-"""Corpus ingestion: streaming readers (retrieval.corpus) and passage chunking (retrieval.passages)."""
+"""Corpus ingestion: streaming readers (data.ingest.corpus) and passage chunking (data.ingest.passages)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval import corpus
-from retrieval.corpus import (
+from data.ingest import corpus
+from data.ingest.corpus import (
     FORMATS,
     CorpusError,
     Document,
@@ -20,7 +20,7 @@ from retrieval.corpus import (
     detect_format,
     iter_documents,
 )
-from retrieval.passages import Passage, chunk_document, iter_passages
+from data.ingest.passages import Passage, chunk_document, iter_passages
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -239,7 +239,7 @@ def test_malformed_lines_are_skipped_and_reported_with_line_numbers(tmp_path, ca
         + "\n",
         encoding="utf-8",
     )
-    with caplog.at_level(logging.WARNING, logger="retrieval.corpus"):
+    with caplog.at_level(logging.WARNING, logger="data.ingest.corpus"):
         docs, report = read(path)
     assert [d.doc_id for d in docs] == ["1", "2", "4", "8"]
     assert [b.line for b in report.bad_records] == [3, 5, 7, 8]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipelines import kilt_data
+from data.kilt import records as kilt_data
 from pipelines.cli import app
 from pipelines.evaluate import (
     EvalConfigError,

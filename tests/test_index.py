@@ -1,4 +1,4 @@
-"""Tests for retrieval.index: exactness of Flat, id mapping, streaming, persistence, ANN recall, errors."""
+"""Tests for memory.index: exactness of Flat, id mapping, streaming, persistence, ANN recall, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval.index import (
+from memory.index import (
     IndexConfig,
     IndexFileNotFoundError,
     PassageIndex,

@@ -8,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.kilt_data import (
+from data.kilt.metrics import (
+    evaluate,
+    evaluate_downstream,
+    evaluate_retrieval,
+    evidence_rank,
+    exact_match,
+    f1,
+    normalize_answer,
+    rouge_l,
+    rprecision,
+)
+from data.kilt.records import (
     KILT_TASKS,
     KiltFormatError,
     KiltWarning,
@@ -24,17 +35,6 @@ from pipelines.kilt_data import (
     record_input,
     task_of,
     validate_predictions,
-)
-from pipelines.kilt_metrics import (
-    evaluate,
-    evaluate_downstream,
-    evaluate_retrieval,
-    evidence_rank,
-    exact_match,
-    f1,
-    normalize_answer,
-    rouge_l,
-    rprecision,
 )
 
 TOL = 1e-9

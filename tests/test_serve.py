@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from pipelines.batcher import BatcherClosedError, DynamicBatcher
 from pipelines.rag import RAGPipeline
-from pipelines.server import ServeSettings, create_app
+from pipelines.serve import ServeSettings, create_app
+from pipelines.serve.batcher import BatcherClosedError, DynamicBatcher
 
 QUESTION = "who got the first nobel prize in physics"
 

@@ -11,15 +11,14 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from data.tasks import TaskConfig, in_dev, iter_squad, load_task, schedule
 from encoders.backbone import Backbone
 from encoders.reader import WEIGHTS_FILE, Reader, ReaderConfig, load_memory_layers
-from memory.codec import load_codec
-from memory.manifest import ManifestError
+from memory.artifact import ManifestError
+from memory.codecs import CodebookFinetuner, load_codec
 from memory.store import MemoryStore
-from memory.vq import CodebookFinetuner
 from pipelines.build import build_index
-from pipelines.config import TaskConfig, TrainConfig
-from pipelines.qa_data import in_dev, iter_squad, load_task, schedule
+from pipelines.config import TrainConfig
 from pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
 from pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, train
 

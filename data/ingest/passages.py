@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from retrieval.corpus import Document
+from data.ingest.corpus import Document
 
 # `\S+` over str is exactly the complement of str.isspace(), i.e. the words of str.split().
 _WORD = re.compile(r"\S+")

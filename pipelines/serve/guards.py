@@ -10,7 +10,7 @@ import secrets
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.api_schema import error_response
+from pipelines.serve.schema import error_response
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # reachable without the API key
 

@@ -50,7 +50,7 @@ from einops import rearrange
 from torch.nn import functional as F
 from vector_quantize_pytorch import VectorQuantize
 
-from memory.codec import CodecConfig, MemoryCodec, Segment
+from memory.codecs.base import CodecConfig, MemoryCodec, Segment
 
 __all__ = ["CodebookFinetuner", "VQCodec", "balanced_pca_rotation", "procrustes"]
 

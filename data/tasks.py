@@ -12,13 +12,26 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from memory.manifest import atomic_write
-from pipelines.config import TaskConfig
-from pipelines.kilt_data import gold_answer_list, iter_kilt, record_id, record_input
+from data.kilt.records import gold_answer_list, iter_kilt, record_id, record_input
+from memory.artifact import atomic_write
+
+
+class TaskConfig(BaseModel):
+    """One training task: a question file, how it is split into train and dev, and its share of the mix."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    path: str = Field(description="KILT jsonl (id, input, output answers) or SQuAD json")
+    format: Literal["kilt", "squad"] = "kilt"
+    dev_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="held out: by article (SQuAD) or by id (KILT)")
+    weight: float = Field(1.0, gt=0.0, description="share of the training mix")
+    max_dev: int = Field(200, ge=0, description="dev questions scored at each evaluation")
 
 
 @dataclass(frozen=True)

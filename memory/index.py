@@ -30,7 +30,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from memory.manifest import atomic_write, save_npy, write_json
+from memory.artifact import atomic_write, save_npy, write_json
 
 logger = logging.getLogger(__name__)
 

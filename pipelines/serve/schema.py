@@ -8,7 +8,7 @@ its OpenAPI schema shows. Every error, whatever raised it, is answered as `{"err
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,8 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-if TYPE_CHECKING:
-    from pipelines.server import ServeSettings
+from pipelines.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 

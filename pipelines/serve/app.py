@@ -23,10 +23,12 @@ from typing import Any, NamedTuple, Protocol
 from fastapi import APIRouter, FastAPI, Security
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from pipelines.api_guards import ApiKeyGuard, BodySizeLimit
-from pipelines.api_schema import (
+from pipelines.rag import RAGAnswer
+from pipelines.serve.batcher import BatcherClosedError, Completed, DynamicBatcher, QueueFullError
+from pipelines.serve.guards import ApiKeyGuard, BodySizeLimit
+from pipelines.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
+from pipelines.serve.schema import (
     AnswerResponse,
     ApiError,
     BatchAnswerResponse,
@@ -37,28 +39,10 @@ from pipelines.api_schema import (
     install_error_handlers,
     request_models,
 )
-from pipelines.batcher import BatcherClosedError, Completed, DynamicBatcher, QueueFullError
-from pipelines.rag import RAGAnswer
-from pipelines.serve_metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
+from pipelines.serve.settings import ServeSettings
 from retrieval.retriever import RetrievedPassage
 
 logger = logging.getLogger(__name__)
-
-
-class ServeSettings(BaseModel):
-    """Batching and input limits of one server."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_batch_size: int = Field(default=16, ge=1, le=1024, description="questions per model call; 1: no batching")
-    max_wait_ms: float = Field(default=10.0, ge=0.0, le=10_000.0, description="longest wait for a batch to fill")
-    max_queue: int = Field(default=1024, ge=1, description="questions waiting for the model before 503")
-    max_question_chars: int = Field(default=1000, ge=1)
-    max_top_k: int = Field(default=100, ge=1, description="largest top_k (and rerank_k) a request may ask for")
-    max_answer_tokens: int = Field(default=64, ge=1, description="largest max_answer_tokens a request may ask for")
-    max_batch_questions: int = Field(default=64, ge=1, description="questions in one /v1/answer:batch request")
-    max_body_bytes: int = Field(default=1 << 20, ge=1, description="request bodies above this get 413")
-    api_key: SecretStr | None = Field(default=None, description="when set, all but /healthz and /readyz need it")
 
 
 class QAPipeline(Protocol):

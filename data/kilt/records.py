@@ -9,7 +9,7 @@ Gold files carry many outputs per record (several answers for NQ/TriviaQA/T-REx,
 provenance-only outputs for NQ/ELI5, one output per evidence set for FEVER/HotpotQA); a guess (a
 prediction) carries exactly one output. The helpers below extract answers and provenance exactly as
 the official evaluation (facebookresearch/KILT, ``kilt/eval_downstream.py`` and
-``kilt/eval_retrieval.py``) does, so the metrics in :mod:`pipelines.kilt_metrics` match it number for
+``kilt/eval_retrieval.py``) does, so the metrics in :mod:`data.kilt.metrics` match it number for
 number. Task-specific shapes need no special casing:
 
 * FEVER: the labels ``SUPPORTS`` / ``REFUTES`` are the answers (scored by accuracy / exact match).

@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 import torch
 
-from memory.codec import CodecConfig, MemoryCodec
+from memory.codecs.base import CodecConfig, MemoryCodec
 
 __all__ = ["FaissCodec"]
 

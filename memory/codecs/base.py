@@ -6,11 +6,11 @@ decodes codes back into vectors with a cheap gather at query time.
 
 Two kinds:
 
-* ``vq``: a VQ-VAE in the MEMORY-VQ sense (:mod:`memory.vq`): a learned orthogonal rotation, then
+* ``vq``: a VQ-VAE in the MEMORY-VQ sense (:mod:`memory.codecs.vq`): a learned orthogonal rotation, then
   product (multi-head) vector quantisation with EMA codebooks, k-means init and dead-code reset,
   optionally residual (several levels of product codebooks).
 * ``faiss``: the baseline, a faiss standalone codec built from a factory string such as
-  ``OPQ48,PQ48x8`` (:mod:`memory.faiss_codec`).
+  ``OPQ48,PQ48x8`` (:mod:`memory.codecs.faiss_codec`).
 
 On disk a codec is a directory holding ``codec.json`` (format version, kind, config, the name and
 sha256 of the weights file) and the weights file. Weights are written first and ``codec.json``
@@ -30,7 +30,7 @@ import numpy as np
 import pydantic
 import torch
 
-from memory.manifest import atomic_write, sha256_file
+from memory.artifact import atomic_write
 
 __all__ = [
     "CODEC_FILE",
@@ -41,8 +41,6 @@ __all__ = [
     "MemoryCodec",
     "Segment",
     "compression_ratio",
-    "load_codec",
-    "make_codec",
     "preset",
 ]
 
@@ -264,50 +262,3 @@ class MemoryCodec(ABC):
 def compression_ratio(codec: MemoryCodec, dtype_bytes: int = 2) -> float:
     """Uncompressed bytes per token (dim * dtype_bytes; bf16 by default) over bytes_per_token."""
     return codec.config.dim * dtype_bytes / codec.bytes_per_token
-
-
-def make_codec(config: CodecConfig) -> MemoryCodec:
-    """An unfitted codec of config.kind."""
-    if config.kind == "vq":
-        from memory.vq import VQCodec
-
-        return VQCodec(config)
-    if config.kind == "faiss":
-        from memory.faiss_codec import FaissCodec
-
-        return FaissCodec(config)
-    raise ValueError(f"unknown codec kind {config.kind!r}")  # pragma: no cover - Literal guards it
-
-
-def load_codec(directory: Path, device: torch.device | str = "cpu") -> MemoryCodec:
-    """Load a codec saved by MemoryCodec.save; CodecLoadError if missing, incomplete or corrupt."""
-    directory = Path(directory)
-    meta_path = directory / CODEC_FILE
-    if not directory.is_dir():
-        raise CodecLoadError(f"codec directory {directory} does not exist")
-    if not meta_path.is_file():
-        raise CodecLoadError(f"{meta_path} is missing: {directory} is not a (complete) saved codec")
-    try:
-        meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported format_version {meta.get('format_version')!r}")
-        config = CodecConfig.model_validate(meta["config"])
-        if meta.get("kind") != config.kind:
-            raise ValueError(f"kind {meta.get('kind')!r} disagrees with config.kind {config.kind!r}")
-        weights_name = str(meta["weights_file"])
-        expected_sha = str(meta["weights_sha256"])
-    except (ValueError, KeyError, TypeError, pydantic.ValidationError) as e:
-        raise CodecLoadError(f"corrupt {meta_path}: {e}") from e
-    weights = directory / weights_name
-    if not weights.is_file():
-        raise CodecLoadError(f"weights file {weights} is missing")
-    if sha256_file(weights) != expected_sha:
-        raise CodecLoadError(f"weights file {weights} is corrupt (sha256 mismatch with {CODEC_FILE})")
-    codec = make_codec(config)
-    if codec.weights_file != weights_name:
-        raise CodecLoadError(f"{meta_path} names weights {weights_name!r}, expected {codec.weights_file!r}")
-    try:
-        codec._load_weights(weights)
-    except Exception as e:
-        raise CodecLoadError(f"cannot load weights {weights}: {e}") from e
-    return codec.to(device)

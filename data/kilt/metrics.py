@@ -24,7 +24,7 @@ ROUGE-L is our own exact re-implementation of ``Rouge().get_scores(pred, gold)["
 ``rouge`` 1.0.1 (summary-level union LCS over "."-split sentences, set semantics): no dependency.
 
 Deliberate differences from the official scripts, none of which changes a number it computes:
-errors are :class:`~pipelines.kilt_data.KiltFormatError` naming the ids instead of bare asserts; the
+errors are :class:`~data.kilt.records.KiltFormatError` naming the ids instead of bare asserts; the
 LCS is iterative, so very long sentences do not hit Python's recursion limit (the official one does);
 records without ``input`` (KILT's TriviaQA) count 0 for ``entity_in_input`` instead of raising
 ``KeyError``; duplicated or non-positive ``ks`` are rejected (officially a duplicate is double counted).
@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from pipelines.kilt_data import (
+from data.kilt.records import (
     CheckMode,
     KiltFormatError,
     align_predictions,

@@ -1,0 +1,1 @@
+"""Ingestion: corpus files -> documents -> ~100-word passages with KILT provenance."""

@@ -1,0 +1,1 @@
+"""KILT: the record format (reading, validation, answers) and the official metrics."""

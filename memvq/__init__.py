@@ -1,0 +1,1 @@
+"""memvq: see the README."""
