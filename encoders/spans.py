@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from data.kilt.metrics import normalize_answer
 from encoders.span_head import SpanCandidate
@@ -57,6 +57,34 @@ def passage_token_offsets(
     offsets = torch.tensor(encoding["offset_mapping"], dtype=torch.long)
     in_text = torch.tensor([[sequence == 1 for sequence in encoding.sequence_ids(row)] for row in range(len(texts))])
     return offsets, in_text & (offsets[..., 1] > offsets[..., 0])
+
+
+def fid_pair_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    titles: Sequence[str],
+    texts: Sequence[str],
+    max_length: int,
+) -> tuple[BatchEncoding, torch.Tensor, torch.Tensor]:
+    """FiD's rows `question [SEP] title [SEP] text`, tokenised once -> the encoding (tensors 'r n'), offsets
+    'r n 2' (character offsets into each text; pair coordinates, no shift) and text_mask 'r n' (the text's
+    non-empty tokens, not the question's or the title's)."""
+    separator = tokenizer.sep_token or tokenizer.eos_token
+    prefixes = [f"{title} {separator} " for title in titles]
+    encoding = tokenizer(
+        list(questions),
+        [prefix + text for prefix, text in zip(prefixes, texts, strict=True)],
+        truncation="longest_first",
+        max_length=max_length,
+        padding=True,
+        return_offsets_mapping=True,
+        return_tensors="pt",
+    )
+    offsets = encoding.pop("offset_mapping")
+    second = torch.tensor([[sequence == 1 for sequence in encoding.sequence_ids(row)] for row in range(len(texts))])
+    start = torch.tensor([len(prefix) for prefix in prefixes])[:, None]
+    text_mask = second & (offsets[..., 0] >= start) & (offsets[..., 1] > offsets[..., 0])
+    return encoding, (offsets - start[..., None]).clamp(min=0), text_mask
 
 
 def answer_char_spans(text: str, answers: Sequence[str]) -> list[CharSpan]:

@@ -17,6 +17,7 @@ from encoders.spans import (
     aggregate,
     answer_char_spans,
     char_to_token_span,
+    fid_pair_tokens,
     label_positives,
     passage_token_offsets,
     span_mask_in_pairs,
@@ -289,3 +290,16 @@ def test_gradients_flow_and_a_tiny_head_overfits_one_example(pooler):
         best = best_spans(head(hidden), span_mask, max_span_tokens=10, passage_weight=1.0, top_n=1)[0][0]
         final = span_loss(head(hidden), span_mask, positives)["loss"]
     assert best[:3] == (1, 6, 8) and final < loss
+
+
+def test_fid_rows_offsets_point_into_the_text(tokenizer):
+    questions = ["who wrote it", "where"]
+    titles, texts = ["Hamlet", "Paris"], ["Hamlet was written by William Shakespeare.", "Paris is in France."]
+    encoding, offsets, text_mask = fid_pair_tokens(tokenizer, questions, titles, texts, max_length=32)
+    assert offsets.shape == (*encoding["input_ids"].shape, 2)
+    for row, text in enumerate(texts):
+        kept = text_mask[row].nonzero().squeeze(1).tolist()
+        pieces = [text[offsets[row, i, 0] : offsets[row, i, 1]] for i in kept]
+        assert "".join(pieces) == text.replace(" ", "")  # every text token, no question or title token
+    [[span]] = label_positives(texts[:1], [["William Shakespeare"]], offsets[:1], text_mask[:1], [0])
+    assert token_text(texts[0], offsets[0], span) == "William Shakespeare"
