@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ import torch
 from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
 from data.kilt.records import gold_answer_list, load_kilt, record_input
 from encoders.backbone import Backbone, memory_layer_count
-from encoders.reader import Reader, ReaderConfig
+from encoders.config import ReaderConfig
+from encoders.reader import Reader
 from memory.store import MemoryStore
 from pipelines.rag import STAGES, RAGPipeline, reader_inputs, recomputed_inputs
 from retrieval.retriever import RetrievedPassage, Retriever
@@ -36,14 +38,14 @@ MODES = ("fid", "lumen", "glimmer")  # memory-only (alpha = 0) needs a store of 
 
 
 def make_reader(
-    backbone: Backbone, mode: str, retrieve_k: int, rerank_k: int, answer_tokens: int, copy_answers: bool
+    backbone: Backbone, mode: str, top_k: int, rerank_k: int, answer_tokens: int, copy_answers: bool
 ) -> Reader:
     """An untrained reader of `mode` on a (shared) backbone: the architecture decides the speed, not the weights."""
     alpha = {"fid": 1.0, "memory": 0.0}.get(mode)
     config = ReaderConfig(
         mode=mode,
         alpha=alpha,
-        retrieve_k=retrieve_k,
+        top_k=top_k,
         rerank_k=rerank_k,
         decoder_layers=2,
         max_answer_tokens=answer_tokens,
@@ -98,7 +100,7 @@ def quality_row(
         rows = [[p.row for p in passages] for passages in hits]
         inputs = pipeline.inputs(pipeline.store, reader, rows)
         prior = torch.tensor([[p.score for p in passages] for passages in hits])
-        out = reader.answer(questions, retrieval_scores=prior, **inputs)
+        out = reader.answer(questions, replace(inputs, retrieval_scores=prior))
         kept = out.kept.tolist()
         for record, answer, order, passages in zip(chunk, out.answers, kept, hits, strict=True):
             answers = gold_answer_list(record)

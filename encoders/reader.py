@@ -1,7 +1,7 @@
 """The query-time reader: backbone (question memory + live layers) + GLIMMER reranker + Fusion-in-Decoder decoder.
 
-It owns the forward path from (questions, retrieved passage memory) to answers, the training loss and saving the
-trained parts. Four modes (`ReaderConfig.mode`):
+It owns the forward path from (questions, retrieved passage memory) to answers, the training loss and which parts
+are trained (their files on disk: `encoders.reader_io`). Four modes (`ReaderConfig.mode`):
 
 * lumen:   the question goes through the memory layers once (`Backbone.encode_memory`) and is put in front of
            each of the K passages' memory, `[question tokens; passage memory tokens]`; the live layers
@@ -19,55 +19,41 @@ matters for T5, whose relative position bias sees gaps). Passages are batched to
 The memory side (embeddings and memory layers) is frozen by default: the store was built with it. Trainable and
 saved: the live layers (and the T5 final norm), the reranker and the decoder; with `train_memory_layers` the
 memory layers too, and the store must then be rebuilt with them (`build-index --memory-from READER_DIR`):
-`Backbone.memory_digest` names them in the store's manifest and the pipeline refuses a mismatch. The memory
-arrives as tensors (memory 'b k l d', mask 'b k l', as `MemoryStore.get_memory` returns them per question) so
-the reader does not depend on the store; fid takes the passage (title, text) pairs instead.
+`Backbone.memory_digest` names them in the store's manifest and the pipeline refuses a mismatch. The passages
+arrive as `ReaderInputs` (memory 'b k l d', mask 'b k l', as `MemoryStore.get_memory` returns them per question;
+fid: the passage (title, text) pairs) so the reader does not depend on the store; the query knobs (rerank_k,
+answer length, beams) as `QueryOptions`, None resolved against the config.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from einops import rearrange, repeat
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from encoders.backbone import Backbone, memory_layer_count, portable_model_path
+from encoders.backbone import Backbone, memory_layer_count
+from encoders.config import ReaderConfig
 from encoders.decoder import FiDDecoder
+from encoders.inputs import PassageOffsets, PassageText, ReaderInputs
+from encoders.options import QueryOptions
+from encoders.reader_io import READER_FILE, layer_index, load_backbone, load_state, read_reader, save_reader
 from encoders.reranker import RerankerHead, perplexity_distillation_loss, perplexity_distillation_target
-from memory.artifact import atomic_write, write_json
+from encoders.span_head import SpanHead, answer_log_likelihood, best_spans, span_loss
+from encoders.spans import AnswerSpan, aggregate, fid_pair_tokens, label_positives
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["fid", "lumen", "glimmer", "memory"]
-PassageText = tuple[str, str]  # (title, text)
-
-READER_FORMAT = "memvq-reader/1"
-READER_FILE = "reader.json"
-WEIGHTS_FILE = "reader.pt"
-
-# The live fraction each mode implies when `alpha` is not given (LUMEN's default for lumen and glimmer).
-DEFAULT_ALPHA: dict[str, float] = {"fid": 1.0, "lumen": 1 / 3, "glimmer": 1 / 3, "memory": 0.0}
+SPAN_CANDIDATES = 20  # extract: the best spans per question whose equal answers are added up
 
 # The embedded default reader (MiniLM, trained by `memvq train` with configs/train-minilm.toml; see its README).
 DEFAULT_READER_DIR = Path(__file__).parent / "weights" / "minilm-glimmer"
-
-_LAYER_KEY = re.compile(r"^encoder\.(?:layer|block)\.(\d+)\.")
-
-
-def _layer_index(key: str) -> int | None:
-    """The encoder layer a backbone state_dict key belongs to (None: embeddings, final norm, ...)."""
-    match = _LAYER_KEY.match(key)
-    return None if match is None else int(match.group(1))
 
 
 def default_reader_path() -> Path:
@@ -80,59 +66,33 @@ def default_reader_path() -> Path:
     return DEFAULT_READER_DIR
 
 
-class ReaderConfig(BaseModel):
-    """How the reader reads: mode, live fraction, passage counts, token budgets, decoding, loss weights."""
+@dataclass
+class PairSpans:
+    """Where each pair's tokens sit in its passage's text (extract head): texts 'b k', offsets 'b k n 2'
+    (character offsets into the text at pair positions) and text_mask 'b k n' (the position is a text token)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    texts: list[list[str]]
+    offsets: torch.Tensor
+    text_mask: torch.Tensor
 
-    mode: Mode = "lumen"
-    alpha: float | None = Field(default=None, ge=0.0, le=1.0, description="live fraction; None: the mode's default")
-    retrieve_k: int = Field(
-        default=20, ge=1, description="K: passages retrieved per question (the reader reads all given)"
-    )
-    rerank_k: int = Field(default=5, ge=1, description="glimmer: passages kept after reranking")
-    rerank_layers: int = Field(default=1, ge=1, description="glimmer: Live-A layer count")
-    retrieval_weight: float = Field(
-        default=0.0, ge=0.0, description="glimmer: passages are kept by reranker score + this x retrieval score"
-    )
-    max_question_tokens: int = Field(default=32, ge=2)
-    max_passage_tokens: int = Field(default=128, ge=2)
-    max_answer_tokens: int = Field(default=16, ge=2)
-    decoder_layers: int | None = Field(default=None, ge=1, description="decoder depth; None: the checkpoint's")
-    train_decoder_embeddings: bool = Field(
-        default=False, description="False: the checkpoint's word embeddings (and tied LM head) stay frozen, unsaved"
-    )
-    copy_answers: bool = Field(
-        default=False,
-        description="pointer-generator decoder: answer tokens may be copied from the question and passages read",
-    )
-    train_memory_layers: bool = Field(
-        default=False,
-        description="the memory layers are trained (on memory recomputed from passage text) and saved with the "
-        "reader; its store is then built with them: build-index --memory-from READER_DIR",
-    )
-    num_beams: int = Field(default=1, ge=1)
-    distill_temperature: float = Field(default=1.0, gt=0.0)
-    rerank_loss_weight: float = Field(default=1.0, ge=0.0)
+    def select(self, kept: torch.Tensor) -> PairSpans:
+        """The pairs `kept` 'b k' (indices into these K)."""
+        rows = torch.arange(kept.shape[0], device=kept.device).unsqueeze(1)
+        texts = [[row[j] for j in chosen] for row, chosen in zip(self.texts, kept.tolist(), strict=True)]
+        return PairSpans(texts, self.offsets[rows, kept], self.text_mask[rows, kept])
 
-    @model_validator(mode="after")
-    def _check(self) -> ReaderConfig:
-        alpha = self.live_fraction
-        if self.mode == "fid" and alpha != 1.0:
-            raise ValueError(f"fid re-encodes the passage text through every layer: alpha must be 1, got {alpha}")
-        if self.mode == "memory" and alpha != 0.0:
-            raise ValueError(f"memory mode has no live layers: alpha must be 0, got {alpha}")
-        if self.mode in ("lumen", "glimmer") and alpha <= 0.0:
-            raise ValueError(f"{self.mode} needs live layers: alpha must be > 0 (alpha = 0 is mode 'memory')")
-        if self.mode == "fid" and self.train_memory_layers:
-            raise ValueError("fid has no memory layers (every layer is live): train_memory_layers needs memory")
-        if self.mode == "glimmer" and self.rerank_k > self.retrieve_k:
-            raise ValueError(f"rerank_k ({self.rerank_k}) must be <= retrieve_k ({self.retrieve_k})")
-        return self
-
-    @property
-    def live_fraction(self) -> float:
-        return DEFAULT_ALPHA[self.mode] if self.alpha is None else self.alpha
+    def positives(self, answers: Sequence[Sequence[str]], max_tokens: int) -> list[list[tuple[int, int]]]:
+        """Every occurrence of a question's gold answers in each of its pairs, '(b k)' order, as pair positions
+        (first, last); occurrences longer than `max_tokens` tokens are left out."""
+        k = len(self.texts[0])
+        spans = label_positives(
+            [text for row in self.texts for text in row],
+            [answer for answer in answers for _ in range(k)],
+            rearrange(self.offsets, "b k n two -> (b k) n two"),
+            rearrange(self.text_mask, "b k n -> (b k) n"),
+            [0] * (len(self.texts) * k),
+        )
+        return [[(first, last) for first, last in row if last - first < max_tokens] for row in spans]
 
 
 @dataclass
@@ -143,7 +103,8 @@ class EncoderOutput:
     except in glimmer) and their tokens' ids (0 where unknown: passage memory given without its ids);
     passage_scores 'b K' (glimmer, else None); kept 'b k' (indices into the K passages, best score first in
     glimmer, 0..K-1 otherwise); live_a 'b K n d' / live_a_mask 'b K n': glimmer's states of all K pairs after
-    Live-A (else None), live_a_ids 'b K n' their token ids; timings_ms: milliseconds per stage ("live", "rerank").
+    Live-A (else None), live_a_ids 'b K n' their token ids; spans (extract head): where all K pairs' tokens sit
+    in their passages' text; timings_ms: milliseconds per stage ("live", "rerank").
     """
 
     hidden: torch.Tensor
@@ -154,6 +115,7 @@ class EncoderOutput:
     live_a: torch.Tensor | None = None
     live_a_mask: torch.Tensor | None = None
     live_a_ids: torch.Tensor | None = None
+    spans: PairSpans | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def decoder_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,12 +129,14 @@ class EncoderOutput:
 
 @dataclass
 class ReaderOutput:
-    """Answers with the passages read: scores 'b K' (glimmer, else None), kept 'b k', ms per stage."""
+    """Answers with the passages read: scores 'b K' (glimmer, else None), kept 'b k', ms per stage; spans (extract
+    head): each answer's place, `AnswerSpan.passage` indexing the question's kept passages (None: no answer)."""
 
     answers: list[str]
     passage_scores: torch.Tensor | None
     kept: torch.Tensor
     timings_ms: dict[str, float]
+    spans: list[AnswerSpan | None] | None = None
 
 
 @dataclass
@@ -185,6 +149,7 @@ class _Pairs:
     ids: torch.Tensor
     batch: int
     k: int
+    spans: PairSpans | None = None  # 'b k ...' (extract head)
 
 
 class Stopwatch:
@@ -224,13 +189,20 @@ class Reader(nn.Module):
     def __init__(
         self,
         backbone: Backbone,
-        decoder: FiDDecoder,
+        decoder: FiDDecoder | None,
         config: ReaderConfig,
         reranker: RerankerHead | None = None,
     ) -> None:
         super().__init__()
+        if (decoder is None) != (config.head == "extract"):
+            raise ValueError(f"the {config.head} head {'needs' if decoder is None else 'has no'} decoder")
         self.backbone = backbone
         self.decoder = decoder
+        self.span_head: SpanHead | None = None
+        if config.head == "extract":
+            self.span_head = SpanHead(backbone.hidden_size).to(
+                device=backbone.device, dtype=next(backbone.model.parameters()).dtype
+            )
         self.config = config
         num_layers = backbone.num_layers
         if config.mode == "fid":
@@ -254,7 +226,10 @@ class Reader(nn.Module):
 
     @classmethod
     def from_backbone(cls, backbone: Backbone, config: ReaderConfig) -> Reader:
-        """A new reader: decoder from the backbone's checkpoint, fresh reranker (glimmer)."""
+        """A new reader: decoder from the backbone's checkpoint (generate head) or a fresh span head (extract),
+        fresh reranker (glimmer)."""
+        if config.head == "extract":
+            return cls(backbone, None, config)
         return cls(
             backbone, FiDDecoder.from_backbone(backbone, config.decoder_layers, copy=config.copy_answers), config
         )
@@ -262,6 +237,13 @@ class Reader(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.backbone.device
+
+    @property
+    def answer_head(self) -> nn.Module:
+        """The decoder (generate head) or the span head (extract)."""
+        head = self.decoder if self.span_head is None else self.span_head
+        assert head is not None
+        return head
 
     def _encoder_layers(self) -> nn.ModuleList:
         model = self.backbone.model
@@ -273,7 +255,7 @@ class Reader(nn.Module):
         memory_layers = [] if self.config.train_memory_layers else list(self._encoder_layers()[: self.first_live])
         for module in [embeddings, *memory_layers]:
             module.requires_grad_(False)
-        if not self.config.train_decoder_embeddings:
+        if self.decoder is not None and not self.config.train_decoder_embeddings:
             self.decoder.freeze_embeddings()
 
     # -- encoder side ------------------------------------------------------------------------------------------
@@ -284,9 +266,11 @@ class Reader(nn.Module):
         memory: torch.Tensor,
         memory_mask: torch.Tensor,
         memory_ids: torch.Tensor | None = None,
+        offsets: PassageOffsets | None = None,
     ) -> _Pairs:
         """[question memory; passage memory] for every (question, passage): memory 'b k l d', mask 'b k l',
-        memory_ids 'b k l' (the passage tokens' ids; None: unknown, 0)."""
+        memory_ids 'b k l' (the passage tokens' ids; None: unknown, 0), offsets (extract head: where the memory's
+        tokens sit in the passages' text)."""
         cfg = self.config
         memory = memory[:, :, : cfg.max_passage_tokens].to(self.device)
         memory_mask = memory_mask[:, :, : cfg.max_passage_tokens].to(self.device).bool()
@@ -319,7 +303,25 @@ class Reader(nn.Module):
         ids = torch.cat(
             [repeat(tokens["input_ids"], "b q -> (b k) q", k=k), rearrange(memory_ids, "b k l -> (b k) l")], dim=1
         )
-        return _Pairs(*pack(hidden, mask, segment, ids), batch=batch, k=k)
+        if offsets is None:
+            return _Pairs(*pack(hidden, mask, segment, ids), batch=batch, k=k)
+        question_zeros = torch.zeros(batch * k, question.shape[1], dtype=torch.long, device=self.device)
+        cut = memory.shape[2]
+        starts, ends, text_mask = (
+            torch.cat([question_zeros.to(values.dtype), rearrange(values[:, :, :cut], "b k l -> (b k) l")], dim=1)
+            for values in (
+                offsets.offsets[..., 0].to(self.device),
+                offsets.offsets[..., 1].to(self.device),
+                offsets.text_mask.to(self.device).bool(),
+            )
+        )
+        hidden, mask, segment, ids, starts, ends, text_mask = pack(hidden, mask, segment, ids, starts, ends, text_mask)
+        spans = PairSpans(
+            [list(row) for row in offsets.texts],
+            rearrange(torch.stack([starts, ends], dim=-1), "(b k) n two -> b k n two", b=batch),
+            rearrange(text_mask, "(b k) n -> b k n", b=batch),
+        )
+        return _Pairs(hidden, mask, segment, ids, batch=batch, k=k, spans=spans)
 
     def _text_pairs(self, questions: list[str], passage_texts: Sequence[Sequence[PassageText]]) -> _Pairs:
         """FiD: `question [SEP] title [SEP] text` for every (question, passage), embedded (no layer run yet)."""
@@ -328,26 +330,23 @@ class Reader(nn.Module):
             raise ValueError(f"{len(questions)} questions but passages for {len(passage_texts)}")
         rows = [list(passages) for passages in passage_texts]
         k = len(rows[0])
-        if any(len(row) != k for row in rows):
-            raise ValueError("every question needs the same number of passages")
-        tokenizer = self.backbone.tokenizer
-        sep = tokenizer.sep_token or tokenizer.eos_token
-        firsts = [question for question in questions for _ in range(k)]
-        seconds = [f"{title} {sep} {text}" for row in rows for title, text in row]
-        tokens = tokenizer(
-            firsts,
-            seconds,
-            truncation="longest_first",
+        tokens, offsets, text_mask = fid_pair_tokens(
+            self.backbone.tokenizer,
+            [question for question in questions for _ in range(k)],
+            [title for row in rows for title, _ in row],
+            [text for row in rows for _, text in row],
             max_length=cfg.max_question_tokens + cfg.max_passage_tokens,
-            padding=True,
-            return_tensors="pt",
-        ).to(self.device)
+        )
+        tokens = tokens.to(self.device)
         hidden = self.backbone.embed(tokens["input_ids"], tokens.get("token_type_ids"))
         mask = tokens["attention_mask"].bool()
-        # The reranker (the only reader of segments) is not used in fid: every token is marked as passage.
-        return _Pairs(
-            hidden, mask, torch.ones_like(tokens["input_ids"]), tokens["input_ids"], batch=len(questions), k=k
+        spans = PairSpans(
+            [[text for _, text in row] for row in rows],
+            rearrange(offsets.to(self.device), "(b k) n two -> b k n two", k=k),
+            rearrange(text_mask.to(self.device), "(b k) n -> b k n", k=k),
         )
+        # The reranker (the only reader of segments) is not used in fid: every token is marked as passage.
+        return _Pairs(hidden, mask, torch.ones_like(tokens["input_ids"]), tokens["input_ids"], len(questions), k, spans)
 
     def _live_b(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """glimmer: the live layers after Live-A over '(b k) n d' (nothing left when Live-A reached the top)."""
@@ -356,33 +355,29 @@ class Reader(nn.Module):
             return hidden  # Live-A ran the last layer and the final norm already
         return self.backbone.run_live(hidden, mask, start=start)
 
-    def encode(
-        self,
-        questions: list[str],
-        memory: torch.Tensor | None = None,
-        memory_mask: torch.Tensor | None = None,
-        passage_texts: Sequence[Sequence[PassageText]] | None = None,
-        rerank_k: int | None = None,
-        retrieval_scores: torch.Tensor | None = None,
-        memory_ids: torch.Tensor | None = None,
-    ) -> EncoderOutput:
-        """Questions + memory 'b k l d' / mask 'b k l' / token ids 'b k l' (fid: passage (title, text) 'b k')
-        -> EncoderOutput. A copying decoder (`copy_answers`) needs `memory_ids`.
+    def encode(self, questions: list[str], inputs: ReaderInputs, options: QueryOptions | None = None) -> EncoderOutput:
+        """Questions + their passages (memory, or for fid passage text; a copying decoder needs `memory_ids`)
+        -> EncoderOutput.
 
-        glimmer keeps `rerank_k` passages (default: the config's; at most the K given) by reranker score, plus
-        `retrieval_weight` x `retrieval_scores` 'b K' when they are given (the retriever as a prior)."""
+        glimmer keeps `options.rerank_k` passages (None: the config's; at most the K given) by reranker score,
+        plus `retrieval_weight` x `inputs.retrieval_scores` when they are given (the retriever as a prior)."""
+        rerank_k = (options or QueryOptions()).resolved(self.config).rerank_k
         watch = Stopwatch(self.device)
         with watch.stage("live"):
             if self.config.mode == "fid":
-                if passage_texts is None:
+                if inputs.passage_texts is None:
                     raise ValueError("fid mode reads passage text: give passage_texts")
-                pairs = self._text_pairs(questions, passage_texts)
+                pairs = self._text_pairs(questions, inputs.passage_texts)
             else:
-                if memory is None or memory_mask is None:
+                if inputs.memory is None or inputs.memory_mask is None:
                     raise ValueError(f"{self.config.mode} mode reads memory: give memory and memory_mask")
-                if self.config.copy_answers and memory_ids is None:
+                if self.config.copy_answers and inputs.memory_ids is None:
                     raise ValueError("copy_answers reads the passages' token ids: give memory_ids")
-                pairs = self._memory_pairs(questions, memory, memory_mask, memory_ids)
+                if self.config.head == "extract" and inputs.passage_offsets is None:
+                    raise ValueError("the extract head answers with spans of the passages' text: give passage_offsets")
+                pairs = self._memory_pairs(
+                    questions, inputs.memory, inputs.memory_mask, inputs.memory_ids, inputs.passage_offsets
+                )
             batch, k = pairs.batch, pairs.k
             if self.config.mode == "glimmer":  # Live-A only; Live-B after reranking
                 stop = self.first_live + self.config.rerank_layers
@@ -396,6 +391,7 @@ class Reader(nn.Module):
                 token_ids=rearrange(pairs.ids, "(b k) n -> b k n", b=batch),
                 passage_scores=None,
                 kept=torch.arange(k, device=self.device).expand(batch, k),
+                spans=pairs.spans,
                 timings_ms=watch.ms,
             )
         assert self.reranker is not None
@@ -405,9 +401,9 @@ class Reader(nn.Module):
         ids = rearrange(pairs.ids, "(b k) n -> b k n", b=batch)
         with watch.stage("rerank"):
             scores = self.reranker(live_a, mask & (segment == 0), mask & (segment == 1))
-            if retrieval_scores is not None and self.config.retrieval_weight:
-                scores = scores + self.config.retrieval_weight * retrieval_scores.to(scores)
-            kept = scores.topk(min(rerank_k or self.config.rerank_k, k), dim=-1).indices
+            if inputs.retrieval_scores is not None and self.config.retrieval_weight:
+                scores = scores + self.config.retrieval_weight * inputs.retrieval_scores.to(scores)
+            kept = scores.topk(min(rerank_k, k), dim=-1).indices
         with watch.stage("live"):
             rows = torch.arange(batch, device=self.device).unsqueeze(1)
             chosen = live_a[rows, kept]  # 'b k n d'
@@ -422,6 +418,7 @@ class Reader(nn.Module):
             live_a=live_a,
             live_a_mask=mask,
             live_a_ids=ids,
+            spans=pairs.spans,
             timings_ms=watch.ms,
         )
 
@@ -431,35 +428,29 @@ class Reader(nn.Module):
     def answer(
         self,
         questions: list[str],
-        memory: torch.Tensor | None = None,
-        memory_mask: torch.Tensor | None = None,
-        passage_texts: Sequence[Sequence[PassageText]] | None = None,
-        num_beams: int | None = None,
-        rerank_k: int | None = None,
-        max_answer_tokens: int | None = None,
+        inputs: ReaderInputs,
+        options: QueryOptions | None = None,
         min_answer_tokens: int = 0,
-        retrieval_scores: torch.Tensor | None = None,
-        memory_ids: torch.Tensor | None = None,
     ) -> ReaderOutput:
-        """Answers of a batch of questions; None for `num_beams`, `rerank_k`, `max_answer_tokens`: the config's.
+        """Answers of a batch of questions from their passages; `options` left None: the config's.
         `min_answer_tokens` forbids the end token before that many tokens (benchmarks use it to fix the length)."""
-        encoded = self.encode(
-            questions,
-            memory,
-            memory_mask,
-            passage_texts,
-            rerank_k=rerank_k,
-            retrieval_scores=retrieval_scores,
-            memory_ids=memory_ids,
-        )
+        options = (options or QueryOptions()).resolved(self.config)
+        encoded = self.encode(questions, inputs, options)
         watch = Stopwatch(self.device)
+        if self.span_head is not None:
+            with watch.stage("decode"):
+                spans = self._extract(encoded, options.max_answer_tokens)
+            timings = {"live": 0.0, "rerank": 0.0, **encoded.timings_ms, **watch.ms}
+            answers = [span.answer if span is not None else "" for span in spans]
+            return ReaderOutput(answers, encoded.passage_scores, encoded.kept, timings, spans)
+        assert self.decoder is not None
         with watch.stage("decode"):
             hidden, mask, token_ids = encoded.decoder_inputs()
             ids = self.decoder.generate(
                 hidden,
                 mask,
-                max_new_tokens=max_answer_tokens or self.config.max_answer_tokens,
-                num_beams=num_beams or self.config.num_beams,
+                max_new_tokens=options.max_answer_tokens,
+                num_beams=options.num_beams,
                 min_new_tokens=min_answer_tokens,
                 encoder_ids=token_ids,
             )
@@ -467,97 +458,113 @@ class Reader(nn.Module):
         timings = {"live": 0.0, "rerank": 0.0, **encoded.timings_ms, **watch.ms}
         return ReaderOutput(answers, encoded.passage_scores, encoded.kept, timings)
 
+    def _extract(self, encoded: EncoderOutput, max_span_tokens: int) -> list[AnswerSpan | None]:
+        """The extract head's answer per question: the best spans of its kept pairs, equal answers added up."""
+        assert self.span_head is not None and encoded.spans is not None
+        spans = encoded.spans.select(encoded.kept)
+        logits = self.span_head(encoded.hidden)
+        candidates = best_spans(
+            logits, spans.text_mask, max_span_tokens, self.config.passage_weight, top_n=SPAN_CANDIDATES
+        )
+        no_shift = [0] * encoded.kept.shape[1]
+        return [
+            aggregate(found, texts, offsets, no_shift)
+            for found, texts, offsets in zip(candidates, spans.texts, spans.offsets.cpu(), strict=True)
+        ]
+
     # -- training ----------------------------------------------------------------------------------------------
 
-    def _passage_log_likelihood(self, encoded: EncoderOutput, labels: torch.Tensor) -> torch.Tensor:
-        """log p(answer | question, passage k alone) for all K passages: -> 'b K' (no grad).
+    def _all_pairs_final(self, encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The final states of all K pairs, each through the whole live encoder on its own (glimmer: Live-B over
+        its Live-A states, so also the passages the reranker dropped): hidden 'b K n d', mask, token ids 'b K n'."""
+        if encoded.live_a is None or encoded.live_a_mask is None or encoded.live_a_ids is None:
+            return encoded.hidden, encoded.mask, encoded.token_ids
+        batch = encoded.live_a.shape[0]
+        mask = rearrange(encoded.live_a_mask, "b k n -> (b k) n")
+        hidden = self._live_b(rearrange(encoded.live_a, "b k n d -> (b k) n d"), mask)
+        return rearrange(hidden, "(b k) n d -> b k n d", b=batch), encoded.live_a_mask, encoded.live_a_ids
 
-        Each pair gets the whole live encoder on its own (glimmer: Live-B over its Live-A states, so also the
-        passages the reranker dropped) and the decoder reads that one pair. It runs in the module's current
-        train/eval mode (with dropout while training, as the generation loss does).
-        """
+    def _passage_log_likelihood(self, encoded: EncoderOutput, answers: Sequence[Sequence[str]]) -> torch.Tensor:
+        """log p(answer | question, passage k alone) for all K passages: -> 'b K' (no grad). The generate head:
+        the decoder's likelihood of the first gold answer from that one pair; extract: the span head's
+        likelihood of the gold answers' occurrences in it (a floor where it holds none). It runs in the module's
+        current train/eval mode (with dropout while training, as the answer loss does)."""
         with torch.no_grad():
-            if encoded.live_a is not None and encoded.live_a_mask is not None and encoded.live_a_ids is not None:
-                batch = encoded.live_a.shape[0]
-                mask = rearrange(encoded.live_a_mask, "b k n -> (b k) n")
-                hidden = self._live_b(rearrange(encoded.live_a, "b k n d -> (b k) n d"), mask)
-                ids = rearrange(encoded.live_a_ids, "b k n -> (b k) n")
-            else:
-                batch = encoded.hidden.shape[0]
-                mask = rearrange(encoded.mask, "b k n -> (b k) n")
-                hidden = rearrange(encoded.hidden, "b k n d -> (b k) n d")
-                ids = rearrange(encoded.token_ids, "b k n -> (b k) n")
-            k = hidden.shape[0] // batch
-            out = self.decoder(hidden, mask, labels.repeat_interleave(k, dim=0), ids)
+            hidden, mask, ids = self._all_pairs_final(encoded)
+            if self.span_head is not None:
+                assert encoded.spans is not None
+                positives = encoded.spans.positives(answers, self.config.max_answer_tokens)
+                return answer_log_likelihood(self.span_head(hidden), encoded.spans.text_mask, positives)
+            assert self.decoder is not None
+            batch, k = hidden.shape[:2]
+            labels = self.decoder.tokenize_targets([answer[0] for answer in answers], self.config.max_answer_tokens)
+            out = self.decoder(
+                rearrange(hidden, "b k n d -> (b k) n d"),
+                rearrange(mask, "b k n -> (b k) n"),
+                labels.repeat_interleave(k, dim=0),
+                rearrange(ids, "b k n -> (b k) n"),
+            )
             return rearrange(out.log_likelihood, "(b k) -> b k", b=batch)
 
     @torch.no_grad()
     def distillation_target(
-        self,
-        questions: list[str],
-        answers: list[str],
-        memory: torch.Tensor | None = None,
-        memory_mask: torch.Tensor | None = None,
-        passage_texts: Sequence[Sequence[PassageText]] | None = None,
-        memory_ids: torch.Tensor | None = None,
+        self, questions: list[str], answers: Sequence[Sequence[str]], inputs: ReaderInputs
     ) -> torch.Tensor:
         """The perplexity-distillation target 'b K' (rows sum to 1) over the K passages read."""
-        encoded = self.encode(questions, memory, memory_mask, passage_texts, memory_ids=memory_ids)
-        labels = self.decoder.tokenize_targets(answers, self.config.max_answer_tokens)
-        ll = self._passage_log_likelihood(encoded, labels)
+        encoded = self.encode(questions, inputs)
+        ll = self._passage_log_likelihood(encoded, answers)
         return perplexity_distillation_target(ll, self.config.distill_temperature)
 
+    def _answer_loss(self, encoded: EncoderOutput, answers: Sequence[Sequence[str]]) -> dict[str, torch.Tensor]:
+        """The answer head's loss over the passages read. generate: {generation_loss} (teacher-forced cross
+        entropy of the first gold answer); extract: {span_loss, passage_loss} (every occurrence of a gold answer in
+        a kept passage is a positive, see `encoders.span_head.span_loss`)."""
+        if self.span_head is not None:
+            assert encoded.spans is not None
+            spans = encoded.spans.select(encoded.kept)
+            positives = spans.positives(answers, self.config.max_answer_tokens)
+            losses = span_loss(self.span_head(encoded.hidden), spans.text_mask, positives, self.config.span_objective)
+            return {"span_loss": losses["span_loss"], "passage_loss": losses["passage_loss"]}
+        assert self.decoder is not None
+        labels = self.decoder.tokenize_targets([answer[0] for answer in answers], self.config.max_answer_tokens)
+        hidden, mask, token_ids = encoded.decoder_inputs()
+        return {"generation_loss": self.decoder(hidden, mask, labels, token_ids).loss}
+
     def loss(
-        self,
-        questions: list[str],
-        answers: list[str],
-        memory: torch.Tensor | None = None,
-        memory_mask: torch.Tensor | None = None,
-        passage_texts: Sequence[Sequence[PassageText]] | None = None,
-        retrieval_scores: torch.Tensor | None = None,
-        memory_ids: torch.Tensor | None = None,
+        self, questions: list[str], answers: Sequence[Sequence[str]], inputs: ReaderInputs
     ) -> dict[str, torch.Tensor]:
-        """{loss, generation_loss, rerank_loss}: teacher-forced answer cross entropy over the passages read, plus
-        (glimmer) rerank_loss_weight * KL(target || softmax(reranker scores)) with the perplexity target.
+        """{loss, the answer head's losses, rerank_loss}: the answer loss over the passages read (`answers`: each
+        question's gold answers; the generate head learns the first), plus (glimmer) rerank_loss_weight *
+        KL(target || softmax(reranker scores)) with the perplexity target.
 
         glimmer reads the passages it would keep at query time: by reranker score plus `retrieval_weight` x
-        `retrieval_scores` 'b K' when they are given."""
+        `inputs.retrieval_scores` when they are given."""
         if len(answers) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-        encoded = self.encode(
-            questions, memory, memory_mask, passage_texts, retrieval_scores=retrieval_scores, memory_ids=memory_ids
-        )
-        labels = self.decoder.tokenize_targets(answers, self.config.max_answer_tokens)
-        hidden, mask, token_ids = encoded.decoder_inputs()
-        generation_loss = self.decoder(hidden, mask, labels, token_ids).loss
-        rerank_loss = torch.zeros((), device=generation_loss.device)
+        encoded = self.encode(questions, inputs)
+        losses = self._answer_loss(encoded, answers)
+        loss = sum(losses.values())
+        rerank_loss = torch.zeros((), device=encoded.hidden.device)
         if encoded.passage_scores is not None:
             target = perplexity_distillation_target(
-                self._passage_log_likelihood(encoded, labels), self.config.distill_temperature
+                self._passage_log_likelihood(encoded, answers), self.config.distill_temperature
             )
             rerank_loss = perplexity_distillation_loss(encoded.passage_scores, target)
-        loss = generation_loss + self.config.rerank_loss_weight * rerank_loss
-        return {"loss": loss, "generation_loss": generation_loss, "rerank_loss": rerank_loss}
+        loss = loss + self.config.rerank_loss_weight * rerank_loss
+        return {"loss": loss, **losses, "rerank_loss": rerank_loss}
 
     def forward(
-        self,
-        questions: list[str],
-        answers: list[str],
-        memory: torch.Tensor | None = None,
-        memory_mask: torch.Tensor | None = None,
-        passage_texts: Sequence[Sequence[PassageText]] | None = None,
-        retrieval_scores: torch.Tensor | None = None,
-        memory_ids: torch.Tensor | None = None,
+        self, questions: list[str], answers: Sequence[Sequence[str]], inputs: ReaderInputs
     ) -> dict[str, torch.Tensor]:
         """The training loss (see `loss`)."""
-        return self.loss(questions, answers, memory, memory_mask, passage_texts, retrieval_scores, memory_ids)
+        return self.loss(questions, answers, inputs)
 
     # -- persistence -------------------------------------------------------------------------------------------
 
     def _backbone_part(self, key: str) -> str | None:
         """The trained part a backbone state_dict key belongs to: "live" (live layers, T5 final norm), "memory"
         (memory layers, with `train_memory_layers`) or None (frozen: embeddings, memory layers by default)."""
-        layer = _layer_index(key)
+        layer = layer_index(key)
         if layer is None:
             return "live" if key.startswith("encoder.final_layer_norm.") else None
         if layer >= self.first_live:
@@ -570,8 +577,8 @@ class Reader(nn.Module):
         return self.backbone.memory_digest() if self.config.train_memory_layers else None
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """What the backbone checkpoint does not ship: live.*, (train_memory_layers) memory.*, reranker.*,
-        decoder.* tensors (without the decoder's word embeddings when they stay frozen)."""
+        """What the backbone checkpoint does not ship: live.*, (train_memory_layers) memory.*, reranker.*, and
+        decoder.* / copy.* tensors (without the decoder's word embeddings when they stay frozen) or span.*."""
         state = {}
         for key, value in self.backbone.model.state_dict().items():
             part = self._backbone_part(key)
@@ -579,6 +586,10 @@ class Reader(nn.Module):
                 state[f"{part}.{key}"] = value
         if self.reranker is not None:
             state.update({f"reranker.{key}": value for key, value in self.reranker.state_dict().items()})
+        if self.span_head is not None:
+            state.update({f"span.{key}": value for key, value in self.span_head.state_dict().items()})
+            return state
+        assert self.decoder is not None
         frozen = set() if self.config.train_decoder_embeddings else self.decoder.embedding_keys()
         state.update(
             {f"decoder.{key}": value for key, value in self.decoder.model.state_dict().items() if key not in frozen}
@@ -588,48 +599,27 @@ class Reader(nn.Module):
         return state
 
     def save(self, directory: str | Path, fp16: bool = False) -> Path:
-        """Write reader.json (config, backbone info) and reader.pt (trained tensors)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        # Tied tensors (the BERT2BERT LM head and word embeddings) stay one tensor in the file.
-        converted: dict[tuple[int, torch.Size, torch.dtype], torch.Tensor] = {}
-        state = {}
-        for key, value in self.trained_state().items():
-            ident = (value.data_ptr(), value.shape, value.dtype)
-            if ident not in converted:
-                tensor = value.detach().to("cpu")
-                converted[ident] = tensor.half() if fp16 and tensor.is_floating_point() else tensor
-            state[key] = converted[ident]
-        atomic_write(directory / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
-        meta: dict[str, Any] = {
-            "format": READER_FORMAT,
-            "config": self.config.model_dump(),
-            "backbone": asdict(self.backbone.info) | {"model_path": portable_model_path(self.backbone.info.model_path)},
-            "dtype": "float16" if fp16 else str(next(self.parameters()).dtype).removeprefix("torch."),
-        }
-        write_json(directory / READER_FILE, meta)
-        logger.info("saved reader (%s, %d tensors) to %s", self.config.mode, len(state), directory)
-        return directory
+        """Write reader.pt (trained tensors) and reader.json (config, backbone info): `encoders.reader_io`."""
+        return save_reader(directory, self.config.model_dump(), self.backbone.info, self.trained_state(), fp16)
 
     @classmethod
     def load(
         cls, directory: str | Path, backbone_path: str | Path | None = None, device: str | torch.device = "cpu"
     ) -> Reader:
-        """A saved reader on top of a freshly loaded backbone (its saved path, or `backbone_path`)."""
-        directory = Path(directory)
-        meta = _read_meta(directory)
-        info = meta["backbone"]
-        backbone = Backbone.from_pretrained(
-            backbone_path or info["model_path"], memory_layers=info["memory_layers"]
-        ).to(device)
-        _check_backbone(backbone, info)
-        reader = cls.from_backbone(backbone, ReaderConfig(**meta["config"]))
-        reader.load_trained_state(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        """A saved reader (`encoders.reader_io`) on top of a freshly loaded backbone (its saved path, or
+        `backbone_path`)."""
+        header = read_reader(directory)
+        backbone = load_backbone(header, backbone_path).to(device)
+        reader = cls.from_backbone(backbone, ReaderConfig(**header.config))
+        reader.load_trained_state(load_state(directory))
         return reader.eval()
 
     def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load `trained_state()` tensors (any float dtype) into the live (and memory) layers, reranker, decoder."""
-        parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in ("live", "memory", "reranker", "decoder", "copy")}
+        """Load `trained_state()` tensors (any float dtype) into the live (and memory) layers, reranker, and
+        decoder or span head."""
+        parts: dict[str, dict[str, torch.Tensor]] = {
+            p: {} for p in ("live", "memory", "reranker", "decoder", "copy", "span")
+        }
         for key, value in state.items():
             part, _, name = key.partition(".")
             if part not in parts:
@@ -645,6 +635,14 @@ class Reader(nn.Module):
             self.reranker.load_state_dict(parts["reranker"])
         elif parts["reranker"]:
             raise ValueError(f"a reranker state was saved but mode {self.config.mode!r} has no reranker")
+        if self.span_head is not None:
+            if parts["decoder"] or parts["copy"]:
+                raise ValueError("a decoder was saved but the config's head is extract")
+            self.span_head.load_state_dict(parts["span"])
+            return
+        if parts["span"]:
+            raise ValueError("a span head was saved but the config's head is generate")
+        assert self.decoder is not None
         missing, unexpected = self.decoder.model.load_state_dict(parts["decoder"], strict=False)
         frozen = set() if self.config.train_decoder_embeddings else self.decoder.embedding_keys()
         if set(missing) - frozen or unexpected:
@@ -655,44 +653,3 @@ class Reader(nn.Module):
             self.decoder.copy_head.load_state_dict(parts["copy"])
         elif parts["copy"]:
             raise ValueError("a copy head was saved but the config has copy_answers off")
-
-
-def _read_meta(directory: Path) -> dict[str, Any]:
-    meta = json.loads((directory / READER_FILE).read_text())
-    if meta.get("format") != READER_FORMAT:
-        raise ValueError(f"{directory} is not a {READER_FORMAT} reader (format {meta.get('format')!r})")
-    return meta
-
-
-def _check_backbone(backbone: Backbone, info: dict[str, Any]) -> None:
-    """Refuse a backbone of another type, depth, width or memory split than a saved reader's `info`."""
-    for name in ("model_type", "num_layers", "hidden_size", "memory_layers"):
-        if getattr(backbone.info, name) != info[name]:
-            raise ValueError(
-                f"backbone {backbone.info.model_path} has {name}={getattr(backbone.info, name)}, "
-                f"the reader was trained on {info[name]}"
-            )
-
-
-def load_memory_layers(backbone: Backbone, directory: str | Path) -> Backbone:
-    """Put the fine-tuned memory layers of a saved reader (`train_memory_layers`) into `backbone` (which must
-    be the reader's: same checkpoint and split) and return it: the encoder a store for that reader is built with."""
-    directory = Path(directory)
-    meta = _read_meta(directory)
-    if not meta["config"].get("train_memory_layers"):
-        raise ValueError(
-            f"the reader in {directory} kept the pretrained memory layers (train_memory_layers off): "
-            "build its store without --memory-from"
-        )
-    _check_backbone(backbone, meta["backbone"])
-    state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    memory = {key.removeprefix("memory."): value for key, value in state.items() if key.startswith("memory.")}
-    expected = {
-        key
-        for key in backbone.model.state_dict()
-        if (layer := _layer_index(key)) is not None and layer < backbone.memory_layers
-    }
-    if set(memory) != expected:
-        raise ValueError(f"the memory layers in {directory} do not match the backbone's {backbone.memory_layers}")
-    backbone.model.load_state_dict(memory, strict=False)
-    return backbone

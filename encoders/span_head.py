@@ -85,6 +85,29 @@ def _positive_index(positives: Sequence[Sequence[Span]], rows: int, device: torc
     return starts.to(device), ends.to(device), valid.to(device)
 
 
+def _occurrences(
+    start_lp: torch.Tensor, end_lp: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """log P(start) + log P(end) of each listed occurrence 'r m' (-inf where not valid); log-probs 'b k n'."""
+    start_lp, end_lp = (rearrange(values, "b k n -> (b k) n") for values in (start_lp, end_lp))
+    return (start_lp.gather(1, starts) + end_lp.gather(1, ends)).masked_fill(~valid, float("-inf"))
+
+
+@torch.no_grad()
+def answer_log_likelihood(
+    logits: SpanLogits, span_mask: torch.Tensor, positives: Sequence[Sequence[Span]], floor: float = -1e4
+) -> torch.Tensor:
+    """log P(answer | question, passage) per pair 'b k': the summed likelihood of the passage's answer occurrences
+    (positives in '(b k)' order, as for `span_loss`), `floor` for a passage that holds none (GLIMMER's
+    perplexity-distillation target reads it: such passages get no weight)."""
+    batch = logits.start.shape[0]
+    start_lp, end_lp = token_log_probs(logits, span_mask)
+    starts, ends, valid = _positive_index(positives, start_lp.shape[0] * start_lp.shape[1], start_lp.device)
+    has_answer = torch.tensor([len(spans) > 0 for spans in positives], device=valid.device)
+    likelihood = _occurrences(start_lp, end_lp, starts, ends, valid).logsumexp(dim=-1)
+    return rearrange(likelihood.masked_fill(~has_answer, floor), "(b k) -> b k", b=batch)
+
+
 def span_loss(
     logits: SpanLogits,
     span_mask: torch.Tensor,
@@ -110,8 +133,7 @@ def span_loss(
         raise ValueError("a positive span starts or ends outside the span mask")
     if (ends < starts)[valid].any():
         raise ValueError("a positive span ends before it starts")
-    start_lp, end_lp = (rearrange(values, "b k n -> (b k) n") for values in (start_lp, end_lp))
-    occurrence = (start_lp.gather(1, starts) + end_lp.gather(1, ends)).masked_fill(~valid, float("-inf"))  # 'r m'
+    occurrence = _occurrences(start_lp, end_lp, starts, ends, valid)  # 'r m'
     if objective == "marginal":
         per_pair = -occurrence.logsumexp(dim=-1)
     elif objective == "hard_em":

@@ -1,4 +1,12 @@
-"""Manifests: what produced an artifact (config, model, library versions) and the sha256 of every file in it.
+"""Artifact headers: what produced an artifact (format and version, config, library versions) and the sha256 of
+every file in it, in one layout for every artifact memvq writes (codec, passage index, reader, store, eval report,
+training run)::
+
+    {"format": "memvq-codec", "version": 2, "config": {...}, "files": {name: {"bytes", "sha256"}},
+     "library_versions": {...}, ...the artifact's own fields}
+
+`write_artifact` writes one (file records relative to the artifact's directory), `read_artifact` reads one and
+refuses another format or version with an `ArtifactError`; `ArtifactHeader.verify` checks the files against it.
 
 Also the small file helpers every artifact writer uses: atomic writes (write a temporary name, then
 `os.replace`) so that a killed job never leaves a half-written file under a final name.
@@ -10,13 +18,15 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
+HEADER_KEYS = ("format", "version", "config", "files", "library_versions")
 MANIFEST_NAME = "manifest.json"
 TRACKED_LIBRARIES = (
     "memvq",
@@ -31,8 +41,29 @@ TRACKED_LIBRARIES = (
 )
 
 
-class ManifestError(RuntimeError):
-    """An artifact's manifest is missing, unreadable, or does not match the files beside it."""
+class ArtifactError(RuntimeError):
+    """An artifact's header is missing, unreadable, of another format or version, or does not match its files."""
+
+
+class ManifestError(ArtifactError):
+    """A store's manifest, or the config a build or training run recorded, is missing, damaged or disagrees."""
+
+
+class FileRecord(TypedDict):
+    """One file of an artifact, as its header lists it."""
+
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ArtifactFormat:
+    """One kind of artifact: its format name, the version this memvq writes and reads, and how to make an artifact
+    of an older version again (said when one is refused)."""
+
+    name: str
+    version: int
+    remake: str
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -43,8 +74,8 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def file_record(path: Path) -> dict[str, Any]:
-    """{"bytes", "sha256"} of one file, as manifests list them."""
+def file_record(path: Path) -> FileRecord:
+    """{"bytes", "sha256"} of one file, as headers and markers list them."""
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -106,15 +137,128 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def verify_files(root: Path, files: dict[str, dict[str, Any]], checksums: bool = True) -> None:
-    """Check that every listed file exists with the recorded size (and sha256); raise ManifestError naming it."""
-    for name, record in files.items():
-        path = root / name
-        if not path.is_file():
-            raise ManifestError(f"{path} is listed in the manifest but missing")
-        if path.stat().st_size != record["bytes"]:
-            raise ManifestError(
-                f"{path} has {path.stat().st_size} bytes, the manifest says {record['bytes']}: the store is damaged"
-            )
-        if checksums and sha256_file(path) != record["sha256"]:
-            raise ManifestError(f"{path} fails its sha256 checksum: the store is damaged (rebuild this shard)")
+@dataclass(frozen=True)
+class ArtifactHeader:
+    """An artifact's header: format and version, the config that made it, its files' records (names relative to
+    the artifact's directory), the library versions that shaped its bytes, and the artifact's own fields (`extra`,
+    stored beside the others at the top level)."""
+
+    format: str
+    version: int
+    config: dict[str, Any]
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    library_versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        fmt: ArtifactFormat,
+        config: Mapping[str, Any],
+        files: Mapping[str, Path | FileRecord] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> ArtifactHeader:
+        """A header of this memvq's version of `fmt`. `files`: name -> a path (hashed now) or the record of a file
+        hashed when it was written (a build's shards)."""
+        extra = dict(extra or {})
+        if clash := sorted(set(extra) & set(HEADER_KEYS)):
+            raise ValueError(f"an artifact's own fields cannot be named like header fields: {clash}")
+        records = {
+            name: file_record(Path(source)) if isinstance(source, str | Path) else source
+            for name, source in (files or {}).items()
+        }
+        return cls(fmt.name, fmt.version, dict(config), records, library_versions(), extra)
+
+    def to_json(self) -> dict[str, Any]:
+        """The header as written: the header fields, then the artifact's own."""
+        return {
+            "format": self.format,
+            "version": self.version,
+            "config": self.config,
+            "files": self.files,
+            "library_versions": self.library_versions,
+            **self.extra,
+        }
+
+    def verify(self, root: Path, checksums: bool = True) -> None:
+        """Check that every listed file is under `root` with its recorded size (and sha256); ArtifactError naming
+        the first that is not."""
+        for name, record in self.files.items():
+            path = Path(root) / name
+            if not path.is_file():
+                raise ArtifactError(f"{path} is listed in its {self.format} header but missing")
+            if path.stat().st_size != record["bytes"]:
+                raise ArtifactError(
+                    f"{path} has {path.stat().st_size} bytes, its {self.format} header says {record['bytes']}: "
+                    "the file is damaged"
+                )
+            if checksums and sha256_file(path) != record["sha256"]:
+                raise ArtifactError(
+                    f"{path} fails its sha256 checksum (sha256 mismatch with its {self.format} header): "
+                    "the file is damaged"
+                )
+
+
+def write_artifact(
+    directory: Path,
+    name: str,
+    fmt: ArtifactFormat,
+    config: Mapping[str, Any],
+    files: Mapping[str, Path | FileRecord] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> ArtifactHeader:
+    """Write the header `directory/name` (atomically; write it after the files it lists, so that an artifact with
+    a header is complete) and return it. See `ArtifactHeader.create` for `files`."""
+    header = ArtifactHeader.create(fmt, config, files, extra)
+    write_json(Path(directory) / name, header.to_json())
+    return header
+
+
+def read_artifact(path: Path, fmt: ArtifactFormat, what: str) -> ArtifactHeader:
+    """Read the header at `path`, which must be this memvq's version of `fmt`; ArtifactError (naming `what`, e.g.
+    "codec header") if it is missing, not JSON, of another format, of another version, or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{what} {path} is corrupt: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{what} {path} is corrupt: a JSON {type(data).__name__}, not an object")
+    found, version = _format_and_version(data, fmt)
+    if not isinstance(found, str):
+        raise ArtifactError(f"{what} {path} is not a memvq artifact header (format {found!r}), expected {fmt.name}")
+    if found != fmt.name:
+        raise ArtifactError(f"{path} is a {found} artifact, expected {fmt.name} ({what})")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{what} {path} is corrupt: version {version!r} is not an integer")
+    if version > fmt.version:
+        raise ArtifactError(
+            f"{path}: {fmt.name} version {version} is newer than this memvq reads ({fmt.version}): upgrade memvq"
+        )
+    if version < fmt.version:
+        raise ArtifactError(
+            f"{path}: {fmt.name} version {version} was built by an older memvq (this one reads version "
+            f"{fmt.version}): {fmt.remake}"
+        )
+    fields = {key: data.get(key) for key in ("config", "files", "library_versions")}
+    if bad := sorted(key for key, value in fields.items() if not isinstance(value, dict)):
+        raise ArtifactError(f"{what} {path} is corrupt: {', '.join(bad)} missing or not an object")
+    files = fields["files"]
+    if not all(isinstance(record, dict) and {"bytes", "sha256"} <= set(record) for record in files.values()):
+        raise ArtifactError(f"{what} {path} is corrupt: a file record without bytes and sha256")
+    extra = {key: value for key, value in data.items() if key not in HEADER_KEYS}
+    return ArtifactHeader(found, version, fields["config"], files, fields["library_versions"], extra)
+
+
+def _format_and_version(data: dict[str, Any], fmt: ArtifactFormat) -> tuple[Any, Any]:
+    """(format, version) of a header, and of the layouts before it: `"format": "memvq-store/1"` (store, reader,
+    report, training run) or `"format_version": 1` (codec, index)."""
+    found = data.get("format")
+    if isinstance(found, str) and "version" not in data and "/" in found:
+        name, _, version = found.partition("/")
+        return name, int(version) if version.isdigit() else version
+    if found is None and "format_version" in data:
+        return fmt.name, data["format_version"]
+    return found, data.get("version")

@@ -12,13 +12,13 @@ On disk a saved index is a directory with three files, each written atomically (
 
 - ``index.faiss`` -- the FAISS index, always written as a CPU index;
 - ``ids.npy``     -- int64 row ids, ``ids[i]`` = passage row of FAISS position ``i`` (mmapped on load);
-- ``index.json``  -- the :class:`IndexConfig`, ``dim``, ``ntotal``, the faiss version and a format version.
+- ``index.json``  -- its ``memvq-index`` header (:mod:`memory.artifact`): the :class:`IndexConfig`, the other two
+  files' sizes and sha256, ``dim``, ``ntotal`` and the faiss version.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import time
@@ -30,14 +30,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-from memory.artifact import atomic_write, save_npy, write_json
+from memory.artifact import ArtifactError, ArtifactFormat, atomic_write, read_artifact, save_npy, write_artifact
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 META_FILE = "index.json"
-FORMAT_VERSION = 1
+INDEX_FORMAT = ArtifactFormat("memvq-index", 2, remake="rebuild the store with `memvq build-index`")
 
 #: Below this many passages :func:`auto_factory` picks an exact ``Flat`` index.
 FLAT_MAX_PASSAGES = 1_000_000
@@ -45,7 +45,7 @@ FLAT_MAX_PASSAGES = 1_000_000
 MIN_POINTS_PER_CENTROID = 39
 
 
-class IndexFileNotFoundError(FileNotFoundError):
+class IndexFileNotFoundError(FileNotFoundError, ArtifactError):
     """A saved index directory, or one of its files, is missing (``filename`` names the path)."""
 
     def __init__(self, path: Path, message: str) -> None:
@@ -427,17 +427,17 @@ class PassageIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         cpu_index = faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "config": asdict(self._config),
-            "dim": self._dim,
-            "ntotal": self.ntotal,
-            "faiss_version": faiss.__version__,
-        }
         ids = np.asarray(self._ids, dtype=np.int64)
         atomic_write(directory / INDEX_FILE, lambda tmp: faiss.write_index(cpu_index, str(tmp)))
         save_npy(directory / IDS_FILE, ids)
-        write_json(directory / META_FILE, meta)  # last: a directory with index.json is complete
+        write_artifact(  # last: a directory with index.json is complete
+            directory,
+            META_FILE,
+            INDEX_FORMAT,
+            asdict(self._config),
+            files={name: directory / name for name in (INDEX_FILE, IDS_FILE)},
+            extra={"dim": self._dim, "ntotal": self.ntotal, "faiss_version": faiss.__version__},
+        )
         logger.info("saved %r index (%d vectors) to %s", self._config.factory, self.ntotal, directory)
 
     @classmethod
@@ -446,7 +446,9 @@ class PassageIndex:
 
         ``use_gpu`` has the :class:`IndexConfig` meaning (``None`` = GPU when available) and replaces the
         saved ``config.use_gpu``. Raises :class:`IndexFileNotFoundError` (a ``FileNotFoundError``) naming
-        the missing directory or file, ``ValueError`` for inconsistent contents.
+        the missing directory or file, :class:`~memory.artifact.ArtifactError` for a header of another format or
+        version, ``ValueError`` for inconsistent contents. The files' sha256 are not checked here (the store's
+        manifest checks them).
         """
         directory = Path(directory)
         if not directory.is_dir():
@@ -458,16 +460,15 @@ class PassageIndex:
                     f"passage index file {name} missing (expected {INDEX_FILE}, {IDS_FILE}, {META_FILE})",
                 )
         meta_path = directory / META_FILE
+        header = read_artifact(meta_path, INDEX_FORMAT, "passage index header")
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            config = IndexConfig.from_dict(meta["config"])
-            dim, ntotal = int(meta["dim"]), int(meta["ntotal"])
+            config = IndexConfig.from_dict(header.config)
+            dim, ntotal = int(header.extra["dim"]), int(header.extra["ntotal"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{meta_path}: not a valid passage index description: {exc}") from exc
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-        if meta.get("faiss_version") != faiss.__version__:
-            logger.info("index saved with faiss %s, loading with %s", meta.get("faiss_version"), faiss.__version__)
+        saved_with = header.extra.get("faiss_version")
+        if saved_with != faiss.__version__:
+            logger.info("index saved with faiss %s, loading with %s", saved_with, faiss.__version__)
 
         cpu_index = faiss.read_index(str(directory / INDEX_FILE))
         ids = np.load(directory / IDS_FILE, mmap_mode="r")

@@ -2,7 +2,9 @@
 
 Layout of a store directory::
 
-    manifest.json                       written last: a store is complete iff it exists
+    manifest.json                       the memvq-store header (memory.artifact), written last: a store is
+                                        complete iff it exists; build config, backbone, codec, counts, shards,
+                                        the build report and the size and sha256 of every file below
     codec/                              the codec that made the codes (load with memory.codecs.load_codec)
     index/                              the FAISS passage index (memory.index.PassageIndex)
     shards/shard-00000.passages.parquet passage rows [start, start + n) with their text and KILT provenance
@@ -27,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from memory.artifact import MANIFEST_NAME, ManifestError, read_json, verify_files
+from memory.artifact import MANIFEST_NAME, ArtifactError, ArtifactFormat, ManifestError, read_artifact
 from memory.codecs import MemoryCodec, load_codec
 from memory.index import PassageIndex
 
-STORE_FORMAT = "memvq-store/1"
+STORE_FORMAT = ArtifactFormat("memvq-store", 2, remake="rebuild it with `memvq build-index`")
 SHARD_SUFFIXES = ("passages.parquet", "codes.npy", "offsets.npy", "emb.npy")
 
 
@@ -72,6 +74,7 @@ class MemoryStore:
     """Read access to a finished store: codes by passage row, passage metadata, codec and index."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], cache_shards: int = 64) -> None:
+        """`manifest`: the store's header as JSON (`ArtifactHeader.to_json`)."""
         self.layout = StoreLayout(root)
         self.manifest = manifest
         shards = manifest["shards"]
@@ -88,11 +91,14 @@ class MemoryStore:
         root = Path(path)
         if not root.is_dir():
             raise ManifestError(f"no memory store at {root}: the directory does not exist")
-        manifest = read_json(root / MANIFEST_NAME, "store manifest (is the build finished? run build-index again)")
-        if manifest.get("format") != STORE_FORMAT:
-            raise ManifestError(f"{root} is not a {STORE_FORMAT} store (format {manifest.get('format')!r})")
-        verify_files(root, manifest["files"], checksums=verify)
-        return cls(root, manifest)
+        try:
+            header = read_artifact(
+                root / MANIFEST_NAME, STORE_FORMAT, "store manifest (is the build finished? run build-index again)"
+            )
+            header.verify(root, checksums=verify)
+        except ArtifactError as error:
+            raise ManifestError(str(error)) from error
+        return cls(root, header.to_json())
 
     @property
     def code_width(self) -> int:

@@ -33,14 +33,16 @@ from tqdm.auto import tqdm
 from data.ingest.corpus import IngestReport, iter_documents
 from data.ingest.passages import iter_passages
 from encoders.backbone import Backbone, portable_model_path, resolve_device
-from encoders.reader import load_memory_layers
+from encoders.reader_io import load_memory_layers
 from memory.artifact import (
+    MANIFEST_NAME,
     ManifestError,
     atomic_write,
     file_record,
-    library_versions,
+    read_artifact,
     read_json,
     save_npy,
+    write_artifact,
     write_json,
 )
 from memory.codecs import CODEC_FILE, MemoryCodec, compression_ratio, load_codec, make_codec
@@ -374,34 +376,37 @@ def write_manifest(
     codec: MemoryCodec,
     report: BuildReport,
 ) -> dict[str, Any]:
-    """The store manifest, from the plan, the shards' done markers (in shard order) and the build report."""
+    """The store manifest (its memvq-store header), from the plan, the shards' done markers (in shard order, with
+    the records of the shard files their encoder hashed) and the build report."""
     shards, files = [], {}
     for shard, (start, done) in enumerate(zip(plan.row_starts, markers, strict=True)):
         shards.append({"shard": shard, "row_start": start, "passages": done["passages"], "tokens": done["tokens"]})
         files.update(done["files"])
     for path in sorted([*layout.codec_dir.iterdir(), *layout.index_dir.iterdir()]):
         if path.is_file() and not path.name.startswith("."):
-            files[layout.relative(path)] = file_record(path)
-    manifest = {
-        "format": STORE_FORMAT,
-        "config": config.to_json(),
-        "backbone": backbone_info,
-        "codec": {
-            "config": codec.config.model_dump(mode="json"),
-            "code_width": codec.code_width,
-            "code_dtype": np.dtype(codec.code_dtype).name,
-            "bytes_per_token": codec.bytes_per_token,
+            files[layout.relative(path)] = path
+    header = write_artifact(
+        layout.root,
+        MANIFEST_NAME,
+        STORE_FORMAT,
+        config.to_json(),
+        files=files,
+        extra={
+            "backbone": backbone_info,
+            "codec": {
+                "config": codec.config.model_dump(mode="json"),
+                "code_width": codec.code_width,
+                "code_dtype": np.dtype(codec.code_dtype).name,
+                "bytes_per_token": codec.bytes_per_token,
+            },
+            "num_documents": plan.documents,
+            "num_passages": plan.passages,
+            "num_tokens": report.tokens,
+            "shards": shards,
+            "report": report.model_dump(),
         },
-        "versions": library_versions(),
-        "num_documents": plan.documents,
-        "num_passages": plan.passages,
-        "num_tokens": report.tokens,
-        "shards": shards,
-        "files": files,
-        "report": report.model_dump(),
-    }
-    write_json(layout.manifest, manifest)
-    return manifest
+    )
+    return header.to_json()
 
 
 # -- the job -----------------------------------------------------------------------------------------------------
@@ -423,7 +428,8 @@ def build_index(
     _check_resume(layout, config)
     if layout.manifest.is_file():
         log.info("store %s is already complete", layout.root)
-        return BuildReport.model_validate(read_json(layout.manifest, "store manifest")["report"])
+        header = read_artifact(layout.manifest, STORE_FORMAT, "store manifest")
+        return BuildReport.model_validate(header.extra["report"])
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     plan = plan_passages(corpus, layout, config)

@@ -10,6 +10,12 @@ import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="memvq: compressed retrieval-augmented memory.")
 
+# The flags of the query knobs (`encoders.options.QueryOptions`), shared by `query` and `eval`.
+TopK = Annotated[int | None, typer.Option(help="passages retrieved per question; default: the reader's")]
+RerankK = Annotated[int | None, typer.Option(help="glimmer: passages kept after reranking; default: the reader's")]
+MaxAnswerTokens = Annotated[int | None, typer.Option(help="answer length limit; default: the reader's")]
+NumBeams = Annotated[int | None, typer.Option(help="beam size; default: the reader's")]
+
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
@@ -43,8 +49,7 @@ def build_index_command(
 ) -> None:
     """Build a compressed memory store and its FAISS passage index from a corpus (resumable)."""
     from data.ingest.corpus import CorpusError
-    from memory.artifact import ManifestError
-    from memory.codecs import CodecLoadError
+    from memory.artifact import ArtifactError
     from pipelines.build import build_index
     from pipelines.config import BuildConfig
 
@@ -56,7 +61,7 @@ def build_index_command(
     try:
         build_config = BuildConfig.from_file(config, overrides)
         report = build_index(corpus, out, build_config, ray_address=ray_address, codec_from=codec_from)
-    except (CorpusError, CodecLoadError, ManifestError, FileNotFoundError, ValueError) as error:
+    except (CorpusError, ArtifactError, FileNotFoundError, ValueError) as error:
         raise _fail(error) from error
     rows = [
         ("documents", f"{report.documents:,}"),
@@ -106,7 +111,7 @@ def train_command(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides the config)")] = None,
 ) -> None:
     """Fine-tune a reader (live layers, reranker, decoder) over a store's memory (resumable)."""
-    from memory.artifact import ManifestError
+    from memory.artifact import ArtifactError
     from pipelines.config import TrainConfig
     from pipelines.train import train
 
@@ -118,7 +123,7 @@ def train_command(
     }
     try:
         report = train(store, out, TrainConfig.from_file(config, overrides))
-    except (ManifestError, FileNotFoundError, ValueError) as error:
+    except (ArtifactError, FileNotFoundError, ValueError) as error:
         raise _fail(error) from error
     last = report.history[-1] if report.history else {}
     typer.echo(f"\nreader ready at {report.reader_dir}")
@@ -153,22 +158,26 @@ def query_command(
     question: Annotated[str, typer.Argument(help="the question")],
     store: Annotated[Path, typer.Option(help="memory store built by build-index")] = Path("runs/minilm-mini"),
     model: Annotated[Path | None, typer.Option(help="trained reader directory; default: the embedded one")] = None,
-    top_k: Annotated[int | None, typer.Option(help="passages retrieved; default: the reader's")] = None,
-    rerank_k: Annotated[int | None, typer.Option(help="glimmer: passages kept; default: the reader's")] = None,
+    top_k: TopK = None,
+    rerank_k: RerankK = None,
+    max_answer_tokens: MaxAnswerTokens = None,
+    num_beams: NumBeams = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """Answer one question from the memory: the answer, the passages read and the time per stage."""
     import time
 
-    from memory.artifact import ManifestError
+    from encoders.options import QueryOptions
+    from memory.artifact import ArtifactError
     from pipelines.rag import IncompatibleModelError, RAGPipeline
 
     try:
+        options = QueryOptions(top_k=top_k, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, num_beams=num_beams)
         start = time.perf_counter()
         rag = RAGPipeline.load(store, model, device=device, verify=False)
         load_ms = (time.perf_counter() - start) * 1000
-        [result] = rag.answer([question], top_k=top_k, rerank_k=rerank_k)
-    except (ManifestError, FileNotFoundError, IncompatibleModelError, ValueError) as error:
+        [result] = rag.answer([question], options)
+    except (ArtifactError, FileNotFoundError, IncompatibleModelError, ValueError) as error:
         raise _fail(error) from error
     typer.secho(result.answer or "(no answer)", bold=True)
     typer.echo("\npassages read:")
@@ -203,10 +212,10 @@ def eval_command(
     ] = None,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="auto: the GPU when there is one")] = "auto",
     batch_size: Annotated[int, typer.Option(help="questions per batch (and per flush of the predictions)")] = 16,
-    top_k: Annotated[int | None, typer.Option(help="passages retrieved per question; default: the reader's")] = None,
-    rerank_k: Annotated[int | None, typer.Option(help="glimmer: passages kept after reranking")] = None,
-    max_answer_tokens: Annotated[int | None, typer.Option(help="answer length limit; default: the reader's")] = None,
-    num_beams: Annotated[int | None, typer.Option(help="beam size; default: the reader's")] = None,
+    top_k: TopK = None,
+    rerank_k: RerankK = None,
+    max_answer_tokens: MaxAnswerTokens = None,
+    num_beams: NumBeams = None,
     limit: Annotated[int | None, typer.Option(help="only the first N questions of each file")] = None,
     ks: Annotated[str, typer.Option(help="k of the retrieval metrics @k, comma-separated")] = "1,5",
     rank_keys: Annotated[
@@ -219,8 +228,9 @@ def eval_command(
 ) -> None:
     """Answer KILT-format questions with the store and reader, write KILT predictions and a metrics report."""
     from data.kilt.records import KiltFormatError
-    from memory.artifact import ManifestError
-    from pipelines.evaluate import EvalSettings, evaluate_predictions, run_eval, summary_table
+    from encoders.options import QueryOptions
+    from memory.artifact import ArtifactError
+    from pipelines.evaluate import EvalSettings, evaluate, evaluate_predictions, summary_table
 
     if predictions is None and store is None:
         raise _fail("--store is required to run the model (or give --predictions to score existing predictions)")
@@ -232,10 +242,9 @@ def eval_command(
     try:
         settings = EvalSettings(
             batch_size=batch_size,
-            top_k=top_k,
-            rerank_k=rerank_k,
-            max_answer_tokens=max_answer_tokens,
-            num_beams=num_beams,
+            query=QueryOptions(
+                top_k=top_k, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, num_beams=num_beams
+            ),
             limit=limit,
             ks=tuple(_int_list(ks, "--ks")),
             rank_keys=tuple(key.strip() for key in rank_keys.split(",") if key.strip()),
@@ -258,10 +267,10 @@ def eval_command(
         try:
             model_path = model if model is not None else default_reader_path()
             pipeline = RAGPipeline.load(store, model_path, device=device, verify=verify)
-        except (FileNotFoundError, ManifestError, ValueError, RuntimeError) as error:
+        except (FileNotFoundError, ArtifactError, ValueError, RuntimeError) as error:
             raise _fail(error) from error
         try:
-            report = run_eval(pipeline, data, out, settings, model_path=model_path)
+            report = evaluate(pipeline, data, out, settings, model_path=model_path)
         except (FileNotFoundError, KiltFormatError, ValueError) as error:
             raise _fail(error) from error
 
@@ -297,14 +306,14 @@ def serve_command(
     import uvicorn
 
     from encoders.reader import default_reader_path
-    from memory.artifact import ManifestError
+    from memory.artifact import ArtifactError
     from pipelines.rag import RAGPipeline
     from pipelines.serve import ServeSettings, create_app
 
     try:
         settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, api_key=api_key or None)
         pipeline = RAGPipeline.load(store, model or default_reader_path(), device=device, verify=verify)
-    except (FileNotFoundError, ManifestError, ValueError, RuntimeError) as error:
+    except (FileNotFoundError, ArtifactError, ValueError, RuntimeError) as error:
         raise _fail(error) from error
     logging.getLogger(__name__).info(
         "serving on http://%s:%d (max batch size %d, max wait %.1f ms, API key %s)",

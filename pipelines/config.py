@@ -10,7 +10,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data.tasks import TaskConfig
-from encoders.reader import ReaderConfig
+from encoders.config import ReaderConfig
 from memory.codecs import CodecConfig
 from memory.index import IndexConfig
 
@@ -80,7 +80,9 @@ class OptimConfig(_Frozen):
     batch_size: int = Field(8, ge=1, description="questions per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(1e-4, gt=0.0)
-    decoder_lr: float | None = Field(None, gt=0.0, description="new cross-attention etc.; None = lr")
+    head_lr: float | None = Field(
+        None, gt=0.0, description="the answer head's (decoder with its new cross-attention, or span head); None = lr"
+    )
     weight_decay: float = Field(0.01, ge=0.0)
     warmup_steps: int = Field(50, ge=0)
     max_grad_norm: float = Field(1.0, gt=0.0)

@@ -17,7 +17,7 @@ Resuming: run the same command again; ids already in a predictions file are skip
 not rerun, only rescored) and a line torn by an interrupted write is dropped. From a notebook::
 
     rag = RAGPipeline.load("runs/minilm-mini")
-    report = run_eval(rag, ["nq-dev-kilt.jsonl"], "runs/eval-nq", EvalSettings(limit=100))
+    report = evaluate(rag, ["nq-dev-kilt.jsonl"], "runs/eval-nq", EvalSettings(limit=100))
     report["tasks"]["nq"]["metrics"]["downstream"]["em"]
     score_predictions("nq-dev-kilt.jsonl", "runs/eval-nq/nq-predictions.jsonl")
 """
@@ -50,7 +50,8 @@ from data.kilt.records import (
     record_input,
     task_of,
 )
-from memory.artifact import MANIFEST_NAME, atomic_write, library_versions, sha256_file
+from encoders.options import QueryOptions
+from memory.artifact import MANIFEST_NAME, ArtifactFormat, ArtifactHeader, atomic_write, sha256_file, write_json
 
 if TYPE_CHECKING:
     from memory.store import MemoryStore
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPORT_FORMAT = "memvq-eval-report/1"
+REPORT_FORMAT = ArtifactFormat("memvq-eval-report", 2, remake="run `memvq eval` again")
 CONFIG_FILE = "eval_config.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -66,7 +67,7 @@ TIMED_STAGES = ("retrieve", "memory", "live", "rerank", "decode", "total")
 _MAX_BAD_IN_REPORT = 20
 
 # Settings that change what is predicted: a resume with other values would mix predictions, so it is refused.
-_PREDICTION_SETTINGS = ("top_k", "rerank_k", "max_answer_tokens", "num_beams", "passage_text")
+_PREDICTION_SETTINGS = ("query", "passage_text")
 
 
 class EvalConfigError(ValueError):
@@ -74,15 +75,12 @@ class EvalConfigError(ValueError):
 
 
 class EvalSettings(BaseModel):
-    """How an eval runs and is scored (saved in report.json). `None`: the reader config's value."""
+    """How an eval runs and is scored (the config of report.json)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     batch_size: int = Field(16, ge=1, description="questions per pipeline call (and per flush of predictions)")
-    top_k: int | None = Field(None, ge=1, description="passages retrieved per question")
-    rerank_k: int | None = Field(None, ge=1, description="glimmer: passages kept after reranking")
-    max_answer_tokens: int | None = Field(None, ge=1)
-    num_beams: int | None = Field(None, ge=1)
+    query: QueryOptions = Field(default_factory=QueryOptions, description="the query knobs (None: the reader's)")
     limit: int | None = Field(None, ge=1, description="only the first N questions of each file")
     ks: tuple[int, ...] = Field((1, 5), description="k of the retrieval metrics @k")
     rank_keys: tuple[str, ...] = Field(("wikipedia_id",), description="provenance fields that identify a page")
@@ -261,13 +259,7 @@ def predict_task(
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
             began = time.perf_counter()
-            answers = pipeline.answer(
-                [str(record_input(r)) for r in batch],
-                top_k=settings.top_k,
-                rerank_k=settings.rerank_k,
-                max_answer_tokens=settings.max_answer_tokens,
-                num_beams=settings.num_beams,
-            )
+            answers = pipeline.answer([str(record_input(r)) for r in batch], settings.query)
             lines = [
                 json.dumps(prediction_record(r, a, settings.passage_text), ensure_ascii=False) + "\n"
                 for r, a in zip(batch, answers, strict=True)
@@ -341,7 +333,7 @@ def pair_predictions(
     """(task, gold file, predictions file) triples.
 
     By task name when every predictions file's task name (:func:`task_names`: ``nq-predictions.jsonl`` ->
-    ``nq``, as ``run_eval`` writes them) is that of a ``--data`` file (data files left without predictions are
+    ``nq``, as ``evaluate`` writes them) is that of a ``--data`` file (data files left without predictions are
     not scored); otherwise in the order given, which needs as many predictions files as data files.
     """
     data = [Path(p) for p in data_files]
@@ -371,7 +363,7 @@ def evaluate_predictions(
     tasks: dict[str, Any] = {}
     for name, gold_file, pred_file in pair_predictions(data_files, prediction_files):
         tasks[name] = score_predictions(gold_file, pred_file, settings.ks, settings.rank_keys, settings.limit)
-    report = _report("score", settings, tasks)
+    report = _report("score", settings, tasks, out_dir)
     if out_dir is not None:
         write_report(report, out_dir)
     return report
@@ -381,7 +373,7 @@ def evaluate_predictions(
 # running
 
 
-def run_eval(
+def evaluate(
     pipeline: RAGPipeline,
     data_files: Sequence[str | Path],
     out_dir: str | Path,
@@ -425,7 +417,7 @@ def run_eval(
             **score_records(questions.records, guess, settings.ks, settings.rank_keys),
             "timing": TaskTiming.load(timings_path).summary(),
         }
-    report = _report("run", settings, tasks, store=store, model=model, device=_device_summary(pipeline))
+    report = _report("run", settings, tasks, out, store=store, model=model, device=_device_summary(pipeline))
     write_report(report, out)
     return report
 
@@ -439,6 +431,7 @@ def store_summary(store: MemoryStore) -> dict[str, Any]:
         "path": str(store.layout.root),
         "manifest_sha256": sha256_file(store.layout.root / MANIFEST_NAME),
         "format": manifest.get("format"),
+        "version": manifest.get("version"),
         "num_documents": manifest.get("num_documents"),
         "num_passages": manifest.get("num_passages"),
         "num_tokens": manifest.get("num_tokens"),
@@ -446,13 +439,13 @@ def store_summary(store: MemoryStore) -> dict[str, Any]:
         "codec": {**codec, "kind": codec_config.get("kind")},
         "compression_vs_bf16": manifest.get("report", {}).get("compression_vs_bf16"),
         "build_config": manifest.get("config"),
-        "versions": manifest.get("versions"),
+        "library_versions": manifest.get("library_versions"),
     }
 
 
 def model_summary(pipeline: RAGPipeline, model_path: str | Path | None = None) -> dict[str, Any]:
     """The reader: path (if known), sha256 of its weights file, config and backbone."""
-    from encoders.reader import WEIGHTS_FILE
+    from encoders.reader_io import WEIGHTS_FILE
 
     weights = Path(model_path) / WEIGHTS_FILE if model_path is not None else None
     return _jsonable(
@@ -470,7 +463,7 @@ def _check_run_config(out: Path, store: dict[str, Any], model: dict[str, Any], s
     config = {
         "store_manifest_sha256": store["manifest_sha256"],
         "model": {k: model[k] for k in ("weights_sha256", "config", "backbone")},
-        "settings": {k: getattr(settings, k) for k in _PREDICTION_SETTINGS},
+        "settings": settings.model_dump(mode="json", include=set(_PREDICTION_SETTINGS)),
     }
     config = _jsonable(config)
     path = out / CONFIG_FILE
@@ -507,18 +500,19 @@ def _bad_summary(kilt_file: KiltFile) -> dict[str, Any]:
     return {"bad_records": len(kilt_file.bad), "bad_record_examples": kilt_file.bad[:_MAX_BAD_IN_REPORT]}
 
 
-def _report(mode: str, settings: EvalSettings, tasks: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return _jsonable(
-        {
-            "format": REPORT_FORMAT,
-            "mode": mode,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "settings": settings.model_dump(mode="json"),
-            **extra,
-            "versions": library_versions(),
-            "tasks": tasks,
-        }
+def _report(
+    mode: str, settings: EvalSettings, tasks: dict[str, Any], out_dir: str | Path | None, **extra: Any
+) -> dict[str, Any]:
+    """The report: its memvq-eval-report header (config: the settings; files: the predictions scored, named
+    relative to `out_dir`) with the mode, time, what it ran with (`extra`) and the tasks' results."""
+    predictions = [Path(task["predictions"]) for task in tasks.values()]
+    header = ArtifactHeader.create(
+        REPORT_FORMAT,
+        settings.model_dump(mode="json"),
+        files={os.path.relpath(path, out_dir or os.curdir): path for path in predictions if path.is_file()},
+        extra={"mode": mode, "created": datetime.now(UTC).isoformat(timespec="seconds"), **extra, "tasks": tasks},
     )
+    return _jsonable(header.to_json())
 
 
 def _jsonable(value: Any) -> Any:
@@ -526,11 +520,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns their paths."""
+    """Write ``report.json`` (the report as it is: its header, see :func:`_report`) and ``report.md`` into
+    ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / REPORT_JSON, out / REPORT_MD
-    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
+    write_json(json_path, dict(report))
     atomic_write(md_path, lambda tmp: tmp.write_text(format_markdown(report)))
     return json_path, md_path
 
@@ -549,7 +544,7 @@ def _num(value: Any, digits: int = 4) -> str:
 
 def summary_table(report: Mapping[str, Any]) -> str:
     """One markdown row per task: questions, EM, F1, KILT-EM, R-precision, recall@k (largest k), queries/s."""
-    k = max(report["settings"]["ks"])
+    k = max(report["config"]["ks"])
     recall = f"recall@{k}" if k > 1 else f"precision@{k}"
     rows = [
         f"| task | questions | EM | F1 | KILT-EM | R-prec | {recall} | queries/s |",
@@ -591,15 +586,16 @@ def _header(report: Mapping[str, Any]) -> list[str]:
     if model:
         config = model.get("config") or {}
         lines.append(
-            f"- model: `{model.get('path') or '(given as a pipeline)'}`: {model.get('mode')}, retrieve_k "
-            f"{config.get('retrieve_k')}, rerank_k {config.get('rerank_k')}, max_answer_tokens "
+            f"- model: `{model.get('path') or '(given as a pipeline)'}`: {model.get('mode')}, top_k "
+            f"{config.get('top_k')}, rerank_k {config.get('rerank_k')}, max_answer_tokens "
             f"{config.get('max_answer_tokens')}, num_beams {config.get('num_beams')}"
         )
     device = report.get("device")
     if device:
         where = device.get("gpu") or f"{device.get('cpu')}, {device.get('cpu_count')} cores"
         lines.append(f"- device: {device['device']} ({where})")
-    settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items())
+    flat = {**report["config"], **report["config"].get("query", {})}  # the query knobs one by one
+    settings = ", ".join(f"{k}={v}" for k, v in flat.items() if k != "query")
     lines += [f"- settings (None: the reader config's): {settings}", ""]
     return lines
 

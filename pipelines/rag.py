@@ -5,7 +5,7 @@ stages and timing each one: retrieve, memory (codes read and decoded), live, rer
 `memvq eval`, `memvq serve` and notebooks all go through `RAGPipeline`:
 
     rag = RAGPipeline.load("runs/minilm-mini")          # the embedded default reader
-    [result] = rag.answer(["who got the first nobel prize in physics"])
+    [result] = rag.answer(["who got the first nobel prize in physics"], QueryOptions(top_k=10))
     result.answer, [p.title for p in result.passages], result.timings_ms
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,11 @@ import torch
 from einops import rearrange
 
 from encoders.backbone import resolve_device
+from encoders.config import ReaderConfig
+from encoders.inputs import PassageOffsets, ReaderInputs
+from encoders.options import QueryOptions
 from encoders.reader import Reader, Stopwatch, default_reader_path
+from encoders.spans import AnswerSpan, passage_token_offsets
 from memory.store import MemoryStore
 from retrieval.retriever import RetrievedPassage, Retriever
 
@@ -38,16 +42,23 @@ class IncompatibleModelError(ValueError):
 
 @dataclass
 class RAGAnswer:
-    """One question's answer, the passages the decoder read (best first) and the batch's milliseconds per stage."""
+    """One question's answer, the passages the reader read (best first), the batch's milliseconds per stage and,
+    from an extract head, where the answer stands: `span.passage` indexes `passages`, [char_start, char_end) of
+    that passage's text."""
 
     question: str
     answer: str
     passages: list[RetrievedPassage]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    span: AnswerSpan | None = None
 
     def kilt_output(self, with_text: bool = False) -> dict[str, Any]:
-        """A KILT `output` entry: the answer and the passages read as provenance."""
-        return {"answer": self.answer, "provenance": [p.provenance(with_text) for p in self.passages]}
+        """A KILT `output` entry: the answer and the passages read as provenance; the passage the answer was taken
+        from carries `answer_span`, its [start, end) characters in the passage text."""
+        provenance = [p.provenance(with_text) for p in self.passages]
+        if self.span is not None:
+            provenance[self.span.passage]["answer_span"] = [self.span.char_start, self.span.char_end]
+        return {"answer": self.answer, "provenance": provenance}
 
 
 def check_compatible(store: MemoryStore, reader: Reader, stored_memory: bool = True) -> None:
@@ -88,26 +99,50 @@ def passage_tokens(store: MemoryStore, reader: Reader, rows: list[int]) -> dict[
     return {name: values.to(reader.device) for name, values in tokens.items()}
 
 
-def reader_inputs(store: MemoryStore, reader: Reader, rows: list[list[int]]) -> dict[str, Any]:
+def passage_offsets(store: MemoryStore, reader: Reader, rows: list[list[int]], mask: torch.Tensor) -> PassageOffsets:
+    """Where the memory's tokens of passages 'b k' (store rows) sit in their text, for the extract head: the
+    passages tokenised as the build tokenised them, cut to the memory read (mask '(b k) l')."""
+    records = store.passages([row for question_rows in rows for row in question_rows])
+    max_tokens = store.manifest["config"]["encoder"]["max_passage_tokens"]
+    texts = [r["text"] for r in records]
+    offsets, text_mask = passage_token_offsets(
+        reader.backbone.tokenizer, [r["title"] for r in records], texts, max_tokens
+    )
+    cut = mask.shape[1]
+    offsets, text_mask = offsets[:, :cut].to(mask.device), text_mask[:, :cut].to(mask.device)
+    if text_mask.shape != mask.shape or (text_mask & ~mask.bool()).any():
+        raise ValueError("the passages' tokens do not line up with the store's memory (another tokenizer?)")
+    k = len(rows[0])
+    return PassageOffsets(
+        [texts[i : i + k] for i in range(0, len(texts), k)],
+        rearrange(offsets, "(b k) l two -> b k l two", k=k),
+        rearrange(text_mask, "(b k) l -> b k l", k=k),
+    )
+
+
+def reader_inputs(store: MemoryStore, reader: Reader, rows: list[list[int]]) -> ReaderInputs:
     """What the reader reads for passages 'b k' (store rows): decoded memory + mask on the reader's device (and,
-    for a copying decoder, the passages' token ids), or (fid) the passages' (title, text)."""
+    for a copying decoder, the passages' token ids; for the extract head, their offsets in the text), or (fid)
+    the passages' (title, text)."""
     flat = [row for question_rows in rows for row in question_rows]
     if reader.config.mode == "fid":
         records = iter(store.passages(flat))
-        return {"passage_texts": [[(r["title"], r["text"]) for r in islice(records, len(q))] for q in rows]}
+        return ReaderInputs(passage_texts=[[(r["title"], r["text"]) for r in islice(records, len(q))] for q in rows])
     memory, mask = store.get_memory(flat, reader.device, max_tokens=reader.config.max_passage_tokens)
     k = len(rows[0])
-    inputs = {
-        "memory": rearrange(memory, "(b k) l d -> b k l d", k=k),
-        "memory_mask": rearrange(mask, "(b k) l -> b k l", k=k),
-    }
+    memory_ids = None
     if reader.config.copy_answers:
         tokens = passage_tokens(store, reader, flat)
         cut = mask.shape[1]
         if not torch.equal(tokens["attention_mask"][:, :cut].bool(), mask):
             raise ValueError("the passages' tokens do not line up with the store's memory (another tokenizer?)")
-        inputs["memory_ids"] = rearrange(tokens["input_ids"][:, :cut], "(b k) l -> b k l", k=k)
-    return inputs
+        memory_ids = rearrange(tokens["input_ids"][:, :cut], "(b k) l -> b k l", k=k)
+    return ReaderInputs(
+        memory=rearrange(memory, "(b k) l d -> b k l d", k=k),
+        memory_mask=rearrange(mask, "(b k) l -> b k l", k=k),
+        memory_ids=memory_ids,
+        passage_offsets=passage_offsets(store, reader, rows, mask) if reader.config.head == "extract" else None,
+    )
 
 
 def recomputed_inputs(
@@ -115,7 +150,7 @@ def recomputed_inputs(
     reader: Reader,
     rows: list[list[int]],
     quantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, Any]:
+) -> ReaderInputs:
     """What the reader reads for passages 'b k' (store rows) with the memory recomputed instead of decoded: the
     reader's memory layers re-run over the passages' text as the build ran them (the memory uncompressed, with
     gradients when the memory layers are trained), and with `quantize` the valid token vectors 'n d' passed
@@ -131,16 +166,16 @@ def recomputed_inputs(
         memory = memory.clone()
         memory[mask] = quantize(memory[mask]).to(memory.dtype)
     k = len(rows[0])
-    inputs = {
-        "memory": rearrange(memory, "(b k) l d -> b k l d", k=k),
-        "memory_mask": rearrange(mask, "(b k) l -> b k l", k=k),
-    }
-    if reader.config.copy_answers:
-        inputs["memory_ids"] = rearrange(tokens["input_ids"][:, :cut], "(b k) l -> b k l", k=k)
-    return inputs
+    ids = rearrange(tokens["input_ids"][:, :cut], "(b k) l -> b k l", k=k)
+    return ReaderInputs(
+        memory=rearrange(memory, "(b k) l d -> b k l d", k=k),
+        memory_mask=rearrange(mask, "(b k) l -> b k l", k=k),
+        memory_ids=ids if reader.config.copy_answers else None,
+        passage_offsets=passage_offsets(store, reader, rows, mask) if reader.config.head == "extract" else None,
+    )
 
 
-InputsFn = Callable[[MemoryStore, Reader, list[list[int]]], dict[str, Any]]
+InputsFn = Callable[[MemoryStore, Reader, list[list[int]]], ReaderInputs]
 
 
 class RAGPipeline:
@@ -182,31 +217,27 @@ class RAGPipeline:
         return pipeline
 
     @property
-    def config(self) -> Any:
+    def config(self) -> ReaderConfig:
         return self.reader.config
 
-    def retrieve(self, questions: list[str], top_k: int | None = None) -> list[list[RetrievedPassage]]:
-        """The top-K passages of each question (K: the reader config's `retrieve_k` by default)."""
-        return self.retriever.search(questions, top_k or self.config.retrieve_k)
+    def retrieve(self, questions: list[str], options: QueryOptions | None = None) -> list[list[RetrievedPassage]]:
+        """The top-K passages of each question (K: `options.top_k`, None: the reader config's)."""
+        return self.retriever.search(questions, (options or QueryOptions()).resolved(self.config).top_k)
 
     @torch.no_grad()
     def answer(
-        self,
-        questions: list[str],
-        top_k: int | None = None,
-        rerank_k: int | None = None,
-        max_answer_tokens: int | None = None,
-        num_beams: int | None = None,
-        min_answer_tokens: int = 0,
+        self, questions: list[str], options: QueryOptions | None = None, min_answer_tokens: int = 0
     ) -> list[RAGAnswer]:
-        """Answer a batch of questions: retrieve `top_k`, (glimmer) keep `rerank_k`, generate."""
+        """Answer a batch of questions: retrieve `top_k`, (glimmer) keep `rerank_k`, generate (`options` left
+        None: the reader config's). `min_answer_tokens` fixes the answer length for timing (benchmarks)."""
         if not questions:
             return []
+        options = (options or QueryOptions()).resolved(self.config)
         timer = Stopwatch(self.device, STAGES)
         start = time.perf_counter()
         with timer.stage("retrieve"):
-            retrieved = self.retrieve(questions, top_k)
-        answers = self.read(questions, retrieved, rerank_k, max_answer_tokens, num_beams, min_answer_tokens, timer)
+            retrieved = self.retrieve(questions, options)
+        answers = self.read(questions, retrieved, options, min_answer_tokens, timer)
         total = (time.perf_counter() - start) * 1000.0
         for result in answers:
             result.timings_ms["total"] = total
@@ -217,9 +248,7 @@ class RAGPipeline:
         self,
         questions: list[str],
         retrieved: list[list[RetrievedPassage]],
-        rerank_k: int | None = None,
-        max_answer_tokens: int | None = None,
-        num_beams: int | None = None,
+        options: QueryOptions | None = None,
         min_answer_tokens: int = 0,
         timer: Stopwatch | None = None,
     ) -> list[RAGAnswer]:
@@ -229,16 +258,9 @@ class RAGPipeline:
         retrieved = [passages[:k] for passages in retrieved]
         with timer.stage("memory"):
             inputs = self.inputs(self.store, self.reader, [[p.row for p in passages] for passages in retrieved])
+        scores = torch.tensor([[p.score for p in passages] for passages in retrieved])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.reader.answer(
-                questions,
-                num_beams=num_beams,
-                rerank_k=rerank_k,
-                max_answer_tokens=max_answer_tokens,
-                min_answer_tokens=min_answer_tokens,
-                retrieval_scores=torch.tensor([[p.score for p in passages] for passages in retrieved]),
-                **inputs,
-            )
+            out = self.reader.answer(questions, replace(inputs, retrieval_scores=scores), options, min_answer_tokens)
         for stage in ("live", "rerank", "decode"):
             timer.ms[stage] += out.timings_ms.get(stage, 0.0)
         kept = out.kept.tolist()
@@ -246,5 +268,6 @@ class RAGPipeline:
         results = []
         for i, question in enumerate(questions):
             read = [retrieved[i][j] if scores is None else retrieved[i][j].with_score(scores[i][j]) for j in kept[i]]
-            results.append(RAGAnswer(question, out.answers[i], read, dict(timer.ms)))
+            span = out.spans[i] if out.spans is not None else None
+            results.append(RAGAnswer(question, out.answers[i], read, dict(timer.ms), span))
         return results

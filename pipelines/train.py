@@ -1,9 +1,10 @@
 """The training job: fine-tune a reader (live layers, reranker, decoder) on questions over a memory store.
 
-Steps, each resumable: plan (read and split the tasks, write the held-out questions as KILT files) -> retrieve
-(top-K store rows of every question, cached) -> train (AdamW, warmup then linear decay, gradient accumulation,
-bf16 autocast on GPU, gradient clipping; generation loss + GLIMMER perplexity distillation) with a dev
-evaluation (EM / F1) and a checkpoint every `eval_every` steps -> save the reader and `train.json`. With
+`Trainer` steps, each resumable: `prepare_data` (read and split the tasks, write the held-out questions as KILT
+files; top-K store rows of every question, cached) -> `train_step`s (AdamW, warmup then linear decay, gradient
+accumulation, bf16 autocast on GPU, gradient clipping; generation loss + GLIMMER perplexity distillation) with an
+`evaluate` (dev EM / F1) and a `save_checkpoint` every `eval_every` steps -> `finalize` (the reader and
+`train.json`). The backbone is split where the store's memory was made (its manifest's memory layers). With
 `finetune_codec` (MEMORY-VQ) the memory is recomputed from the passages' text by the memory layers and
 quantized by the store's codebooks, trained by EMA alongside the reader; the codec is saved for a rebuild. With
 the reader's `train_memory_layers` the memory is recomputed too, and the memory layers train with the rest; the
@@ -15,7 +16,8 @@ store is then rebuilt with them (`build-index --memory-from OUT/reader`).
     OUT/checkpoint.pt              trained tensors, optimizer, schedule, RNG, history (written atomically)
     OUT/reader/                    the trained reader (`--model` of query / eval / serve)
     OUT/codec/                     (finetune_codec) the fine-tuned codec: `build-index --codec-from OUT/codec`
-    OUT/train.json                 manifest: config, store, versions, history, time, sha256 of the reader files
+    OUT/train.json                 its memvq-train header: config, store, library versions, history, time, sha256
+                                   of the reader (and codec) files
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,14 +36,15 @@ from tqdm.auto import tqdm
 
 from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
 from data.tasks import QAExample, TaskData, load_task, schedule, write_split_files
-from encoders.backbone import Backbone, resolve_device
+from encoders.backbone import Backbone, memory_layer_count, resolve_device
+from encoders.config import ReaderConfig
 from encoders.reader import Reader
-from memory.artifact import ManifestError, atomic_write, file_record, library_versions, read_json, write_json
+from memory.artifact import ArtifactFormat, ManifestError, atomic_write, read_json, write_artifact, write_json
 from memory.codecs import CodebookFinetuner, VQCodec, load_codec
 from memory.store import MemoryStore
 from pipelines.build import CONFIG_NAME as BUILD_CONFIG
 from pipelines.config import TrainConfig
-from pipelines.rag import RAGPipeline, reader_inputs, recomputed_inputs
+from pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
 from retrieval.retriever import Retriever, passage_from_record
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 READER_DIR = "reader"
 CODEC_DIR = "codec"
 MANIFEST_FILE = "train.json"
+TRAIN_FORMAT = ArtifactFormat("memvq-train", 2, remake="run `memvq train` again")
 
 
 @dataclass
@@ -114,11 +118,11 @@ def _retrieve_all(out: Path, tasks: Sequence[TaskData], retriever: Retriever, k:
 
 def _optimizer(reader: Reader, config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     optim = config.optim
-    decoder = [p for p in reader.decoder.parameters() if p.requires_grad]
-    decoder_ids = {id(p) for p in decoder}
-    rest = [p for p in reader.parameters() if p.requires_grad and id(p) not in decoder_ids]
+    head = [p for p in reader.answer_head.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in head}
+    rest = [p for p in reader.parameters() if p.requires_grad and id(p) not in head_ids]
     optimizer = torch.optim.AdamW(
-        [{"params": rest, "lr": optim.lr}, {"params": decoder, "lr": optim.decoder_lr or optim.lr}],
+        [{"params": rest, "lr": optim.lr}, {"params": head, "lr": optim.head_lr or optim.lr}],
         weight_decay=optim.weight_decay,
     )
 
@@ -154,147 +158,240 @@ def evaluate_dev(
     return {"em": em / len(examples), "f1": f1_sum / len(examples)}
 
 
-def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> TrainReport:
-    """Run (or resume) a training job; returns its report. The reader ends up in OUT/reader."""
-    store_path, out = Path(store_path), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resume(out, config, store_path)
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    store = MemoryStore.open(store_path, verify=True)
-    store.codec.to(device)
+def split_for_store(reader: ReaderConfig, store: MemoryStore) -> tuple[ReaderConfig, int]:
+    """The reader config and backbone memory layer count to train on `store`. lumen, glimmer and memory read the
+    memory the store's lower layers made, so the split is the store's (`backbone.memory_layers` of its manifest):
+    an unset alpha takes it, an explicit one must give the same; fid (every layer live) has no memory layers."""
+    if reader.mode == "fid":
+        return reader, 0
     info = store.manifest["backbone"]
-    backbone = Backbone.from_pretrained(config.model or info["model_path"], alpha=config.reader.live_fraction)
-    reader = Reader.from_backbone(backbone.to(device), config.reader)
-    retriever = Retriever.for_store(store, device)
-    finetuner = _codebook_finetuner(store, config, device)
-    inputs = reader_inputs
-    if finetuner is not None:
-        inputs = partial(recomputed_inputs, quantize=finetuner)
-    elif config.reader.train_memory_layers:
-        inputs = recomputed_inputs
-    pipeline = RAGPipeline(store, reader, retriever, inputs=inputs)
+    layers, stored = info["num_layers"], info["memory_layers"]
+    if reader.alpha is None and reader.mode != "memory":
+        reader = ReaderConfig.model_validate(reader.model_dump() | {"alpha": (layers - stored) / layers})
+    needed = memory_layer_count(layers, reader.live_fraction)
+    if needed != stored:
+        raise IncompatibleModelError(
+            f"the store {store.layout.root} holds memory made by {stored} memory layers of {layers}, but a "
+            f"{reader.mode} reader with alpha={reader.live_fraction:.4g} reads memory made by {needed}: build a "
+            f"store with that alpha (build-index, encoder.alpha = {reader.live_fraction:.4g}) and train on it"
+        )
+    return reader, stored
 
-    tasks = [load_task(task) for task in config.tasks]
-    write_split_files(tasks, out / "data", splits=("dev",))
-    for task in tasks:
-        logger.info("task %s: %d train, %d dev questions", task.config.name, len(task.train), len(task.dev))
-    rows = _retrieve_all(out, tasks, retriever, config.reader.retrieve_k)
 
-    optim = config.optim
-    optimizer, scheduler = _optimizer(reader, config)
-    step, elapsed, history = 0, 0.0, []
-    checkpoint_path = out / CHECKPOINT_FILE
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        reader.load_trained_state(state["reader"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if finetuner is not None:
-            finetuner.load_state_dict(state["codec"])
-        torch.set_rng_state(state["rng"])
-        step, elapsed, history = state["step"], state["seconds"], state["history"]
-        logger.info("resuming at step %d (%.0f s trained)", step, elapsed)
+@dataclass
+class TrainBatch:
+    """One micro-batch: the training examples, the answer each learns, its store rows 'b k' and their retrieval
+    scores 'b k'."""
 
-    slots = schedule(tasks, optim.steps * optim.grad_accum * optim.batch_size, config.seed)
-    use_amp = config.amp and device.type == "cuda"
-    started = time.perf_counter() - elapsed
-    finished = step >= optim.steps
+    examples: list[QAExample]
+    answers: list[list[str]]  # gold answers, each question's rotated by its slot (the generate head learns the first)
+    rows: list[list[int]]
+    scores: torch.Tensor
 
-    def save_checkpoint() -> None:
-        state = {
-            "reader": reader.trained_state(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "step": step,
-            "seconds": time.perf_counter() - started,
-            "history": history,
-        }
-        if finetuner is not None:
-            state["codec"] = finetuner.state_dict()
-        atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+    @property
+    def questions(self) -> list[str]:
+        return [e.question for e in self.examples]
 
-    def train_mode(on: bool) -> None:
-        reader.train(on)
-        if finetuner is not None:
-            finetuner.train(on)
 
-    def evaluate() -> None:
-        train_mode(False)
-        scores: dict[str, Any] = {"step": step, "seconds": round(time.perf_counter() - started, 1)}
+class Trainer:
+    """One training run over a store, in named steps: `prepare_data`, `restore_checkpoint`, `train_step` after
+    `train_step` with an `evaluate` and a `save_checkpoint` every `eval_every` steps, `finalize`; `run` does all."""
+
+    def __init__(self, store_path: Path, out: Path, config: TrainConfig) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_resume(out, config, store_path)
+        torch.manual_seed(config.seed)
+        self.out, self.config = out, config
+        self.device = resolve_device(config.device)
+        self.store = store = MemoryStore.open(store_path, verify=True)
+        store.codec.to(self.device)
+        reader_config, memory_layers = split_for_store(config.reader, store)
+        model = config.model or store.manifest["backbone"]["model_path"]
+        backbone = Backbone.from_pretrained(model, memory_layers=memory_layers)
+        self.reader = reader = Reader.from_backbone(backbone.to(self.device), reader_config)
+        self.retriever = Retriever.for_store(store, self.device)
+        self.finetuner = _codebook_finetuner(store, config, self.device)
+        inputs = reader_inputs
+        if self.finetuner is not None:
+            inputs = partial(recomputed_inputs, quantize=self.finetuner)
+        elif config.reader.train_memory_layers:
+            inputs = recomputed_inputs
+        self.pipeline = RAGPipeline(store, reader, self.retriever, inputs=inputs)
+        self.optimizer, self.scheduler = _optimizer(reader, config)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.tasks: list[TaskData] = []
+        self.rows: dict[str, np.ndarray] = {}
+        self.slots: list[tuple[int, int]] = []
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """Training time so far, the resumed run's included (data preparation not counted)."""
+        return time.perf_counter() - self._started
+
+    def prepare_data(self) -> None:
+        """Read and split the tasks, write the held-out questions as KILT files, retrieve (or read the cached)
+        top-K store rows of every question, and lay out the multi-task schedule of training examples."""
+        self.tasks = tasks = [load_task(task) for task in self.config.tasks]
+        write_split_files(tasks, self.out / "data", splits=("dev",))
         for task in tasks:
+            logger.info("task %s: %d train, %d dev questions", task.config.name, len(task.train), len(task.dev))
+        self.rows = _retrieve_all(self.out, tasks, self.retriever, self.config.reader.top_k)
+        optim = self.config.optim
+        self.slots = schedule(tasks, optim.steps * optim.grad_accum * optim.batch_size, self.config.seed)
+
+    def batch(self, first: int) -> TrainBatch:
+        """The examples of schedule slots [first, first + batch_size), each answer picked in turn by slot."""
+        slots = self.slots[first : first + self.config.optim.batch_size]
+        examples = [self.tasks[t].train[i] for t, i in slots]
+        keys = [f"{self.tasks[t].config.name}/train" for t, _ in slots]
+        return TrainBatch(
+            examples=examples,
+            answers=[_rotated(e.answers, first + n) for n, e in enumerate(examples)],
+            rows=[self.rows[key][i].tolist() for key, (_, i) in zip(keys, slots, strict=True)],
+            scores=torch.from_numpy(
+                np.stack([self.rows[f"{key}/scores"][i] for key, (_, i) in zip(keys, slots, strict=True)])
+            ),
+        )
+
+    def step_batches(self) -> list[TrainBatch]:
+        """The `grad_accum` micro-batches of the next optimizer step."""
+        optim = self.config.optim
+        return [self.batch((self.step * optim.grad_accum + m) * optim.batch_size) for m in range(optim.grad_accum)]
+
+    def loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The reader's losses on a batch ('loss', the one minimised: generation + GLIMMER distillation)."""
+        inputs = replace(self.pipeline.inputs(self.store, self.reader, batch.rows), retrieval_scores=batch.scores)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
+            return self.reader.loss(batch.questions, batch.answers, inputs)
+
+    def train_step(self, batches: Sequence[TrainBatch]) -> dict[str, float]:
+        """One optimizer step over micro-batches (gradients accumulated, then clipped); their mean losses."""
+        self.optimizer.zero_grad(set_to_none=True)
+        means: dict[str, float] = {}
+        for batch in batches:
+            losses = self.loss(batch)
+            (losses["loss"] / len(batches)).backward()
+            for name, value in losses.items():
+                means[name] = means.get(name, 0.0) + value.item() / len(batches)
+        trained = [p for p in self.reader.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trained, self.config.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return means
+
+    def train_mode(self, on: bool) -> None:
+        self.reader.train(on)
+        if self.finetuner is not None:
+            self.finetuner.train(on)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Dev EM / F1 of every task (its first `max_dev` questions) at this step, added to the history."""
+        self.train_mode(False)
+        scores: dict[str, Any] = {"step": self.step, "seconds": round(self.seconds, 1)}
+        for task in self.tasks:
             dev = task.dev[: task.config.max_dev]
             key = f"{task.config.name}/dev"
-            for name, value in evaluate_dev(
-                pipeline, dev, rows[key], rows[f"{key}/scores"], optim.batch_size * 2
-            ).items():
-                scores[f"{task.config.name}/{name}"] = round(value, 4)
-        history.append(scores)
-        logger.info("eval at step %d: %s", step, scores)
-        train_mode(True)
-
-    train_mode(True)
-    bar = tqdm(total=optim.steps, initial=step, desc="train", unit="step")
-    running: dict[str, float] = {}
-    while step < optim.steps:
-        optimizer.zero_grad(set_to_none=True)
-        for micro in range(optim.grad_accum):
-            first = (step * optim.grad_accum + micro) * optim.batch_size
-            batch = slots[first : first + optim.batch_size]
-            examples = [tasks[t].train[i] for t, i in batch]
-            keys = [f"{tasks[t].config.name}/train" for t, _ in batch]
-            batch_rows = [rows[key][i].tolist() for key, (_, i) in zip(keys, batch, strict=True)]
-            batch_scores = torch.from_numpy(
-                np.stack([rows[f"{key}/scores"][i] for key, (_, i) in zip(keys, batch, strict=True)])
+            found = evaluate_dev(
+                self.pipeline, dev, self.rows[key], self.rows[f"{key}/scores"], self.config.optim.batch_size * 2
             )
-            answers = [e.answers[(first + n) % len(e.answers)] for n, e in enumerate(examples)]
-            inputs = pipeline.inputs(store, reader, batch_rows)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                losses = reader.loss(
-                    [e.question for e in examples], answers=answers, retrieval_scores=batch_scores, **inputs
-                )
-            (losses["loss"] / optim.grad_accum).backward()
-            for name, value in losses.items():
-                running[name] = 0.9 * running.get(name, value.item()) + 0.1 * value.item()
-        torch.nn.utils.clip_grad_norm_([p for p in reader.parameters() if p.requires_grad], optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix({name.replace("_loss", ""): f"{value:.3f}" for name, value in running.items()})
-        out_of_time = config.max_minutes is not None and time.perf_counter() - started > config.max_minutes * 60
-        if step % config.eval_every == 0 or step == optim.steps or out_of_time:
-            evaluate()
-            save_checkpoint()
-        if out_of_time:
-            logger.info("time budget of %.1f min reached at step %d of %d", config.max_minutes, step, optim.steps)
-            break
-    bar.close()
-    finished = finished or step >= optim.steps
-    seconds = time.perf_counter() - started
-    codec_dir = None
-    if finetuner is not None:
-        codec_dir = out / CODEC_DIR
-        finetuner.codec().save(codec_dir)
-        logger.info(
-            "fine-tuned codec in %s: re-encode the store with it (build-index --config %s --codec-from %s)",
-            codec_dir,
-            store.layout.root / BUILD_CONFIG,
-            codec_dir,
+            for name, value in found.items():
+                scores[f"{task.config.name}/{name}"] = round(value, 4)
+        self.history.append(scores)
+        logger.info("eval at step %d: %s", self.step, scores)
+        self.train_mode(True)
+        return scores
+
+    def save_checkpoint(self) -> None:
+        """OUT/checkpoint.pt (atomically): trained tensors, optimizer, schedule, RNG, step, seconds, history."""
+        state = {
+            "reader": self.reader.trained_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": self.step,
+            "seconds": self.seconds,
+            "history": self.history,
+        }
+        if self.finetuner is not None:
+            state["codec"] = self.finetuner.state_dict()
+        atomic_write(self.out / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+
+    def restore_checkpoint(self) -> bool:
+        """Start the clock; resume from OUT/checkpoint.pt if there is one (True), its seconds counted."""
+        self._started = time.perf_counter()
+        path = self.out / CHECKPOINT_FILE
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.reader.load_trained_state(state["reader"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.finetuner is not None:
+            self.finetuner.load_state_dict(state["codec"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.history = state["step"], state["history"]
+        self._started -= state["seconds"]
+        logger.info("resuming at step %d (%.0f s trained)", self.step, state["seconds"])
+        return True
+
+    def run(self) -> TrainReport:
+        """Prepare the data, resume, train to the last step or the time budget (evaluating and checkpointing
+        every `eval_every` steps, at the last and when out of time), then finalize."""
+        config, optim = self.config, self.config.optim
+        self.prepare_data()
+        self.restore_checkpoint()
+        self.train_mode(True)
+        running: dict[str, float] = {}
+        with tqdm(total=optim.steps, initial=self.step, desc="train", unit="step") as bar:
+            while self.step < optim.steps:
+                for name, value in self.train_step(self.step_batches()).items():
+                    running[name] = 0.9 * running.get(name, value) + 0.1 * value
+                bar.update(1)
+                bar.set_postfix({name.replace("_loss", ""): f"{value:.3f}" for name, value in running.items()})
+                out_of_time = config.max_minutes is not None and self.seconds > config.max_minutes * 60
+                if self.step % config.eval_every == 0 or self.step == optim.steps or out_of_time:
+                    self.evaluate()
+                    self.save_checkpoint()
+                if out_of_time:
+                    minutes = config.max_minutes
+                    logger.info("time budget of %.1f min reached at step %d of %d", minutes, self.step, optim.steps)
+                    break
+        return self.finalize()
+
+    def finalize(self) -> TrainReport:
+        """Save the reader (and the fine-tuned codec) and OUT/train.json; the run's report."""
+        seconds, finished = self.seconds, self.step >= self.config.optim.steps
+        store, codec_dir = self.store, None
+        if self.finetuner is not None:
+            codec_dir = self.out / CODEC_DIR
+            self.finetuner.codec().save(codec_dir)
+            logger.info(
+                "fine-tuned codec in %s: re-encode the store with it (build-index --config %s --codec-from %s)",
+                codec_dir,
+                store.layout.root / BUILD_CONFIG,
+                codec_dir,
+            )
+        reader_dir = _finalize(
+            self.out, self.reader, self.config, store, self.step, finished, self.history, seconds, codec_dir
         )
-    reader_dir = _finalize(out, reader, config, store, step, finished, history, seconds, codec_dir)
-    if config.reader.train_memory_layers:
-        logger.info(
-            "the reader's memory layers were fine-tuned: build its store with them (build-index --config %s "
-            "--memory-from %s%s)",
-            store.layout.root / BUILD_CONFIG,
-            reader_dir,
-            "" if codec_dir is None else f" --codec-from {codec_dir}",
-        )
-    return TrainReport(
-        steps=step, finished=finished, history=history, seconds=seconds, reader_dir=reader_dir, codec_dir=codec_dir
-    )
+        if self.config.reader.train_memory_layers:
+            logger.info(
+                "the reader's memory layers were fine-tuned: build its store with them (build-index --config %s "
+                "--memory-from %s%s)",
+                store.layout.root / BUILD_CONFIG,
+                reader_dir,
+                "" if codec_dir is None else f" --codec-from {codec_dir}",
+            )
+        return TrainReport(self.step, finished, self.history, seconds, reader_dir, codec_dir)
+
+
+def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> TrainReport:
+    """Run (or resume) a training job; returns its report. The reader ends up in OUT/reader."""
+    return Trainer(Path(store_path), Path(out), config).run()
 
 
 def _codebook_finetuner(store: MemoryStore, config: TrainConfig, device: torch.device) -> CodebookFinetuner | None:
@@ -320,23 +417,27 @@ def _finalize(
     codec_dir: Path | None,
 ) -> Path:
     reader_dir = reader.eval().save(out / READER_DIR, fp16=True)
-    files = {path.name: file_record(path) for path in sorted(reader_dir.iterdir()) if path.is_file()}
-    codec_files = {} if codec_dir is None else {p.name: file_record(p) for p in sorted(codec_dir.iterdir())}
-    write_json(
-        out / MANIFEST_FILE,
-        {
-            "format": "memvq-train/1",
-            "config": config.to_json(),
+    saved = [*reader_dir.iterdir(), *([] if codec_dir is None else codec_dir.iterdir())]
+    write_artifact(
+        out,
+        MANIFEST_FILE,
+        TRAIN_FORMAT,
+        config.to_json(),
+        files={path.relative_to(out).as_posix(): path for path in sorted(saved) if path.is_file()},
+        extra={
             "store": {"path": str(store.layout.root), "backbone": store.manifest["backbone"]},
             "steps": step,
             "finished": finished,
             "seconds": round(seconds, 1),
             "history": history,
-            "reader_files": files,
-            "codec_files": codec_files,
-            "versions": library_versions(),
             "trainable_parameters": sum(p.numel() for p in reader.parameters() if p.requires_grad),
             "examples_seen": step * config.optim.grad_accum * config.optim.batch_size,
         },
     )
     return reader_dir
+
+
+def _rotated(answers: Sequence[str], slot: int) -> list[str]:
+    """The gold answers starting at the slot's turn: over the epochs a generative head learns each of them."""
+    turn = slot % len(answers)
+    return [*answers[turn:], *answers[:turn]]

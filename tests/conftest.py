@@ -85,11 +85,10 @@ def tiny_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
     import torch
 
     from encoders.backbone import Backbone
-    from encoders.reader import Reader, ReaderConfig
+    from encoders.config import ReaderConfig
+    from encoders.reader import Reader
 
-    config = ReaderConfig(
-        mode="glimmer", retrieve_k=6, rerank_k=3, max_answer_tokens=4, decoder_layers=1, copy_answers=True
-    )
+    config = ReaderConfig(mode="glimmer", top_k=6, rerank_k=3, max_answer_tokens=4, decoder_layers=1, copy_answers=True)
     torch.manual_seed(0)
     reader = Reader.from_backbone(Backbone.from_pretrained(tiny_bert_path, alpha=config.live_fraction), config)
     return reader.save(tmp_path_factory.mktemp("readers") / "tiny-glimmer")

@@ -30,7 +30,7 @@ def test_report_and_manifest(tiny_store):
     assert report.tokens == manifest["num_tokens"] == sum(s["tokens"] for s in manifest["shards"])
     assert report.bytes_per_token == 8 and report.compression_vs_bf16 == pytest.approx(8.0)
     assert manifest["backbone"]["memory_layers"] == 2 and manifest["backbone"]["num_layers"] == 3
-    assert {"torch", "transformers", "faiss-cpu", "ray", "vector-quantize-pytorch"} <= set(manifest["versions"])
+    assert {"torch", "transformers", "faiss-cpu", "ray", "vector-quantize-pytorch"} <= set(manifest["library_versions"])
     shard_files = [name for name in manifest["files"] if name.startswith("shards/")]
     assert len(shard_files) == 4 * report.shards
     assert all(len(record["sha256"]) == 64 for record in manifest["files"].values())

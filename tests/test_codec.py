@@ -222,7 +222,11 @@ def test_load_errors_are_clear(tmp_path: Path, fitted: VQCodec) -> None:
     (d / CODEC_FILE).write_text("{not json")
     with pytest.raises(CodecLoadError, match="corrupt"):
         load_codec(d)
-    (d / CODEC_FILE).write_text(json.dumps({"format_version": 1, "kind": "vq", "config": {"kind": "zzz"}}))
+    (d / CODEC_FILE).write_text(json.dumps({"format_version": 1, "kind": "vq", "config": {"kind": "vq"}}))
+    with pytest.raises(CodecLoadError, match="built by an older memvq"):
+        load_codec(d)
+    header = {"format": "memvq-codec", "version": 2, "kind": "vq", "config": {"kind": "zzz"}}
+    (d / CODEC_FILE).write_text(json.dumps(header | {"files": {}, "library_versions": {}}))
     with pytest.raises(CodecLoadError, match="corrupt"):
         load_codec(d)
 

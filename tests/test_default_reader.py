@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from encoders.backbone import EMBEDDED_MODEL
-from encoders.reader import READER_FILE, WEIGHTS_FILE, default_reader_path
+from encoders.reader import default_reader_path
+from encoders.reader_io import READER_FILE, WEIGHTS_FILE
 from pipelines.rag import RAGPipeline
 
 
@@ -31,6 +32,6 @@ def test_default_reader_answers_over_a_minilm_store(shared_data, minilm_store):
     results = rag.answer(questions)
     for result in results:
         assert isinstance(result.answer, str)
-        assert len(result.passages) == rag.config.rerank_k < rag.config.retrieve_k
+        assert len(result.passages) == rag.config.rerank_k < rag.config.top_k
         assert all(p.title for p in result.passages)
     assert any(result.answer for result in results)

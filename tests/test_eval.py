@@ -9,13 +9,14 @@ import pytest
 from typer.testing import CliRunner
 
 from data.kilt import records as kilt_data
+from encoders.options import QueryOptions
 from pipelines.cli import app
 from pipelines.evaluate import (
     EvalConfigError,
     EvalSettings,
+    evaluate,
     pair_predictions,
     read_kilt_file,
-    run_eval,
     score_predictions,
     task_names,
 )
@@ -41,7 +42,7 @@ def rag(tiny_store, tiny_reader_path) -> RAGPipeline:
     return RAGPipeline.load(tiny_store[0], tiny_reader_path, device="cpu", verify=False)
 
 
-SETTINGS = EvalSettings(batch_size=2, top_k=4, rerank_k=2, max_answer_tokens=3)
+SETTINGS = EvalSettings(batch_size=2, query=QueryOptions(top_k=4, rerank_k=2, max_answer_tokens=3))
 
 
 def _lines(path: Path) -> list[str]:
@@ -50,7 +51,7 @@ def _lines(path: Path) -> list[str]:
 
 def test_eval_writes_valid_predictions_and_a_report(rag, nq_file, tiny_reader_path, tmp_path):
     out = tmp_path / "eval"
-    report = run_eval(rag, [nq_file], out, SETTINGS, model_path=tiny_reader_path, progress=False)
+    report = evaluate(rag, [nq_file], out, SETTINGS, model_path=tiny_reader_path, progress=False)
 
     predictions = out / "nq-predictions.jsonl"
     gold, guess = kilt_data.load_kilt(nq_file), kilt_data.load_kilt(predictions)
@@ -79,18 +80,24 @@ def test_eval_writes_valid_predictions_and_a_report(rag, nq_file, tiny_reader_pa
 
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["tasks"]["nq"]["metrics"] == metrics
-    assert on_disk["settings"]["top_k"] == 4 and on_disk["settings"]["ks"] == [1, 5]
+    assert on_disk["config"]["query"]["top_k"] == 4 and on_disk["config"]["ks"] == [1, 5]
     assert on_disk["store"]["num_passages"] == rag.store.num_passages
     assert on_disk["model"]["path"] == str(tiny_reader_path) and on_disk["model"]["mode"] == "glimmer"
     assert on_disk["device"]["device"] == "cpu"
+    assert (on_disk["format"], on_disk["version"], list(on_disk["files"])) == (
+        "memvq-eval-report",
+        2,
+        ["nq-predictions.jsonl"],
+    )
     markdown = (out / "report.md").read_text()
     for text in ("## nq", "| EM |", "| KILT-EM |", "| R-precision |", "| recall@5 |", "| retrieve |", "queries/s"):
         assert text in markdown
+    assert "top_k=4, rerank_k=2, max_answer_tokens=3, num_beams=None" in markdown  # the query knobs one by one
 
 
 def test_resume_predicts_only_what_is_missing(rag, nq_file, tmp_path):
     out = tmp_path / "eval"
-    first = run_eval(rag, [nq_file], out, SETTINGS.model_copy(update={"limit": 3}), progress=False)
+    first = evaluate(rag, [nq_file], out, SETTINGS.model_copy(update={"limit": 3}), progress=False)
     assert first["tasks"]["nq"]["questions"] == 3 and first["tasks"]["nq"]["scored"] == 3
     predictions = out / "nq-predictions.jsonl"
     head = _lines(predictions)
@@ -98,7 +105,7 @@ def test_resume_predicts_only_what_is_missing(rag, nq_file, tmp_path):
 
     with predictions.open("a") as torn:  # an interrupted write leaves a partial last line
         torn.write('{"id": "nqo-db34')
-    second = run_eval(rag, [nq_file], out, SETTINGS, progress=False)
+    second = evaluate(rag, [nq_file], out, SETTINGS, progress=False)
     lines = _lines(predictions)
     assert len(lines) == NUM_QUESTIONS and lines[:3] == head
     ids = [json.loads(line)["id"] for line in lines]
@@ -107,13 +114,14 @@ def test_resume_predicts_only_what_is_missing(rag, nq_file, tmp_path):
     assert task["predicted_this_run"] == NUM_QUESTIONS - 3
     assert task["timing"]["questions_timed"] == NUM_QUESTIONS  # timings add up over the runs
 
-    third = run_eval(rag, [nq_file], out, SETTINGS, progress=False)  # finished: nothing rerun
+    third = evaluate(rag, [nq_file], out, SETTINGS, progress=False)  # finished: nothing rerun
     assert third["tasks"]["nq"]["predicted_this_run"] == 0
     assert _lines(predictions) == lines
     assert third["tasks"]["nq"]["metrics"] == task["metrics"]
 
     with pytest.raises(EvalConfigError, match="settings"):  # other decoding settings would mix predictions
-        run_eval(rag, [nq_file], out, SETTINGS.model_copy(update={"top_k": 5}), progress=False)
+        other = SETTINGS.model_copy(update={"query": SETTINGS.query.model_copy(update={"top_k": 5})})
+        evaluate(rag, [nq_file], out, other, progress=False)
 
 
 def test_gold_as_guess_scores_exact_match_one(nq_file, tmp_path):
@@ -146,7 +154,7 @@ def test_bad_records_are_reported_with_line_numbers_and_skipped(rag, nq_file, tm
     assert f"{bad}:4:" in questions.bad[1] and "no 'input'" in questions.bad[1]
     assert f"{bad}:5:" in questions.bad[2] and "repeats" in questions.bad[2]
 
-    report = run_eval(rag, [bad], tmp_path / "eval", SETTINGS, progress=False)
+    report = evaluate(rag, [bad], tmp_path / "eval", SETTINGS, progress=False)
     task = report["tasks"]["nq"]
     assert task["questions"] == task["scored"] == 4 and task["bad_records"] == 3
     assert f"{bad}:2: malformed JSON" in (tmp_path / "eval" / "report.md").read_text()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from encoders.backbone import Backbone
-from encoders.reader import Reader, ReaderConfig
+from encoders.config import ReaderConfig
+from encoders.options import QueryOptions
+from encoders.reader import Reader
 from pipelines.rag import STAGES, IncompatibleModelError, RAGPipeline, reader_inputs
 
 
@@ -16,7 +18,7 @@ def rag(tiny_store, tiny_reader_path) -> RAGPipeline:
 
 def test_answers_carry_reranked_provenance_and_timings(rag):
     questions = ["who got the first nobel prize in physics", "what is the capital of france"]
-    results = rag.answer(questions, top_k=5, rerank_k=2, max_answer_tokens=3)
+    results = rag.answer(questions, QueryOptions(top_k=5, rerank_k=2, max_answer_tokens=3))
     assert [r.question for r in results] == questions
     for result in results:
         assert isinstance(result.answer, str)
@@ -33,7 +35,7 @@ def test_answers_carry_reranked_provenance_and_timings(rag):
 
 
 def test_retrieve_returns_store_passages_best_first(rag):
-    [hits] = rag.retrieve(["first nobel prize in physics"], top_k=4)
+    [hits] = rag.retrieve(["first nobel prize in physics"], QueryOptions(top_k=4))
     assert len(hits) == 4
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert rag.store.passages([hits[0].row])[0]["passage_id"] == hits[0].passage_id
@@ -66,24 +68,24 @@ def test_query_command_prints_answer_passages_and_stage_times(tiny_store, tiny_r
 
 def test_retrieval_weight_makes_glimmer_keep_the_retrievers_best(rag):
     question = ["who got the first nobel prize in physics"]
-    [hits] = rag.retrieve(question, top_k=6)
+    [hits] = rag.retrieve(question, QueryOptions(top_k=6))
     base = rag.reader.config
     try:
         rag.reader.config = base.model_copy(update={"retrieval_weight": 1e6})
-        [result] = rag.read(question, [hits], rerank_k=3)
+        [result] = rag.read(question, [hits], QueryOptions(rerank_k=3))
     finally:
         rag.reader.config = base
     assert [p.passage_id for p in result.passages] == [h.passage_id for h in hits[:3]]
-    [plain] = rag.read(question, [hits], rerank_k=3)  # weight 0: the (untrained) reranker's own order
+    [plain] = rag.read(question, [hits], QueryOptions(rerank_k=3))  # weight 0: the (untrained) reranker's own order
     assert [p.score for p in plain.passages] != [p.score for p in result.passages]
 
 
 def test_a_copying_reader_reads_each_passages_token_ids_lined_up_with_its_memory(rag):
     assert rag.reader.config.copy_answers
-    [hits] = rag.retrieve(["what is the capital of france"], top_k=3)
+    [hits] = rag.retrieve(["what is the capital of france"], QueryOptions(top_k=3))
     inputs = reader_inputs(rag.store, rag.reader, [[hit.row for hit in hits]])
-    ids, mask = inputs["memory_ids"][0], inputs["memory_mask"][0]
-    assert ids.shape == mask.shape == inputs["memory"].shape[1:3]
+    ids, mask = inputs.memory_ids[0], inputs.memory_mask[0]
+    assert ids.shape == mask.shape == inputs.memory.shape[1:3]
     assert (ids[mask] > 0).all() and (ids[~mask] == 0).all()
     tokenizer = rag.reader.backbone.tokenizer
     for j, hit in enumerate(hits):

@@ -13,9 +13,14 @@ from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput
 
 from encoders.backbone import Backbone
+from encoders.config import ReaderConfig
 from encoders.decoder import IGNORE_INDEX, FiDDecoder
-from encoders.reader import READER_FILE, WEIGHTS_FILE, Reader, ReaderConfig
+from encoders.inputs import PassageOffsets, ReaderInputs
+from encoders.options import QueryOptions
+from encoders.reader import Reader
+from encoders.reader_io import READER_FILE, WEIGHTS_FILE
 from encoders.reranker import perplexity_distillation_loss, perplexity_distillation_target
+from encoders.spans import passage_token_offsets
 
 QUESTIONS = ["who discovered x-rays", "where is the eiffel tower located in france"]
 PASSAGES = [
@@ -31,6 +36,7 @@ PASSAGES = [
     ],
 ]
 ANSWERS = ["wilhelm rontgen", "paris"]
+GOLD = [[answer] for answer in ANSWERS]  # gold answers per question, what `Reader.loss` takes
 # Live fraction per mode for the 3-layer tiny BERT: lumen 1 live layer, glimmer 2 (Live-A 1 + Live-B 1).
 ALPHA = {"lumen": 1 / 3, "glimmer": 2 / 3, "fid": 1.0, "memory": 0.0}
 
@@ -76,7 +82,7 @@ def paths(tiny_bert_path, tiny_t5_path) -> dict[str, Path]:
 
 
 def make_reader(path: Path, mode: str, alpha: float | None = None, **overrides) -> Reader:
-    config = ReaderConfig(mode=mode, alpha=alpha, retrieve_k=3, rerank_k=2, max_answer_tokens=6, **overrides)
+    config = ReaderConfig(mode=mode, alpha=alpha, top_k=3, rerank_k=2, max_answer_tokens=6, **overrides)
     backbone = Backbone.from_pretrained(path, alpha=config.live_fraction)
     torch.manual_seed(0)
     return Reader.from_backbone(backbone, config).eval()
@@ -131,18 +137,17 @@ def alone(backbone: Backbone, question: str, title: str, text: str) -> torch.Ten
 @pytest.mark.parametrize("mode", ["lumen", "glimmer", "fid", "memory"])
 def test_shapes_in_each_mode(shared_reader, mode):
     reader = shared_reader("bert", mode)
-    memory, mask = (None, None) if mode == "fid" else passage_memory(reader.backbone)
-    texts = PASSAGES if mode == "fid" else None
+    inputs = ReaderInputs(passage_texts=PASSAGES) if mode == "fid" else ReaderInputs(*passage_memory(reader.backbone))
     k = 2 if mode == "glimmer" else 3
     with torch.no_grad():
-        encoded = reader.encode(QUESTIONS, memory, mask, texts)
+        encoded = reader.encode(QUESTIONS, inputs)
     assert encoded.hidden.shape[:2] == (2, k) and encoded.hidden.shape[-1] == 32
     assert encoded.mask.shape == encoded.hidden.shape[:3] and encoded.mask.dtype == torch.bool
     hidden, flat_mask, flat_ids = encoded.decoder_inputs()
     assert flat_ids.shape == flat_mask.shape and flat_ids.dtype == torch.long
     assert hidden.shape == (2, k * encoded.hidden.shape[2], 32) and flat_mask.shape == hidden.shape[:2]
 
-    out = reader.answer(QUESTIONS, memory, mask, texts)
+    out = reader.answer(QUESTIONS, inputs)
     assert len(out.answers) == 2 and all(isinstance(answer, str) for answer in out.answers)
     assert out.kept.shape == (2, k)
     assert (out.passage_scores is None) == (mode != "glimmer")
@@ -150,7 +155,7 @@ def test_shapes_in_each_mode(shared_reader, mode):
         assert out.passage_scores.shape == (2, 3)
     assert set(out.timings_ms) == {"live", "rerank", "decode"} and min(out.timings_ms.values()) >= 0
 
-    losses = reader.loss(QUESTIONS, ANSWERS, memory, mask, texts)
+    losses = reader.loss(QUESTIONS, GOLD, inputs)
     assert set(losses) == {"loss", "generation_loss", "rerank_loss"}
     assert all(torch.isfinite(value) for value in losses.values())
     assert (float(losses["rerank_loss"].detach()) > 0) == (mode == "glimmer")
@@ -164,10 +169,47 @@ def test_config_and_split_are_checked(tiny_bert_path):
     with pytest.raises(ValueError, match="alpha must be 0"):
         ReaderConfig(mode="memory", alpha=0.5)
     with pytest.raises(ValueError, match="rerank_k"):
-        ReaderConfig(mode="glimmer", retrieve_k=3, rerank_k=4)
+        ReaderConfig(mode="glimmer", top_k=3, rerank_k=4)
     backbone = Backbone.from_pretrained(tiny_bert_path, alpha=1 / 3)  # 2 memory layers
     with pytest.raises(ValueError, match="memory layers"):
         Reader(backbone, FiDDecoder.from_backbone(backbone), ReaderConfig(mode="lumen", alpha=2 / 3))
+    # readers saved before the rename say retrieve_k
+    assert ReaderConfig.model_validate({"mode": "glimmer", "retrieve_k": 7}).top_k == 7
+
+
+def test_query_options_resolve_against_the_reader_config():
+    config = ReaderConfig(mode="glimmer", top_k=6, rerank_k=3, max_answer_tokens=8, num_beams=2)
+    assert QueryOptions().resolved(config) == QueryOptions(top_k=6, rerank_k=3, max_answer_tokens=8, num_beams=2)
+    given = QueryOptions(top_k=10, rerank_k=5, max_answer_tokens=4, num_beams=1)
+    assert given.resolved(config) == given and given.resolved(config).resolved(config) == given
+    assert QueryOptions(top_k=2).resolved(config).rerank_k == 2  # the default rerank_k is cut to top_k
+    with pytest.raises(ValueError, match=r"rerank_k \(3\) must be <= top_k \(2\)"):
+        QueryOptions(top_k=2, rerank_k=3).resolved(config)
+    with pytest.raises(ValueError, match="rerank_k"):
+        QueryOptions(rerank_k=7).resolved(config)  # above the config's top_k
+    lumen = ReaderConfig(mode="lumen", top_k=6, rerank_k=3)  # no reranking: rerank_k is not checked
+    assert QueryOptions(top_k=2, rerank_k=3).resolved(lumen).rerank_k == 3
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        QueryOptions(top_k=0)
+    assert hash(QueryOptions(top_k=4)) == hash(QueryOptions(top_k=4))  # frozen: a batch key
+
+
+def test_reader_inputs_hold_memory_or_text():
+    memory, mask = torch.zeros(2, 3, 5, 4), torch.ones(2, 3, 5, dtype=torch.bool)
+    inputs = ReaderInputs(memory, mask, retrieval_scores=torch.zeros(2, 3))
+    assert (inputs.batch, inputs.k) == (2, 3)
+    texts = ReaderInputs(passage_texts=PASSAGES)
+    assert (texts.batch, texts.k) == (2, 3)
+    with pytest.raises(ValueError, match="exactly one"):
+        ReaderInputs(memory, mask, passage_texts=PASSAGES)
+    with pytest.raises(ValueError, match="exactly one"):
+        ReaderInputs()
+    with pytest.raises(ValueError, match="memory_mask"):
+        ReaderInputs(memory)
+    with pytest.raises(ValueError, match="same number of passages"):
+        ReaderInputs(passage_texts=[PASSAGES[0], PASSAGES[1][:2]])
+    with pytest.raises(ValueError, match="retrieval_scores"):
+        ReaderInputs(memory, mask, retrieval_scores=torch.zeros(2, 4))
 
 
 # -- what each mode computes ---------------------------------------------------------------------------------------
@@ -182,7 +224,7 @@ def test_live_states_equal_run_live_over_the_concatenation(shared_reader, family
     backbone = reader.backbone
     memory, mask = passage_memory(backbone)
     with torch.no_grad():
-        encoded = reader.encode(QUESTIONS, memory, mask)
+        encoded = reader.encode(QUESTIONS, ReaderInputs(memory, mask))
         for b, question in enumerate(QUESTIONS):
             for j, (title, text) in enumerate(PASSAGES[b]):
                 pair = alone(backbone, question, title, text)[None]
@@ -204,7 +246,7 @@ def test_memory_mode_feeds_the_memory_directly(shared_reader):
     assert backbone.memory_layers == backbone.num_layers == 3
     memory, mask = passage_memory(backbone)
     with torch.no_grad():
-        encoded = reader.encode(QUESTIONS, memory, mask)
+        encoded = reader.encode(QUESTIONS, ReaderInputs(memory, mask))
         for b, question in enumerate(QUESTIONS):
             q = backbone.tokenize_questions([question], 32)
             q_memory = backbone.encode_memory(q["input_ids"], q["attention_mask"], q["token_type_ids"])[0]
@@ -217,7 +259,7 @@ def test_fid_runs_every_layer_over_the_text_pairs(shared_reader):
     reader = shared_reader("bert", "fid")
     backbone = reader.backbone
     with torch.no_grad():
-        encoded = reader.encode(QUESTIONS, passage_texts=PASSAGES)
+        encoded = reader.encode(QUESTIONS, ReaderInputs(passage_texts=PASSAGES))
         for b, question in enumerate(QUESTIONS):
             for j, (title, text) in enumerate(PASSAGES[b]):
                 tokens = backbone.tokenizer(question, f"{title} [SEP] {text}", return_tensors="pt")
@@ -230,7 +272,7 @@ def test_glimmer_keeps_exactly_the_top_scored_passages(shared_reader):
     backbone = reader.backbone
     memory, mask = passage_memory(backbone)
     with torch.no_grad():
-        encoded = reader.encode(QUESTIONS, memory, mask)
+        encoded = reader.encode(QUESTIONS, ReaderInputs(memory, mask))
         scores = encoded.passage_scores
         assert encoded.kept.shape == (2, 2)
         assert torch.equal(encoded.kept, scores.topk(2, dim=-1).indices)
@@ -269,12 +311,12 @@ def test_perplexity_distillation_target_and_loss(tiny_bert_path):
     backbone = reader.backbone
     memory, mask = passage_memory(backbone)
     with torch.no_grad():
-        target = reader.distillation_target(QUESTIONS, ANSWERS, memory, mask)
+        target = reader.distillation_target(QUESTIONS, GOLD, ReaderInputs(memory, mask))
         assert target.shape == (2, 3) and (target > 0).all()
         assert torch.allclose(target.sum(dim=-1), torch.ones(2), atol=1e-6)
         assert ((target.max(dim=-1).values - target.min(dim=-1).values) > 0.03).all()  # the test has power
         # The target is the decoder's likelihood of the gold answer given each passage ALONE (after Live-B).
-        encoded = reader.encode(QUESTIONS[:1], memory[:1], mask[:1])
+        encoded = reader.encode(QUESTIONS[:1], ReaderInputs(memory[:1], mask[:1]))
         labels = reader.decoder.tokenize_targets(ANSWERS[:1], reader.config.max_answer_tokens)
         likelihood = []
         for j in range(3):
@@ -303,7 +345,8 @@ def test_training_reads_the_passages_that_retrieval_scores_rank_first(tiny_bert_
     def generation_loss(order: list[int], scores: list[float]) -> float:
         retrieval = torch.tensor([scores, scores])
         with torch.no_grad():
-            losses = reader.loss(QUESTIONS, ANSWERS, memory[:, order], mask[:, order], retrieval_scores=retrieval)
+            inputs = ReaderInputs(memory[:, order], mask[:, order], retrieval_scores=retrieval)
+            losses = reader.loss(QUESTIONS, GOLD, inputs)
         return float(losses["generation_loss"])
 
     # rerank_k = 2: the decoder reads passages {0, 2} whether they sit at 0, 2 or at 0, 1 with scores to match.
@@ -322,7 +365,7 @@ def test_a_few_steps_overfit_one_example(tiny_bert_path):
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
     first = None
     for _ in range(40):
-        losses = reader.loss(QUESTIONS[1:], ANSWERS[1:], memory, mask)
+        losses = reader.loss(QUESTIONS[1:], GOLD[1:], ReaderInputs(memory, mask))
         optimizer.zero_grad()
         losses["loss"].backward()
         if first is None:
@@ -331,10 +374,10 @@ def test_a_few_steps_overfit_one_example(tiny_bert_path):
         optimizer.step()
     reader.eval()
     with torch.no_grad():
-        last = reader.loss(QUESTIONS[1:], ANSWERS[1:], memory, mask)
+        last = reader.loss(QUESTIONS[1:], GOLD[1:], ReaderInputs(memory, mask))
     assert float(last["generation_loss"]) < 0.2 * first["generation_loss"]
     assert float(last["loss"]) < first["loss"]
-    assert reader.answer(QUESTIONS[1:], memory, mask).answers == ["paris"]
+    assert reader.answer(QUESTIONS[1:], ReaderInputs(memory, mask)).answers == ["paris"]
     for name, p in reader.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), f"frozen memory-side {name} moved"
@@ -348,13 +391,14 @@ def test_greedy_and_beam_generate_batched(shared_reader, family):
     reader = shared_reader(family, "lumen")
     memory, mask = passage_memory(reader.backbone)
     for beams in (1, 2):
-        batched = reader.answer(QUESTIONS, memory, mask, num_beams=beams).answers
+        options = QueryOptions(num_beams=beams)
+        batched = reader.answer(QUESTIONS, ReaderInputs(memory, mask), options).answers
         assert len(batched) == 2 and all(isinstance(answer, str) for answer in batched)
         for b in range(2):
-            single = reader.answer(QUESTIONS[b : b + 1], memory[b : b + 1], mask[b : b + 1], num_beams=beams)
+            single = reader.answer(QUESTIONS[b : b + 1], ReaderInputs(memory[b : b + 1], mask[b : b + 1]), options)
             assert single.answers == [batched[b]]
     with torch.no_grad():
-        hidden, flat_mask, _ = reader.encode(QUESTIONS, memory, mask).decoder_inputs()
+        hidden, flat_mask, _ = reader.encode(QUESTIONS, ReaderInputs(memory, mask)).decoder_inputs()
         ids = reader.decoder.generate(hidden, flat_mask, max_new_tokens=4, num_beams=2)
     assert ids.shape[0] == 2 and 2 <= ids.shape[1] <= 5 and (ids[:, 0] == reader.decoder.start_id).all()
 
@@ -440,7 +484,8 @@ def test_save_load_round_trip(tiny_bert_path, tmp_path, copy):
                 p.add_(0.2 * torch.randn(p.shape, generator=generator))
     memory, mask = passage_memory(reader.backbone)
     ids = passage_ids(reader.backbone)
-    expected = reader.answer(QUESTIONS, memory, mask, memory_ids=ids)
+    inputs = ReaderInputs(memory, mask, ids)
+    expected = reader.answer(QUESTIONS, inputs)
 
     reader.save(tmp_path / "reader")
     assert (tmp_path / "reader" / READER_FILE).is_file()
@@ -453,7 +498,7 @@ def test_save_load_round_trip(tiny_bert_path, tmp_path, copy):
     for directory, backbone_path in [(tmp_path / "reader", None), (tmp_path / "reader", tiny_bert_path)]:
         loaded = Reader.load(directory, backbone_path=backbone_path)
         assert loaded.config == reader.config
-        got = loaded.answer(QUESTIONS, memory, mask, memory_ids=ids)
+        got = loaded.answer(QUESTIONS, inputs)
         assert got.answers == expected.answers
         assert torch.equal(got.kept, expected.kept)
         assert torch.allclose(got.passage_scores, expected.passage_scores, atol=1e-6)
@@ -526,19 +571,20 @@ def test_a_copying_reader_needs_the_passage_ids_and_learns_to_copy(tiny_bert_pat
     memory, mask = passage_memory(reader.backbone, PASSAGES[:1])
     ids = passage_ids(reader.backbone, PASSAGES[:1])
     with pytest.raises(ValueError, match="memory_ids"):
-        reader.loss(QUESTIONS[:1], ANSWERS[:1], memory, mask)
+        reader.loss(QUESTIONS[:1], GOLD[:1], ReaderInputs(memory, mask))
+    inputs = ReaderInputs(memory, mask, ids)
     optimizer = torch.optim.Adam([p for p in reader.parameters() if p.requires_grad], lr=1e-2)
     first = None
     for _ in range(30):
-        losses = reader.loss(QUESTIONS[:1], ANSWERS[:1], memory, mask, memory_ids=ids)
+        losses = reader.loss(QUESTIONS[:1], GOLD[:1], inputs)
         optimizer.zero_grad()
         losses["generation_loss"].backward()
         optimizer.step()
         first = first or float(losses["generation_loss"].detach())
     reader.eval()
-    assert reader.answer(QUESTIONS[:1], memory, mask, memory_ids=ids).answers == ["wilhelm rontgen"]
+    assert reader.answer(QUESTIONS[:1], inputs).answers == ["wilhelm rontgen"]
     with torch.no_grad():
-        hidden, encoder_mask, _ = reader.encode(QUESTIONS[:1], memory, mask, memory_ids=ids).decoder_inputs()
+        hidden, encoder_mask, _ = reader.encode(QUESTIONS[:1], inputs).decoder_inputs()
         labels = reader.decoder.tokenize_targets(ANSWERS[:1], 6)
         states = reader.decoder._run(reader.decoder.decoder_inputs(labels)[0], hidden, encoder_mask)[1]
         _, gate = reader.decoder.copy_head(states, hidden, encoder_mask)
@@ -550,18 +596,19 @@ def test_shallow_decoder_round_trip(tiny_bert_path, tmp_path):
     assert reader.decoder.num_layers == 1
     assert not reader.decoder.model.get_input_embeddings().weight.requires_grad
     memory, mask = passage_memory(reader.backbone)
-    expected = reader.answer(QUESTIONS, memory, mask, max_answer_tokens=3)
+    inputs, options = ReaderInputs(memory, mask), QueryOptions(max_answer_tokens=3)
+    expected = reader.answer(QUESTIONS, inputs, options)
     assert all(len(answer.split()) <= 3 for answer in expected.answers)
     loaded = Reader.load(reader.save(tmp_path / "reader"))
     assert loaded.decoder.num_layers == 1
-    assert loaded.answer(QUESTIONS, memory, mask, max_answer_tokens=3).answers == expected.answers
+    assert loaded.answer(QUESTIONS, inputs, options).answers == expected.answers
 
 
 def test_public_api_only(shared_reader):
     """Library methods stay the libraries' own, and no module instance overrides one (no monkey patching)."""
     reader = shared_reader("t5", "lumen")
     memory, mask = passage_memory(reader.backbone)
-    reader.answer(QUESTIONS, memory, mask, num_beams=2)
+    reader.answer(QUESTIONS, ReaderInputs(memory, mask), QueryOptions(num_beams=2))
     methods = [
         BertLMHeadModel.forward,
         BertLMHeadModel.prepare_inputs_for_generation,
@@ -574,3 +621,81 @@ def test_public_api_only(shared_reader):
     for family in ("bert", "t5"):
         for module in shared_reader(family, "lumen").modules():
             assert not {"forward", "generate", "prepare_inputs_for_generation"} & set(vars(module))
+
+
+# -- the extract head ----------------------------------------------------------------------------------------------
+
+
+def extract_inputs(reader: Reader, passages=PASSAGES) -> ReaderInputs:
+    """What the pipeline gives an extract reader: passage text (fid), or memory with the tokens' text offsets."""
+    if reader.config.mode == "fid":
+        return ReaderInputs(passage_texts=passages)
+    memory, mask = passage_memory(reader.backbone, passages)
+    flat = [passage for row in passages for passage in row]
+    offsets, text_mask = passage_token_offsets(
+        reader.backbone.tokenizer, [t for t, _ in flat], [x for _, x in flat], max_length=64
+    )
+    b = len(passages)
+    return ReaderInputs(
+        memory,
+        mask,
+        passage_offsets=PassageOffsets(
+            [[text for _, text in row] for row in passages],
+            rearrange(offsets, "(b k) l two -> b k l two", b=b),
+            rearrange(text_mask, "(b k) l -> b k l", b=b),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "mode"),
+    [("bert", "fid"), ("bert", "lumen"), ("bert", "glimmer"), ("bert", "memory"), ("t5", "fid"), ("t5", "lumen")],
+)
+def test_extract_head_answers_with_a_span_of_a_passage_read(paths, family, mode):
+    alpha = ALPHA[mode] if family == "bert" else None
+    reader = make_reader(paths[family], mode, alpha, head="extract")
+    assert reader.decoder is None and reader.span_head is not None
+    inputs = extract_inputs(reader)
+    out = reader.answer(QUESTIONS, inputs)
+    for i, (answer, span) in enumerate(zip(out.answers, out.spans, strict=True)):
+        _, text = PASSAGES[i][int(out.kept[i, span.passage])]
+        assert answer == span.answer == text[span.char_start : span.char_end] and answer.strip()
+        assert len(reader.backbone.tokenizer.tokenize(answer)) <= reader.config.max_answer_tokens
+    reader.train()
+    losses = reader.loss(QUESTIONS, GOLD, inputs)
+    assert {"loss", "span_loss", "passage_loss", "rerank_loss"} == set(losses)
+    assert (float(losses["rerank_loss"].detach()) > 0) == (mode == "glimmer")
+    losses["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in reader.span_head.parameters())
+
+
+def test_extract_distillation_target_weighs_only_passages_holding_the_answer(tiny_bert_path):
+    reader = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"], head="extract")
+    target = reader.distillation_target(QUESTIONS, GOLD, extract_inputs(reader))
+    assert torch.allclose(target.sum(dim=-1), torch.ones(2))
+    # "wilhelm rontgen" is only in passage 0 of question 0; "paris" in passages 0 and 1 of question 1
+    assert target[0, 0] == pytest.approx(1.0) and target[1, 2] == pytest.approx(0.0, abs=1e-6)
+    assert target[1, :2].min() > 0.05
+
+
+@pytest.mark.parametrize("objective", ["marginal", "hard_em"])
+def test_extract_reader_learns_the_span_and_survives_a_round_trip(tiny_bert_path, tmp_path, objective):
+    reader = make_reader(tiny_bert_path, "lumen", ALPHA["lumen"], head="extract", span_objective=objective)
+    inputs = extract_inputs(reader)
+    optimizer = torch.optim.Adam([p for p in reader.parameters() if p.requires_grad], lr=3e-3)
+    reader.train()
+    for _ in range(60):
+        optimizer.zero_grad()
+        reader.loss(QUESTIONS, GOLD, inputs)["loss"].backward()
+        optimizer.step()
+    reader.eval()
+    out = reader.answer(QUESTIONS, inputs)
+    assert [answer.lower() for answer in out.answers] == ANSWERS
+    assert out.spans[0].passage == 0 and (out.spans[0].char_start, out.spans[0].char_end) == (0, 15)
+
+    saved = torch.load(reader.save(tmp_path / "reader") / WEIGHTS_FILE, weights_only=True)
+    assert any(key.startswith("span.") for key in saved) and not any(key.startswith("decoder.") for key in saved)
+    loaded = Reader.load(tmp_path / "reader")
+    assert loaded.config.head == "extract"
+    again = loaded.answer(QUESTIONS, inputs)
+    assert again.answers == out.answers and again.spans == out.spans

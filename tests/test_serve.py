@@ -285,8 +285,8 @@ class FlakyPipeline:
             raise RuntimeError("CUDA out of memory (simulated)")
         return self.rag.answer(questions, **options)
 
-    def retrieve(self, questions, top_k=None):
-        return self.rag.retrieve(questions, top_k)
+    def retrieve(self, questions, options=None):
+        return self.rag.retrieve(questions, options)
 
 
 def test_a_model_failure_is_a_500_and_the_next_request_works(rag):

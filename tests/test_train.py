@@ -13,14 +13,16 @@ from conftest import tiny_config
 
 from data.tasks import TaskConfig, in_dev, iter_squad, load_task, schedule
 from encoders.backbone import Backbone
-from encoders.reader import WEIGHTS_FILE, Reader, ReaderConfig, load_memory_layers
+from encoders.config import ReaderConfig
+from encoders.reader import Reader
+from encoders.reader_io import WEIGHTS_FILE, load_memory_layers
 from memory.artifact import ManifestError
 from memory.codecs import CodebookFinetuner, load_codec
 from memory.store import MemoryStore
 from pipelines.build import build_index
 from pipelines.config import TrainConfig
 from pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
-from pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, train
+from pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, split_for_store, train
 
 
 def test_squad_is_split_by_article(shared_data):
@@ -68,7 +70,7 @@ def tiny_train_config(task: TaskConfig, **extra) -> TrainConfig:
         {
             "reader": {
                 "mode": "glimmer",
-                "retrieve_k": 4,
+                "top_k": 4,
                 "rerank_k": 2,
                 "decoder_layers": 1,
                 "max_answer_tokens": 6,
@@ -94,7 +96,7 @@ def test_tiny_run_trains_saves_and_resumes_identically(tiny_store, tiny_bert_pat
     assert [h["step"] for h in straight.history] == [2, 4]
     assert {"nq/em", "nq/f1"} <= set(straight.history[-1])
     manifest = json.loads((tmp_path / "straight" / MANIFEST_FILE).read_text())
-    assert manifest["steps"] == 4 and set(manifest["reader_files"]) == {"reader.json", WEIGHTS_FILE}
+    assert manifest["steps"] == 4 and set(manifest["files"]) == {"reader/reader.json", f"reader/{WEIGHTS_FILE}"}
     dev = (tmp_path / "straight" / "data" / "nq-dev.jsonl").read_text().splitlines()
     assert dev and all(json.loads(line)["output"][0]["answer"] for line in dev)
     reader = Reader.load(straight.reader_dir)
@@ -118,6 +120,20 @@ def test_tiny_run_trains_saves_and_resumes_identically(tiny_store, tiny_bert_pat
     assert (tmp_path / "resumed" / CONFIG_FILE).is_file()
 
 
+def test_the_backbone_is_split_where_the_stores_memory_was_made(tiny_store, tiny_bert_path, kilt_task, tmp_path):
+    store = MemoryStore.open(tiny_store[0])  # memory = 2 of the tiny BERT's 3 layers
+    unset = tiny_train_config(kilt_task).reader
+    assert split_for_store(unset, store) == (unset.model_copy(update={"alpha": 1 / 3}), 2)
+    assert split_for_store(ReaderConfig(mode="fid"), store)[1] == 0
+    with pytest.raises(IncompatibleModelError, match="2 memory layers of 3, but a memory reader"):
+        split_for_store(ReaderConfig(mode="memory"), store)
+
+    config = tiny_train_config(kilt_task, model=str(tiny_bert_path))
+    config = config.model_copy(update={"reader": config.reader.model_copy(update={"alpha": 2 / 3})})
+    with pytest.raises(IncompatibleModelError, match=r"alpha=0.6667 reads memory made by 1: build a store"):
+        train(tiny_store[0], tmp_path / "run", config)
+
+
 def test_codebook_finetuning_trains_the_codec_and_a_rebuild_encodes_with_it(
     tiny_store, tiny_bert_path, kilt_task, mini_corpus, tmp_path
 ):
@@ -128,10 +144,9 @@ def test_codebook_finetuning_trains_the_codec_and_a_rebuild_encodes_with_it(
     tuned = load_codec(straight.codec_dir)
     assert tuned.config == store.codec.config
     assert any(not torch.equal(a, b) for a, b in zip(tuned.codebooks, store.codec.codebooks, strict=True))
-    assert set(json.loads((tmp_path / "straight" / MANIFEST_FILE).read_text())["codec_files"]) == {
-        "codec.json",
-        tuned.weights_file,
-    }
+    assert {"codec/codec.json", f"codec/{tuned.weights_file}"} <= set(
+        json.loads((tmp_path / "straight" / MANIFEST_FILE).read_text())["files"]
+    )
 
     # Stopped after a step and resumed: the same codebooks (the EMA statistics are in the checkpoint).
     train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"max_minutes": 1e-9}))
@@ -145,9 +160,9 @@ def test_codebook_finetuning_trains_the_codec_and_a_rebuild_encodes_with_it(
     rows = [[0, 1, 2], [3, 4, 5]]
     stored = reader_inputs(rebuilt, reader, rows)
     trained_on = recomputed_inputs(store, reader, rows, quantize=CodebookFinetuner(tuned).eval())
-    assert torch.equal(stored["memory_mask"], trained_on["memory_mask"])
-    mask = stored["memory_mask"]
-    close = (stored["memory"][mask] - trained_on["memory"][mask]).abs().amax(-1) < 1e-4
+    assert torch.equal(stored.memory_mask, trained_on.memory_mask)
+    mask = stored.memory_mask
+    close = (stored.memory[mask] - trained_on.memory[mask]).abs().amax(-1) < 1e-4
     assert close.float().mean() > 0.99
 
     with pytest.raises(ManifestError, match="another codec config"):
@@ -185,10 +200,10 @@ def test_memory_layer_finetuning_trains_them_and_a_store_rebuilt_with_them_serve
     rows = [[0, 1, 2], [3, 4, 5]]
     with torch.no_grad():
         trained_on = recomputed_inputs(tuned, reader, rows)
-    mask = trained_on["memory_mask"]
+    mask = trained_on.memory_mask
 
     def distance(store: MemoryStore) -> float:
-        return (reader_inputs(store, reader, rows)["memory"][mask] - trained_on["memory"][mask]).abs().max().item()
+        return (reader_inputs(store, reader, rows).memory[mask] - trained_on.memory[mask]).abs().max().item()
 
     assert distance(tuned) < 1e-2 < distance(plain)
     for shard in range(len(plain.manifest["shards"])):
@@ -219,3 +234,18 @@ def test_split_command_writes_disjoint_kilt_files(shared_data, tmp_path, monkeyp
         ids[split] = {json.loads(line)["id"] for line in lines}
     assert len(ids["train"]) + len(ids["dev"]) == 1293 and not ids["train"] & ids["dev"]
     assert 0.15 < len(ids["dev"]) / 1293 < 0.25
+
+
+def test_extract_head_trains_on_distant_supervision_and_answers_with_spans(
+    tiny_store, tiny_bert_path, kilt_task, tmp_path
+):
+    reader = {"mode": "glimmer", "top_k": 4, "rerank_k": 2, "max_answer_tokens": 6, "head": "extract"}
+    config = tiny_train_config(kilt_task, model=str(tiny_bert_path), reader=reader)
+    report = train(tiny_store[0], tmp_path / "run", config)
+    assert report.finished and {"nq/em", "nq/f1"} <= set(report.history[-1])
+    saved = trained_tensors(tmp_path / "run")
+    assert any(key.startswith("span.") for key in saved) and not any(key.startswith("decoder.") for key in saved)
+    pipeline = RAGPipeline.load(tiny_store[0], report.reader_dir, device="cpu")
+    [result] = pipeline.answer(["who got the first nobel prize in physics"])
+    passage = result.passages[result.span.passage]
+    assert result.answer == passage.text[result.span.char_start : result.span.char_end]

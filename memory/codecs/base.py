@@ -12,16 +12,14 @@ Two kinds:
 * ``faiss``: the baseline, a faiss standalone codec built from a factory string such as
   ``OPQ48,PQ48x8`` (:mod:`memory.codecs.faiss_codec`).
 
-On disk a codec is a directory holding ``codec.json`` (format version, kind, config, the name and
-sha256 of the weights file) and the weights file. Weights are written first and ``codec.json``
-last, each through a temporary file and ``os.replace``, so a directory with a readable
-``codec.json`` is always complete.
+On disk a codec is a directory holding ``codec.json`` (its ``memvq-codec`` header, see
+:mod:`memory.artifact`: config, the weights file's size and sha256, code width, dtype and bytes per
+token) and the weights file. Weights are written first and ``codec.json`` last, each through a
+temporary file and ``os.replace``, so a directory with a readable ``codec.json`` is always complete.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
@@ -30,10 +28,11 @@ import numpy as np
 import pydantic
 import torch
 
-from memory.artifact import atomic_write
+from memory.artifact import ArtifactError, ArtifactFormat, atomic_write, write_artifact
 
 __all__ = [
     "CODEC_FILE",
+    "CODEC_FORMAT",
     "DEFAULT_16X",
     "DEFAULT_32X",
     "CodecConfig",
@@ -45,10 +44,10 @@ __all__ = [
 ]
 
 CODEC_FILE = "codec.json"
-FORMAT_VERSION = 1
+CODEC_FORMAT = ArtifactFormat("memvq-codec", 2, remake="rebuild the store with `memvq build-index`")
 
 
-class CodecLoadError(RuntimeError):
+class CodecLoadError(ArtifactError):
     """A codec directory is missing, incomplete or corrupt."""
 
 
@@ -237,17 +236,19 @@ class MemoryCodec(ABC):
         directory.mkdir(parents=True, exist_ok=True)
         data = self._weights_bytes()
         atomic_write(directory / self.weights_file, lambda tmp: tmp.write_bytes(data))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "kind": self.config.kind,
-            "config": self.config.model_dump(mode="json"),
-            "weights_file": self.weights_file,
-            "weights_sha256": hashlib.sha256(data).hexdigest(),
-            "code_width": self.code_width,
-            "code_dtype": self.code_dtype.name,
-            "bytes_per_token": self.bytes_per_token,
-        }
-        atomic_write(directory / CODEC_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+        write_artifact(
+            directory,
+            CODEC_FILE,
+            CODEC_FORMAT,
+            self.config.model_dump(mode="json"),
+            files={self.weights_file: directory / self.weights_file},
+            extra={
+                "kind": self.config.kind,
+                "code_width": self.code_width,
+                "code_dtype": self.code_dtype.name,
+                "bytes_per_token": self.bytes_per_token,
+            },
+        )
 
     def _check_codes(self, codes: np.ndarray | torch.Tensor) -> torch.Tensor:
         """'... m' integer array/tensor -> int64 tensor on self.device, validated."""

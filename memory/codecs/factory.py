@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pydantic
 import torch
 
-from memory.artifact import sha256_file
-from memory.codecs.base import CODEC_FILE, FORMAT_VERSION, CodecConfig, CodecLoadError, MemoryCodec
+from memory.artifact import ArtifactError, read_artifact
+from memory.codecs.base import CODEC_FILE, CODEC_FORMAT, CodecConfig, CodecLoadError, MemoryCodec
 from memory.codecs.faiss_codec import FaissCodec
 from memory.codecs.vq import VQCodec
 
@@ -31,24 +29,20 @@ def load_codec(directory: Path, device: torch.device | str = "cpu") -> MemoryCod
     if not meta_path.is_file():
         raise CodecLoadError(f"{meta_path} is missing: {directory} is not a (complete) saved codec")
     try:
-        meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported format_version {meta.get('format_version')!r}")
-        config = CodecConfig.model_validate(meta["config"])
-        if meta.get("kind") != config.kind:
-            raise ValueError(f"kind {meta.get('kind')!r} disagrees with config.kind {config.kind!r}")
-        weights_name = str(meta["weights_file"])
-        expected_sha = str(meta["weights_sha256"])
-    except (ValueError, KeyError, TypeError, pydantic.ValidationError) as e:
+        header = read_artifact(meta_path, CODEC_FORMAT, "codec header")
+        header.verify(directory)
+    except ArtifactError as e:
+        raise CodecLoadError(str(e)) from e
+    try:
+        config = CodecConfig.model_validate(header.config)
+        if header.extra.get("kind") != config.kind:
+            raise ValueError(f"kind {header.extra.get('kind')!r} disagrees with config.kind {config.kind!r}")
+    except (ValueError, pydantic.ValidationError) as e:
         raise CodecLoadError(f"corrupt {meta_path}: {e}") from e
-    weights = directory / weights_name
-    if not weights.is_file():
-        raise CodecLoadError(f"weights file {weights} is missing")
-    if sha256_file(weights) != expected_sha:
-        raise CodecLoadError(f"weights file {weights} is corrupt (sha256 mismatch with {CODEC_FILE})")
     codec = make_codec(config)
-    if codec.weights_file != weights_name:
-        raise CodecLoadError(f"{meta_path} names weights {weights_name!r}, expected {codec.weights_file!r}")
+    if set(header.files) != {codec.weights_file}:
+        raise CodecLoadError(f"{meta_path} lists the files {sorted(header.files)}, expected {codec.weights_file!r}")
+    weights = directory / codec.weights_file
     try:
         codec._load_weights(weights)
     except Exception as e:

@@ -24,6 +24,7 @@ from fastapi import APIRouter, FastAPI, Security
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 
+from encoders.options import QueryOptions
 from pipelines.rag import RAGAnswer
 from pipelines.serve.batcher import BatcherClosedError, Completed, DynamicBatcher, QueueFullError
 from pipelines.serve.guards import ApiKeyGuard, BodySizeLimit
@@ -37,6 +38,7 @@ from pipelines.serve.schema import (
     RetrieveResponse,
     error_response,
     install_error_handlers,
+    query_options,
     request_models,
 )
 from pipelines.serve.settings import ServeSettings
@@ -51,20 +53,17 @@ class QAPipeline(Protocol):
     @property
     def config(self) -> Any: ...
 
-    def answer(
-        self, questions: list[str], top_k: int | None, rerank_k: int | None, max_answer_tokens: int | None
-    ) -> list[RAGAnswer]: ...
+    def answer(self, questions: list[str], options: QueryOptions | None) -> list[RAGAnswer]: ...
 
-    def retrieve(self, questions: list[str], top_k: int | None) -> list[list[RetrievedPassage]]: ...
+    def retrieve(self, questions: list[str], options: QueryOptions | None) -> list[list[RetrievedPassage]]: ...
 
 
 class BatchKey(NamedTuple):
-    """Requests go in one model call only when all of these are equal."""
+    """Requests go in one model call only when both are equal (the options resolved, so that a default and the
+    same value given batch together)."""
 
     op: str  # "answer" or "retrieve"
-    top_k: int
-    rerank_k: int | None = None
-    max_answer_tokens: int | None = None
+    options: QueryOptions
 
 
 # -- the app -------------------------------------------------------------------------------------------------------
@@ -90,22 +89,18 @@ class Server:
     def _run(self, questions: list[str], key: BatchKey) -> Sequence[Any]:
         """One model call (on the batcher's worker thread)."""
         if key.op == "answer":
-            return self.pipeline.answer(
-                questions, top_k=key.top_k, rerank_k=key.rerank_k, max_answer_tokens=key.max_answer_tokens
-            )
+            return self.pipeline.answer(questions, options=key.options)
         start = time.perf_counter()
-        found = self.pipeline.retrieve(questions, top_k=key.top_k)
+        found = self.pipeline.retrieve(questions, options=key.options)
         ms = (time.perf_counter() - start) * 1000.0
         return [(passages, ms) for passages in found]
 
-    def answer_key(self, request: Any) -> BatchKey:
+    def key(self, op: str, request: Any) -> BatchKey:
         """The request's options with the reader's defaults filled in (so that equal options batch together)."""
-        config = self.pipeline.config
-        top_k = request.top_k or config.retrieve_k
-        rerank_k = request.rerank_k or min(config.rerank_k, top_k)
-        if rerank_k > top_k:
-            raise ApiError(422, "invalid_request", f"rerank_k ({rerank_k}) must be <= top_k ({top_k})")
-        return BatchKey("answer", top_k, rerank_k, request.max_answer_tokens or config.max_answer_tokens)
+        try:
+            return BatchKey(op, query_options(request).resolved(self.pipeline.config))
+        except ValueError as error:
+            raise ApiError(422, "invalid_request", str(error)) from error
 
     async def submit(self, questions: list[str], key: BatchKey) -> list[Completed[Any]]:
         """Questions through the batcher; batcher and model failures become API errors."""
@@ -195,20 +190,19 @@ def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None) -> F
     @api.post("/answer", response_model=AnswerResponse, response_model_exclude_none=True)
     async def answer(request: AnswerRequest) -> AnswerResponse:
         """Answer one question, with the passages read as provenance."""
-        [done] = await server.submit([request.question], server.answer_key(request))
+        [done] = await server.submit([request.question], server.key("answer", request))
         return _answer_response(done, request.return_passages)
 
     @api.post("/answer:batch", response_model=BatchAnswerResponse, response_model_exclude_none=True)
     async def answer_batch(request: BatchAnswerRequest) -> BatchAnswerResponse:
         """Answer many questions that share the options (they go through the model in batches)."""
-        done = await server.submit(list(request.questions), server.answer_key(request))
+        done = await server.submit(list(request.questions), server.key("answer", request))
         return BatchAnswerResponse(answers=[_answer_response(item, request.return_passages) for item in done])
 
     @api.post("/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True)
     async def retrieve(request: RetrieveRequest) -> RetrieveResponse:
         """The top_k passages of a question (no answer)."""
-        key = BatchKey("retrieve", request.top_k or server.pipeline.config.retrieve_k)
-        [done] = await server.submit([request.question], key)
+        [done] = await server.submit([request.question], server.key("retrieve", request))
         passages, ms = done.value
         return RetrieveResponse(
             question=request.question,
@@ -230,7 +224,7 @@ def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None) -> F
         if not server.ready or not server.batcher.running:
             return error_response(503, "unavailable", "not ready", **{"Retry-After": "1"})
         config = server.pipeline.config
-        return {"status": "ready", "reader": config.mode, "retrieve_k": config.retrieve_k}
+        return {"status": "ready", "reader": config.mode, "top_k": config.top_k}
 
     @app.get("/metrics", dependencies=security, response_class=Response)
     async def metrics() -> Response:

@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent requests grouped into one model call.
 
 It owns the queue between the asyncio side (request handlers `await submit(...)`) and the one worker thread that
-runs the model. Requests with equal keys (the server's key: operation, top_k, rerank_k, max_answer_tokens) are
+runs the model. Requests with equal keys (the server's key: the operation and its resolved `QueryOptions`) are
 grouped, oldest first, up to `max_batch_size`; a batch that is not full waits at most `max_wait_ms` for more,
 counted from when its oldest request arrived or the model became free, whichever is later. Requests that piled up
 while the model was busy go together in the next call. `max_batch_size=1` turns batching off (one request per

@@ -1,7 +1,8 @@
 """The wire contract of the query API: request and response models, their limits, and JSON error bodies.
 
 Request models are built per server (`request_models(settings)`) so that the limits a server enforces are the ones
-its OpenAPI schema shows. Every error, whatever raised it, is answered as `{"error": {"type", "message",
+its OpenAPI schema shows; their query knobs are `QueryOptions` fields (`query_options(request)` reads them back).
+Every error, whatever raised it, is answered as `{"error": {"type", "message",
 "details"?}}`.
 """
 
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from encoders.options import QueryOptions
 from pipelines.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,18 @@ class RequestModels(NamedTuple):
     retrieve: type[BaseModel]
 
 
+def _knob(name: str, limit: int) -> tuple[Any, None]:
+    """The `QueryOptions` field `name` as a request field, at most `limit` (this server's)."""
+    info = QueryOptions.model_fields[name]
+    limited = Field(le=limit, description=f"{info.description} (default: the reader's)")
+    return Annotated[info.annotation, info, limited], None
+
+
+def query_options(request: BaseModel) -> QueryOptions:
+    """The query knobs of a request (those it does not expose: the reader's)."""
+    return QueryOptions.model_validate(request.model_dump(include=set(QueryOptions.model_fields)))
+
+
 def request_models(settings: ServeSettings) -> RequestModels:
     """The request bodies, with this server's limits in their fields (and so in the OpenAPI schema)."""
     question = Annotated[
@@ -77,23 +91,10 @@ def request_models(settings: ServeSettings) -> RequestModels:
         StringConstraints(strip_whitespace=True, min_length=1, max_length=settings.max_question_chars),
         Field(description=f"1 to {settings.max_question_chars} characters (surrounding whitespace stripped)"),
     ]
-    top_k = Annotated[
-        int | None,
-        Field(ge=1, le=settings.max_top_k, description="passages retrieved (default: the reader's retrieve_k)"),
-    ]
     options: dict[str, Any] = {
-        "top_k": (top_k, None),
-        "rerank_k": (
-            Annotated[
-                int | None,
-                Field(ge=1, le=settings.max_top_k, description="glimmer: passages kept (default: the reader's)"),
-            ],
-            None,
-        ),
-        "max_answer_tokens": (
-            Annotated[int | None, Field(ge=1, le=settings.max_answer_tokens, description="default: the reader's")],
-            None,
-        ),
+        "top_k": _knob("top_k", settings.max_top_k),
+        "rerank_k": _knob("rerank_k", settings.max_top_k),
+        "max_answer_tokens": _knob("max_answer_tokens", settings.max_answer_tokens),
         "return_passages": (bool, Field(default=False, description="include each passage's text in provenance")),
     }
     config = ConfigDict(strict=True, extra="forbid")
@@ -108,7 +109,7 @@ def request_models(settings: ServeSettings) -> RequestModels:
         "RetrieveRequest",
         __config__=config,
         question=(question, ...),
-        top_k=(top_k, None),
+        top_k=_knob("top_k", settings.max_top_k),
         return_passages=(bool, Field(default=True, description="include each passage's text")),
     )
     return RequestModels(answer, batch, retrieve)

@@ -1,0 +1,38 @@
+"""The query knobs: how many passages are retrieved and kept, how long the answer may be and the beam size.
+
+`QueryOptions` is the one carrier of these knobs, from the CLI flags, `EvalSettings`, the HTTP request and the
+server's batch key through `RAGPipeline` to the reader; a field left None means the reader config's value, and
+`resolved` is the one place where those defaults are filled in.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from encoders.config import ReaderConfig
+
+
+class QueryOptions(BaseModel):
+    """Per-query knobs (frozen, so hashable: the server batches requests with equal options); None: the reader's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    top_k: int | None = Field(default=None, ge=1, description="K: passages retrieved per question")
+    rerank_k: int | None = Field(default=None, ge=1, description="glimmer: passages kept after reranking")
+    max_answer_tokens: int | None = Field(default=None, ge=1, description="answer length limit")
+    num_beams: int | None = Field(default=None, ge=1, description="beam size (1: greedy)")
+
+    def resolved(self, config: ReaderConfig) -> QueryOptions:
+        """Every knob set: the ones left None from `config`; the default rerank_k is cut to top_k.
+
+        A glimmer reader refuses a rerank_k above top_k (ValueError); other modes do not rerank."""
+        top_k = self.top_k or config.top_k
+        rerank_k = self.rerank_k or min(config.rerank_k, top_k)
+        if config.mode == "glimmer" and rerank_k > top_k:
+            raise ValueError(f"rerank_k ({rerank_k}) must be <= top_k ({top_k})")
+        return QueryOptions(
+            top_k=top_k,
+            rerank_k=rerank_k,
+            max_answer_tokens=self.max_answer_tokens or config.max_answer_tokens,
+            num_beams=self.num_beams or config.num_beams,
+        )
