@@ -180,11 +180,23 @@ def query_command(
     except (ArtifactError, FileNotFoundError, IncompatibleModelError, ValueError) as error:
         raise _fail(error) from error
     typer.secho(result.answer or "(no answer)", bold=True)
+    if result.span is not None:
+        passage = result.passages[result.span.passage]
+        typer.echo(f"\nfrom passage {result.span.passage + 1}, {passage.title} ({passage.passage_id}):")
+        typer.echo(f"  {marked_span(passage.text, result.span.char_start, result.span.char_end)}")
     typer.echo("\npassages read:")
     for rank, passage in enumerate(result.passages, start=1):
         typer.echo(f"  {rank}. {passage.title}  (score {passage.score:.3f}, {passage.passage_id})")
     typer.echo("\ntime (ms):")
     _echo_rows([("load", f"{load_ms:.0f}"), *((stage, f"{ms:.1f}") for stage, ms in result.timings_ms.items())])
+
+
+def marked_span(text: str, start: int, end: int, context: int = 160) -> str:
+    """The answer [start, end) marked [[like this]] in up to `context` characters of its passage on each side."""
+    before, after = max(0, start - context), min(len(text), end + context)
+    head = ("..." if before else "") + text[before:start]
+    tail = text[end:after] + ("..." if after < len(text) else "")
+    return f"{head}[[{text[start:end]}]]{tail}"
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -95,6 +95,21 @@ def tiny_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_extract_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
+    """An untrained glimmer reader with the extract head on the tiny BERT (fits `tiny_store`)."""
+    import torch
+
+    from encoders.backbone import Backbone
+    from encoders.config import ReaderConfig
+    from encoders.reader import Reader
+
+    config = ReaderConfig(mode="glimmer", top_k=6, rerank_k=3, max_answer_tokens=4, head="extract")
+    torch.manual_seed(0)
+    reader = Reader.from_backbone(Backbone.from_pretrained(tiny_bert_path, alpha=config.live_fraction), config)
+    return reader.save(tmp_path_factory.mktemp("readers") / "tiny-extract")
+
+
+@pytest.fixture(scope="session")
 def minilm_store(mini_corpus, tmp_path_factory) -> Path:
     """A store of the 40-page mini corpus built with the real embedded MiniLM (faiss PQ48x8 codec: quick to fit)."""
     from pipelines.build import build_index

@@ -66,6 +66,24 @@ def test_query_command_prints_answer_passages_and_stage_times(tiny_store, tiny_r
     assert missing.exit_code == 2 and "error:" in missing.output
 
 
+def test_query_command_marks_the_extracted_answer_in_its_passage(tiny_store, tiny_extract_reader_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    question = "first nobel prize in physics"
+    args = ["query", question, "--store", str(tiny_store[0]), "--model", str(tiny_extract_reader_path)]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    answer = result.output.splitlines()[0]
+    assert f"[[{answer}]]" in result.output and "from passage " in result.output
+    [found] = RAGPipeline.load(tiny_store[0], tiny_extract_reader_path, device="cpu").answer([question])
+    prediction = found.kilt_output()
+    [marked] = [p for p in prediction["provenance"] if "answer_span" in p]
+    start, end = marked["answer_span"]
+    assert found.passages[found.span.passage].text[start:end] == found.answer == answer
+
+
 def test_retrieval_weight_makes_glimmer_keep_the_retrievers_best(rag):
     question = ["who got the first nobel prize in physics"]
     [hits] = rag.retrieve(question, QueryOptions(top_k=6))

@@ -165,6 +165,14 @@ def test_answer_returns_answer_provenance_and_timings(client):
     assert len(with_text["provenance"]) == 3  # the reader's rerank_k
 
 
+def test_an_extract_reader_answers_with_the_span_it_read(tiny_store, tiny_extract_reader_path):
+    with serving(RAGPipeline.load(tiny_store[0], tiny_extract_reader_path, device="cpu")) as client:
+        body = client.post("/v1/answer", json={"question": QUESTION, "return_passages": True}).json()
+    span = body["answer_span"]
+    [passage] = [p for p in body["provenance"] if p["passage_id"] == span["passage_id"]]
+    assert passage["text"][span["start"] : span["end"]] == body["answer"] != ""
+
+
 def test_batch_answers_in_order_and_retrieve_returns_passages(client):
     questions = [QUESTION, "what is the capital of france", "who wrote hamlet"]
     response = client.post("/v1/answer:batch", json={"questions": questions, "top_k": 4, "rerank_k": 2})

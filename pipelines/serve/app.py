@@ -31,6 +31,7 @@ from pipelines.serve.guards import ApiKeyGuard, BodySizeLimit
 from pipelines.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 from pipelines.serve.schema import (
     AnswerResponse,
+    AnswerSpanModel,
     ApiError,
     BatchAnswerResponse,
     ErrorResponse,
@@ -126,9 +127,14 @@ def _provenance(passages: list[RetrievedPassage], with_text: bool) -> list[Prove
 
 def _answer_response(done: Completed[RAGAnswer], with_text: bool) -> AnswerResponse:
     result = done.value
+    span = None
+    if result.span is not None:
+        passage_id = result.passages[result.span.passage].passage_id
+        span = AnswerSpanModel(passage_id=passage_id, start=result.span.char_start, end=result.span.char_end)
     return AnswerResponse(
         question=result.question,
         answer=result.answer,
+        answer_span=span,
         provenance=_provenance(result.passages, with_text),
         timings_ms={**result.timings_ms, "queue": done.queued_ms},
         batch_size=done.batch_size,

@@ -35,9 +35,20 @@ class Provenance(BaseModel):
     text: str | None = None
 
 
+class AnswerSpanModel(BaseModel):
+    """Where an extracted answer stands: characters [start, end) of the text of passage `passage_id`."""
+
+    passage_id: str
+    start: int
+    end: int
+
+
 class AnswerResponse(BaseModel):
     question: str
     answer: str
+    answer_span: AnswerSpanModel | None = Field(
+        default=None, description="the answer's place in a passage read (readers with the extract head)"
+    )
     provenance: list[Provenance]
     timings_ms: dict[str, float] = Field(
         description="model stages of the batch (retrieve, memory, live, rerank, decode, total) and queue wait"
