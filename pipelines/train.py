@@ -224,6 +224,7 @@ class Trainer:
         self.slots: list[tuple[int, int]] = []
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.step_seconds: list[float] = []  # this run's optimizer steps, for the examples per second
         self._started = time.perf_counter()
 
     @property
@@ -346,12 +347,16 @@ class Trainer:
         self.restore_checkpoint()
         self.train_mode(True)
         running: dict[str, float] = {}
+        per_step = optim.batch_size * optim.grad_accum
         with tqdm(total=optim.steps, initial=self.step, desc="train", unit="step") as bar:
             while self.step < optim.steps:
+                start = time.perf_counter()
                 for name, value in self.train_step(self.step_batches()).items():
                     running[name] = 0.9 * running.get(name, value) + 0.1 * value
+                self.step_seconds.append(time.perf_counter() - start)
                 bar.update(1)
-                bar.set_postfix({name.replace("_loss", ""): f"{value:.3f}" for name, value in running.items()})
+                postfix = {name.replace("_loss", ""): f"{value:.3f}" for name, value in running.items()}
+                bar.set_postfix({**postfix, "ex/s": f"{per_step / self.step_seconds[-1]:.1f}"})
                 out_of_time = config.max_minutes is not None and self.seconds > config.max_minutes * 60
                 if self.step % config.eval_every == 0 or self.step == optim.steps or out_of_time:
                     self.evaluate()
@@ -375,8 +380,10 @@ class Trainer:
                 store.layout.root / BUILD_CONFIG,
                 codec_dir,
             )
+        optim, busy = self.config.optim, sum(self.step_seconds)
+        speed = busy and len(self.step_seconds) * optim.batch_size * optim.grad_accum / busy
         reader_dir = _finalize(
-            self.out, self.reader, self.config, store, self.step, finished, self.history, seconds, codec_dir
+            self.out, self.reader, self.config, store, self.step, finished, self.history, seconds, codec_dir, speed
         )
         if self.config.reader.train_memory_layers:
             logger.info(
@@ -415,6 +422,7 @@ def _finalize(
     history: list[dict[str, Any]],
     seconds: float,
     codec_dir: Path | None,
+    examples_per_second: float,
 ) -> Path:
     reader_dir = reader.eval().save(out / READER_DIR, fp16=True)
     saved = [*reader_dir.iterdir(), *([] if codec_dir is None else codec_dir.iterdir())]
@@ -432,6 +440,7 @@ def _finalize(
             "history": history,
             "trainable_parameters": sum(p.numel() for p in reader.parameters() if p.requires_grad),
             "examples_seen": step * config.optim.grad_accum * config.optim.batch_size,
+            "examples_per_second": round(examples_per_second, 2),  # in training steps (not evaluation), this run
         },
     )
     return reader_dir

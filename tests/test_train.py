@@ -243,6 +243,7 @@ def test_extract_head_trains_on_distant_supervision_and_answers_with_spans(
     config = tiny_train_config(kilt_task, model=str(tiny_bert_path), reader=reader)
     report = train(tiny_store[0], tmp_path / "run", config)
     assert report.finished and {"nq/em", "nq/f1"} <= set(report.history[-1])
+    assert json.loads((tmp_path / "run" / MANIFEST_FILE).read_text())["examples_per_second"] > 0
     saved = trained_tensors(tmp_path / "run")
     assert any(key.startswith("span.") for key in saved) and not any(key.startswith("decoder.") for key in saved)
     pipeline = RAGPipeline.load(tiny_store[0], report.reader_dir, device="cpu")
