@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/memvq build-index --corpus $(CORPUS) --out $(STORE) --config configs/build-minilm.toml
 	$(BIN)/memvq query "$(QUESTION)" --store $(STORE)
 
-# Retrain the embedded default reader from its recipe (encoders/weights/minilm-glimmer is a copy of READER/reader).
+# Retrain the embedded default reader from its recipe (encoders/weights/minilm-default is a copy of READER/reader).
 reader: setup
 	$(BIN)/memvq train --store $(STORE) --config configs/train-minilm.toml --out $(READER)
 

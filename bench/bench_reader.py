@@ -1,9 +1,11 @@
 """Reader benchmark on the NQ dev questions and the mini-corpus store, one backbone (MiniLM), one run, as tables.
 
-1. speed: queries/s at batch 1 and batch 16 of FiD (alpha = 1, passage text re-encoded), LUMEN (alpha = 1/3),
-   GLIMMER (rerank K -> k), their ratio to FiD, and milliseconds per stage (retrieve,
-   memory, live, rerank, decode). Every mode reads the same K retrieved passages with the same 2-layer decoder
-   and writes exactly `--answer-tokens` tokens (so that decoding costs the same whatever the weights);
+1. speed (`--head generate` or `extract`): queries/s at batch 1 and batch 16 of FiD (alpha = 1, passage text
+   re-encoded), LUMEN and GLIMMER (rerank K -> k) split where the store's memory was made (alpha = 1/3 for the
+   store `make demo` builds), their ratio to FiD, and milliseconds per stage (retrieve, memory, live, rerank,
+   decode). Every mode reads the same K retrieved passages; with the generate head the same 2-layer decoder
+   writes exactly `--answer-tokens` tokens (decoding costs the same whatever the weights), with the extract head
+   "decode" is the span search;
 2. quality: EM / F1 (KILT normalisation) and page-level R-precision of each trained reader given with
    `--reader MODE=DIR`, with the memory uncompressed (the memory layers re-run on the passage text), VQ 16x (the
    store) and, with `--pq-store`, faiss PQ 16x.
@@ -25,11 +27,12 @@ import torch
 
 from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
 from data.kilt.records import gold_answer_list, load_kilt, record_input
-from encoders.backbone import Backbone, memory_layer_count
+from encoders.backbone import Backbone
 from encoders.config import ReaderConfig
 from encoders.reader import Reader
 from memory.store import MemoryStore
 from pipelines.rag import STAGES, RAGPipeline, reader_inputs, recomputed_inputs
+from pipelines.train import split_for_store
 from retrieval.retriever import RetrievedPassage, Retriever
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -38,20 +41,27 @@ MODES = ("fid", "lumen", "glimmer")  # memory-only (alpha = 0) needs a store of 
 
 
 def make_reader(
-    backbone: Backbone, mode: str, top_k: int, rerank_k: int, answer_tokens: int, copy_answers: bool
+    backbone: Backbone,
+    store: MemoryStore,
+    mode: str,
+    top_k: int,
+    rerank_k: int,
+    answer_tokens: int,
+    copy_answers: bool,
+    head: str,
 ) -> Reader:
-    """An untrained reader of `mode` on a (shared) backbone: the architecture decides the speed, not the weights."""
-    alpha = {"fid": 1.0, "memory": 0.0}.get(mode)
+    """An untrained reader of `mode` on a (shared) backbone, split where the store's memory was made: the
+    architecture decides the speed, not the weights."""
     config = ReaderConfig(
         mode=mode,
-        alpha=alpha,
         top_k=top_k,
         rerank_k=rerank_k,
         decoder_layers=2,
         max_answer_tokens=answer_tokens,
-        copy_answers=copy_answers,
+        copy_answers=copy_answers and head == "generate",
+        head=head,
     )
-    memory_layers = memory_layer_count(backbone.num_layers, config.live_fraction)
+    config, memory_layers = split_for_store(config, store)
     split = Backbone(backbone.model, backbone.tokenizer, memory_layers, model_path=backbone.info.model_path)
     return Reader.from_backbone(split, config).eval()
 
@@ -62,7 +72,9 @@ def speed_rows(
     backbone = Backbone.from_pretrained()
     rows = []
     for mode in MODES:
-        reader = make_reader(backbone, mode, args.top_k, args.rerank_k, args.answer_tokens, args.copy_answers)
+        reader = make_reader(
+            backbone, store, mode, args.top_k, args.rerank_k, args.answer_tokens, args.copy_answers, args.head
+        )
         pipeline = RAGPipeline(store, reader, retriever)
         pipeline.answer(questions[:2])  # warm up
         for batch in (1, 16):
@@ -125,6 +137,9 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument(
+        "--head", choices=("generate", "extract"), default="generate", help="speed: the answer head of every mode"
+    )
+    parser.add_argument(
         "--copy-answers",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -142,8 +157,9 @@ def main() -> None:
     if not args.skip_speed:
         rows = speed_rows(store, retriever, questions, args)
         print(
-            f"\n## Speed (K = {args.top_k}, GLIMMER keeps {args.rerank_k}, {args.answer_tokens} answer tokens, "
-            f"copying decoder {'on' if args.copy_answers else 'off'}, {torch.get_num_threads()} threads)\n"
+            f"\n## Speed ({args.head} head, K = {args.top_k}, GLIMMER keeps {args.rerank_k}, {args.answer_tokens} "
+            f"answer tokens, copying decoder {'on' if args.copy_answers else 'off'}, {torch.get_num_threads()} "
+            "threads)\n"
         )
         print("| mode | batch | queries/s | vs FiD | " + " | ".join(f"{s} ms/q" for s in STAGES) + " |")
         print("|---|---:|---:|---:|" + "---:|" * len(STAGES))

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 SPAN_CANDIDATES = 20  # extract: the best spans per question whose equal answers are added up
 
 # The embedded default reader (MiniLM, trained by `memvq train` with configs/train-minilm.toml; see its README).
-DEFAULT_READER_DIR = Path(__file__).parent / "weights" / "minilm-glimmer"
+DEFAULT_READER_DIR = Path(__file__).parent / "weights" / "minilm-default"
 
 
 def default_reader_path() -> Path:

@@ -45,7 +45,9 @@ def test_readme_python_example_runs(shared_data, mini_corpus, tmp_path, monkeypa
 
     result, store, report = names["result"], names["store"], names["report"]
     assert isinstance(result.answer, str)
-    assert 1 <= len(result.passages) <= 3  # rerank_k = 3 of top_k = 10
+    assert len(result.passages) == 5  # the embedded FiD reader reads all top_k
+    passage = result.passages[result.span.passage]
+    assert result.answer == passage.text[result.span.char_start : result.span.char_end] == "Wilhelm Conrad Röntgen"
     assert all(p.title and p.wikipedia_id and p.passage_id.startswith(p.wikipedia_id) for p in result.passages)
     provenance = result.kilt_output()["provenance"]
     assert [p["wikipedia_id"] for p in provenance] == [p.wikipedia_id for p in result.passages]
