@@ -40,6 +40,15 @@ SUPPORTED_MODEL_TYPES: dict[str, tuple[str, type[PreTrainedModel]]] = {
 }
 
 
+def tokenize_passage_pairs(
+    tokenizer: PreTrainedTokenizerBase, titles: list[str], texts: list[str], max_length: int, **options: bool | str
+) -> BatchEncoding:
+    """The one tokenisation of passages (the build's memory, the reader's token ids, the extract head's offsets):
+    `[CLS] title [SEP] text [SEP]` for BERT, `title </s> text </s>` for T5; padded, the text truncated.
+    `options`: more tokenizer arguments (return_tensors, return_offsets_mapping)."""
+    return tokenizer(titles, texts, truncation="only_second", max_length=max_length, padding=True, **options)
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture is not one the backbone can split."""
 
@@ -237,10 +246,8 @@ class Backbone(nn.Module):
     # -- tokenisation ------------------------------------------------------------------------------------------
 
     def tokenize_passages(self, titles: list[str], texts: list[str], max_length: int) -> BatchEncoding:
-        """`[CLS] title [SEP] text [SEP]` for BERT, `title </s> text </s>` for T5; padded, truncated."""
-        return self.tokenizer(
-            titles, texts, truncation="only_second", max_length=max_length, padding=True, return_tensors="pt"
-        )
+        """`tokenize_passage_pairs` as tensors."""
+        return tokenize_passage_pairs(self.tokenizer, titles, texts, max_length, return_tensors="pt")
 
     def tokenize_questions(self, questions: list[str], max_length: int) -> BatchEncoding:
         return self.tokenizer(questions, truncation=True, max_length=max_length, padding=True, return_tensors="pt")

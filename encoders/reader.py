@@ -484,16 +484,27 @@ class Reader(nn.Module):
         hidden = self._live_b(rearrange(encoded.live_a, "b k n d -> (b k) n d"), mask)
         return rearrange(hidden, "(b k) n d -> b k n d", b=batch), encoded.live_a_mask, encoded.live_a_ids
 
-    def _passage_log_likelihood(self, encoded: EncoderOutput, answers: Sequence[Sequence[str]]) -> torch.Tensor:
+    def _positives(self, encoded: EncoderOutput, answers: Sequence[Sequence[str]]) -> list[list[tuple[int, int]]]:
+        """Extract head: the gold answers' occurrences in all K pairs, '(b K)' order (see `PairSpans.positives`)."""
+        assert encoded.spans is not None
+        return encoded.spans.positives(answers, self.config.max_answer_tokens)
+
+    def _passage_log_likelihood(
+        self,
+        encoded: EncoderOutput,
+        answers: Sequence[Sequence[str]],
+        positives: list[list[tuple[int, int]]] | None = None,
+    ) -> torch.Tensor:
         """log p(answer | question, passage k alone) for all K passages: -> 'b K' (no grad). The generate head:
         the decoder's likelihood of the first gold answer from that one pair; extract: the span head's
-        likelihood of the gold answers' occurrences in it (a floor where it holds none). It runs in the module's
-        current train/eval mode (with dropout while training, as the answer loss does)."""
+        likelihood of the gold answers' occurrences in it (`positives` of all K pairs, found here when not given;
+        a floor where it holds none). It runs in the module's current train/eval mode (with dropout while
+        training, as the answer loss does)."""
         with torch.no_grad():
             hidden, mask, ids = self._all_pairs_final(encoded)
             if self.span_head is not None:
                 assert encoded.spans is not None
-                positives = encoded.spans.positives(answers, self.config.max_answer_tokens)
+                positives = positives if positives is not None else self._positives(encoded, answers)
                 return answer_log_likelihood(self.span_head(hidden), encoded.spans.text_mask, positives)
             assert self.decoder is not None
             batch, k = hidden.shape[:2]
@@ -515,15 +526,21 @@ class Reader(nn.Module):
         ll = self._passage_log_likelihood(encoded, answers)
         return perplexity_distillation_target(ll, self.config.distill_temperature)
 
-    def _answer_loss(self, encoded: EncoderOutput, answers: Sequence[Sequence[str]]) -> dict[str, torch.Tensor]:
+    def _answer_loss(
+        self,
+        encoded: EncoderOutput,
+        answers: Sequence[Sequence[str]],
+        positives: list[list[tuple[int, int]]] | None,
+    ) -> dict[str, torch.Tensor]:
         """The answer head's loss over the passages read. generate: {generation_loss} (teacher-forced cross
         entropy of the first gold answer); extract: {span_loss, passage_loss} (every occurrence of a gold answer in
-        a kept passage is a positive, see `encoders.span_head.span_loss`)."""
+        a kept passage is a positive: `positives` of all K pairs, see `encoders.span_head.span_loss`)."""
         if self.span_head is not None:
-            assert encoded.spans is not None
-            spans = encoded.spans.select(encoded.kept)
-            positives = spans.positives(answers, self.config.max_answer_tokens)
-            losses = span_loss(self.span_head(encoded.hidden), spans.text_mask, positives, self.config.span_objective)
+            assert encoded.spans is not None and positives is not None
+            k_all = len(positives) // encoded.kept.shape[0]
+            kept = [positives[i * k_all + j] for i, row in enumerate(encoded.kept.tolist()) for j in row]
+            text_mask = encoded.spans.select(encoded.kept).text_mask
+            losses = span_loss(self.span_head(encoded.hidden), text_mask, kept, self.config.span_objective)
             return {"span_loss": losses["span_loss"], "passage_loss": losses["passage_loss"]}
         assert self.decoder is not None
         labels = self.decoder.tokenize_targets([answer[0] for answer in answers], self.config.max_answer_tokens)
@@ -542,12 +559,13 @@ class Reader(nn.Module):
         if len(answers) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
         encoded = self.encode(questions, inputs)
-        losses = self._answer_loss(encoded, answers)
+        positives = self._positives(encoded, answers) if self.span_head is not None else None  # all K pairs, once
+        losses = self._answer_loss(encoded, answers, positives)
         loss = sum(losses.values())
         rerank_loss = torch.zeros((), device=encoded.hidden.device)
         if encoded.passage_scores is not None:
             target = perplexity_distillation_target(
-                self._passage_log_likelihood(encoded, answers), self.config.distill_temperature
+                self._passage_log_likelihood(encoded, answers, positives), self.config.distill_temperature
             )
             rerank_loss = perplexity_distillation_loss(encoded.passage_scores, target)
         loss = loss + self.config.rerank_loss_weight * rerank_loss

@@ -2,10 +2,10 @@
 the passage text and labelled as token spans, and decoded token spans turned back into answer text.
 
 Token index i here is token i of the store's memory: the passages are tokenised with the call the build uses
-(`Backbone.tokenize_passages`) plus the offsets. Spans in pair coordinates are the memory index plus the pair's
-`shift`, the position of the passage's first token in the packed [question; passage] pair (the question's length).
-Offsets are character offsets into the passage `text`, never the title; `text_mask` marks the text's tokens
-(`sequence_ids == 1`, which any fast tokenizer gives: BERT `[CLS] title [SEP] text [SEP]` and T5
+(`encoders.backbone.tokenize_passage_pairs`) plus the offsets. Spans in pair coordinates are the memory index plus
+the pair's `shift`, the position of the passage's first token in the packed [question; passage] pair (the
+question's length). Offsets are character offsets into the passage `text`, never the title; `text_mask` marks the
+text's tokens (`sequence_ids == 1`, which any fast tokenizer gives: BERT `[CLS] title [SEP] text [SEP]` and T5
 `title </s> text </s>` alike).
 """
 
@@ -20,6 +20,7 @@ import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from data.kilt.metrics import normalize_answer
+from encoders.backbone import tokenize_passage_pairs
 from encoders.span_head import SpanCandidate
 
 CharSpan = tuple[int, int]  # [start, end) characters of the text
@@ -46,14 +47,7 @@ def passage_token_offsets(
         raise ValueError("character offsets need a fast tokenizer")
     if tokenizer.padding_side != "right":
         raise ValueError("pair positions assume the passage tokens are padded on the right")
-    encoding = tokenizer(
-        list(titles),
-        list(texts),
-        truncation="only_second",
-        max_length=max_length,
-        padding=True,
-        return_offsets_mapping=True,
-    )
+    encoding = tokenize_passage_pairs(tokenizer, list(titles), list(texts), max_length, return_offsets_mapping=True)
     offsets = torch.tensor(encoding["offset_mapping"], dtype=torch.long)
     in_text = torch.tensor([[sequence == 1 for sequence in encoding.sequence_ids(row)] for row in range(len(texts))])
     return offsets, in_text & (offsets[..., 1] > offsets[..., 0])

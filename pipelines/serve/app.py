@@ -1,9 +1,9 @@
 """The HTTP query API (`memvq serve`): a FastAPI app over one loaded `RAGPipeline`.
 
 It owns the app and its lifetime: routes, the settings (batching, limits, API key), the dynamic batcher that
-starts and stops with the app, and which middleware guards it. The wire models live in `api_schema`, the guards in
-`api_guards`, the metrics in `serve_metrics`. All state lives on the app (`app.state.server`), so several apps can
-live in one process (tests do).
+starts and stops with the app, and which middleware guards it. The wire models live in `schema`, the guards in
+`guards`, the metrics in `metrics` (all in `pipelines.serve`). All state lives on the app (`app.state.server`), so
+several apps can live in one process (tests do).
 
     POST /v1/answer         {question, top_k?, rerank_k?, max_answer_tokens?, return_passages?}
     POST /v1/answer:batch   {questions: [...], same options}

@@ -1,6 +1,6 @@
 """ASGI middleware that guards the query API before a request reaches it: the API key and the body size limit.
 
-Both answer with the JSON error body of `api_schema` and never let the app read a body they refuse.
+Both answer with the JSON error body of `pipelines.serve.schema` and never let the app read a body they refuse.
 """
 
 from __future__ import annotations
