@@ -3,10 +3,13 @@ every file in it, in one layout for every artifact memvq writes (codec, passage 
 training run)::
 
     {"format": "memvq-codec", "version": 2, "config": {...}, "files": {name: {"bytes", "sha256"}},
-     "library_versions": {...}, ...the artifact's own fields}
+     "library_versions": {...}, ...the artifact's own fields, "header_sha256": "..."}
 
-`write_artifact` writes one (file records relative to the artifact's directory), `read_artifact` reads one and
-refuses another format or version with an `ArtifactError`; `ArtifactHeader.verify` checks the files against it.
+`header_sha256` covers the header itself (its canonical JSON without that field), so that an edited or damaged
+header (a shard's row start, a count, a file's recorded sha256) is refused like a damaged file. `write_artifact`
+writes one (file records relative to the artifact's directory), `read_artifact` reads one and refuses another
+format or version, or a header that fails its own checksum, with an `ArtifactError`; `ArtifactHeader.verify`
+checks the files against it.
 
 Also the small file helpers every artifact writer uses: atomic writes (write a temporary name, then
 `os.replace`) so that a killed job never leaves a half-written file under a final name.
@@ -27,6 +30,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 HEADER_KEYS = ("format", "version", "config", "files", "library_versions")
+CHECKSUM_KEY = "header_sha256"
 MANIFEST_NAME = "manifest.json"
 TRACKED_LIBRARIES = (
     "memvq",
@@ -126,6 +130,13 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise ManifestError(f"{what} at {path} is not valid JSON: {error}") from error
 
 
+def header_checksum(payload: Mapping[str, Any]) -> str:
+    """sha256 of a header's canonical JSON (sorted keys, no spaces), its own checksum field left out."""
+    fields = {key: value for key, value in payload.items() if key != CHECKSUM_KEY}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape an artifact's bytes (absent ones are left out)."""
     versions = {"python": platform.python_version()}
@@ -161,7 +172,7 @@ class ArtifactHeader:
         """A header of this memvq's version of `fmt`. `files`: name -> a path (hashed now) or the record of a file
         hashed when it was written (a build's shards)."""
         extra = dict(extra or {})
-        if clash := sorted(set(extra) & set(HEADER_KEYS)):
+        if clash := sorted(set(extra) & {*HEADER_KEYS, CHECKSUM_KEY}):
             raise ValueError(f"an artifact's own fields cannot be named like header fields: {clash}")
         records = {
             name: file_record(Path(source)) if isinstance(source, str | Path) else source
@@ -170,8 +181,8 @@ class ArtifactHeader:
         return cls(fmt.name, fmt.version, dict(config), records, library_versions(), extra)
 
     def to_json(self) -> dict[str, Any]:
-        """The header as written: the header fields, then the artifact's own."""
-        return {
+        """The header as written (plain JSON values): the header fields, the artifact's own, then the checksum."""
+        payload = {
             "format": self.format,
             "version": self.version,
             "config": self.config,
@@ -179,10 +190,12 @@ class ArtifactHeader:
             "library_versions": self.library_versions,
             **self.extra,
         }
+        payload = json.loads(json.dumps(payload, default=str))
+        return {**payload, CHECKSUM_KEY: header_checksum(payload)}
 
-    def verify(self, root: Path, checksums: bool = True) -> None:
-        """Check that every listed file is under `root` with its recorded size (and sha256); ArtifactError naming
-        the first that is not."""
+    def verify(self, root: Path, checksums: bool = True, sha256: Callable[[Path], str] = sha256_file) -> None:
+        """Check that every listed file is under `root` with its recorded size (and sha256, from `sha256`: a
+        cache may answer for files it hashed before); ArtifactError naming the first that is not."""
         for name, record in self.files.items():
             path = Path(root) / name
             if not path.is_file():
@@ -192,7 +205,7 @@ class ArtifactHeader:
                     f"{path} has {path.stat().st_size} bytes, its {self.format} header says {record['bytes']}: "
                     "the file is damaged"
                 )
-            if checksums and sha256_file(path) != record["sha256"]:
+            if checksums and sha256(path) != record["sha256"]:
                 raise ArtifactError(
                     f"{path} fails its sha256 checksum (sha256 mismatch with its {self.format} header): "
                     "the file is damaged"
@@ -245,10 +258,20 @@ def read_artifact(path: Path, fmt: ArtifactFormat, what: str) -> ArtifactHeader:
     fields = {key: data.get(key) for key in ("config", "files", "library_versions")}
     if bad := sorted(key for key, value in fields.items() if not isinstance(value, dict)):
         raise ArtifactError(f"{what} {path} is corrupt: {', '.join(bad)} missing or not an object")
+    checksum = data.get(CHECKSUM_KEY)
+    if checksum is None:
+        raise ArtifactError(
+            f"{what} {path} has no header checksum ({CHECKSUM_KEY}): it was written by an older memvq or "
+            f"rewritten by hand; {fmt.remake}"
+        )
+    if checksum != header_checksum(data):
+        raise ArtifactError(
+            f"{what} {path} fails its own checksum ({CHECKSUM_KEY}): the header was edited or damaged; {fmt.remake}"
+        )
     files = fields["files"]
     if not all(isinstance(record, dict) and {"bytes", "sha256"} <= set(record) for record in files.values()):
         raise ArtifactError(f"{what} {path} is corrupt: a file record without bytes and sha256")
-    extra = {key: value for key, value in data.items() if key not in HEADER_KEYS}
+    extra = {key: value for key, value in data.items() if key not in {*HEADER_KEYS, CHECKSUM_KEY}}
     return ArtifactHeader(found, version, fields["config"], files, fields["library_versions"], extra)
 
 

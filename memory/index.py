@@ -470,7 +470,11 @@ class PassageIndex:
         if saved_with != faiss.__version__:
             logger.info("index saved with faiss %s, loading with %s", saved_with, faiss.__version__)
 
-        cpu_index = faiss.read_index(str(directory / INDEX_FILE))
+        try:
+            cpu_index = faiss.read_index(str(directory / INDEX_FILE))
+        except RuntimeError as exc:  # faiss's message carries a C++ trace; its last line says what it found
+            reason = str(exc).strip().splitlines()[-1]
+            raise ArtifactError(f"cannot read {directory / INDEX_FILE}: not a FAISS index ({reason})") from exc
         ids = np.load(directory / IDS_FILE, mmap_mode="r")
         if cpu_index.d != dim:
             raise ValueError(f"{directory / INDEX_FILE}: dim {cpu_index.d}, but {META_FILE} says {dim}")

@@ -14,6 +14,12 @@ Layout of a store directory::
 
 Passages are addressed by their global row id (0 .. num_passages - 1), the id the FAISS index returns.
 `get` reads only the rows asked for through memory maps, so it stays fast when the store exceeds RAM.
+
+Opening a store verifies it (unless `verify=False`): the manifest's own checksum, every file's size and sha256
+(remembered per file in `memory.integrity.VerifiedFiles`, so a second open hashes only files that changed), and the
+manifest's derived fields (row starts, passage and token counts, code width) against the shard files. `watch`
+then tells a long-running reader (the server) when a file changes under it. A file that cannot be read is a
+`StoreReadError` naming it, never a library's traceback.
 """
 
 from __future__ import annotations
@@ -29,12 +35,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from memory.artifact import MANIFEST_NAME, ArtifactError, ArtifactFormat, ManifestError, read_artifact
+from memory.artifact import (
+    MANIFEST_NAME,
+    ArtifactError,
+    ArtifactFormat,
+    ArtifactHeader,
+    ManifestError,
+    read_artifact,
+    sha256_file,
+)
 from memory.codecs import MemoryCodec, load_codec
 from memory.index import PassageIndex
+from memory.integrity import FileWatch, VerifiedFiles
 
 STORE_FORMAT = ArtifactFormat("memvq-store", 2, remake="rebuild it with `memvq build-index`")
 SHARD_SUFFIXES = ("passages.parquet", "codes.npy", "offsets.npy", "emb.npy")
+# what reading a damaged file raises from numpy, pyarrow and faiss
+_READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, pa.ArrowException)
+
+
+class StoreReadError(ArtifactError):
+    """A store file could not be read or does not agree with the manifest."""
 
 
 @dataclass(frozen=True)
@@ -73,21 +94,26 @@ class StoreLayout:
 class MemoryStore:
     """Read access to a finished store: codes by passage row, passage metadata, codec and index."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], cache_shards: int = 64) -> None:
-        """`manifest`: the store's header as JSON (`ArtifactHeader.to_json`)."""
+    def __init__(
+        self, root: Path, manifest: dict[str, Any], cache_shards: int = 64, watch: FileWatch | None = None
+    ) -> None:
+        """`manifest`: the store's header as JSON (`ArtifactHeader.to_json`); `watch`: the verified files' stamps."""
         self.layout = StoreLayout(root)
         self.manifest = manifest
         shards = manifest["shards"]
         self._row_starts = np.array([shard["row_start"] for shard in shards], dtype=np.int64)
         self.num_passages = int(manifest["num_passages"])
         self.num_tokens = int(manifest["num_tokens"])
+        self.watch = watch
         self._cache_size = cache_shards
         self._arrays: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._tables: OrderedDict[int, pa.Table] = OrderedDict()
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> MemoryStore:
-        """Open a store; with `verify` every file's sha256 is checked against the manifest (sizes always are)."""
+        """Open a store. `verify`: check the manifest's checksum, every file's sha256 (hashing only files not
+        verified before in their present state) and the manifest's counts against the shard files; without it
+        only the manifest's checksum and the files' sizes are checked."""
         root = Path(path)
         if not root.is_dir():
             raise ManifestError(f"no memory store at {root}: the directory does not exist")
@@ -95,10 +121,72 @@ class MemoryStore:
             header = read_artifact(
                 root / MANIFEST_NAME, STORE_FORMAT, "store manifest (is the build finished? run build-index again)"
             )
-            header.verify(root, checksums=verify)
+            if not verify:
+                header.verify(root, checksums=False)
+                return cls(root, header.to_json())
+            verified = VerifiedFiles(root)
+            header.verify(root, sha256=verified.sha256)
+            verified.save()
         except ArtifactError as error:
             raise ManifestError(str(error)) from error
-        return cls(root, header.to_json())
+        store = cls(
+            root,
+            header.to_json(),
+            watch=FileWatch(root, header.files, {MANIFEST_NAME: sha256_file(root / MANIFEST_NAME)}),
+        )
+        store.check_shards(header)
+        return store
+
+    def check_shards(self, header: ArtifactHeader) -> None:
+        """The manifest's derived fields against the shard files: row starts follow the passage counts, each
+        shard's offsets, codes, embeddings and parquet rows agree with its counts, and the totals add up."""
+        shards = header.extra["shards"]
+        row = 0
+        for entry in shards:
+            shard, passages, tokens = int(entry["shard"]), int(entry["passages"]), int(entry["tokens"])
+            if int(entry["row_start"]) != row:
+                raise StoreReadError(
+                    f"{self.layout.manifest}: shard {shard} starts at row {entry['row_start']}, the shards before it "
+                    f"hold {row} passages; {STORE_FORMAT.remake}"
+                )
+            row += passages
+            offsets_path = self.layout.shard_file(shard, "offsets.npy")
+            offsets = self._read(offsets_path, lambda path: np.load(path, mmap_mode="r"))
+            codes = self._read(self.layout.shard_file(shard, "codes.npy"), lambda path: np.load(path, mmap_mode="r"))
+            emb = self._read(self.layout.shard_file(shard, "emb.npy"), lambda path: np.load(path, mmap_mode="r"))
+            parquet = self.layout.shard_file(shard, "passages.parquet")
+            rows = self._read(parquet, lambda path: pq.ParquetFile(path).metadata.num_rows)
+            problems = []
+            if offsets.shape != (passages + 1,) or int(offsets[0]) != 0 or int(offsets[-1]) != tokens:
+                problems.append(f"{offsets_path.name} does not hold {passages} passages of {tokens} tokens")
+            elif np.any(np.diff(offsets) < 0):
+                problems.append(f"{offsets_path.name} is not increasing")
+            if codes.shape != (tokens, self.code_width):
+                problems.append(f"codes {codes.shape}, expected ({tokens}, {self.code_width})")
+            if emb.shape[0] != passages:
+                problems.append(f"{emb.shape[0]} embeddings, expected {passages}")
+            if rows != passages:
+                problems.append(f"{parquet.name} holds {rows} rows, expected {passages}")
+            if problems:
+                raise StoreReadError(
+                    f"{self.layout.shards_dir}: shard {shard} disagrees with the manifest: {'; '.join(problems)}"
+                )
+        totals = (row, sum(int(entry["tokens"]) for entry in shards))
+        if totals != (self.num_passages, self.num_tokens):
+            raise StoreReadError(
+                f"{self.layout.manifest}: the shards hold {totals[0]} passages and {totals[1]} tokens, the manifest "
+                f"says {self.num_passages} and {self.num_tokens}"
+            )
+
+    @staticmethod
+    def _read(path: Path, read: Any) -> Any:
+        """`read(path)`, with what a damaged file raises turned into a StoreReadError naming the file."""
+        try:
+            return read(path)
+        except _READ_ERRORS as error:
+            raise StoreReadError(
+                f"cannot read {path}: {error} (the store is damaged; {STORE_FORMAT.remake})"
+            ) from error
 
     @property
     def code_width(self) -> int:
@@ -110,7 +198,12 @@ class MemoryStore:
 
     @cached_property
     def index(self) -> PassageIndex:
-        return PassageIndex.load(self.layout.index_dir)
+        index = self._read(self.layout.index_dir, PassageIndex.load)
+        if index.ntotal != self.num_passages:
+            raise StoreReadError(
+                f"{self.layout.index_dir}: the index holds {index.ntotal} passages, the store {self.num_passages}"
+            )
+        return index
 
     def _locate(self, rows: np.ndarray) -> np.ndarray:
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_passages):
@@ -123,8 +216,8 @@ class MemoryStore:
         if shard in self._arrays:
             self._arrays.move_to_end(shard)
             return self._arrays[shard]
-        codes = np.load(self.layout.shard_file(shard, "codes.npy"), mmap_mode="r")
-        offsets = np.load(self.layout.shard_file(shard, "offsets.npy"), mmap_mode="r")
+        codes = self._read(self.layout.shard_file(shard, "codes.npy"), lambda path: np.load(path, mmap_mode="r"))
+        offsets = self._read(self.layout.shard_file(shard, "offsets.npy"), lambda path: np.load(path, mmap_mode="r"))
         self._arrays[shard] = (codes, offsets)
         if len(self._arrays) > self._cache_size:
             self._arrays.popitem(last=False)
@@ -163,7 +256,9 @@ class MemoryStore:
         if shard in self._tables:
             self._tables.move_to_end(shard)
             return self._tables[shard]
-        table = pq.read_table(self.layout.shard_file(shard, "passages.parquet"), memory_map=True)
+        table = self._read(
+            self.layout.shard_file(shard, "passages.parquet"), lambda path: pq.read_table(path, memory_map=True)
+        )
         self._tables[shard] = table
         if len(self._tables) > self._cache_size:
             self._tables.popitem(last=False)
@@ -182,4 +277,4 @@ class MemoryStore:
 
     def embeddings(self, shard: int) -> np.ndarray:
         """Dense passage embeddings 'n d' (float16, memory-mapped) of one shard."""
-        return np.load(self.layout.shard_file(shard, "emb.npy"), mmap_mode="r")
+        return self._read(self.layout.shard_file(shard, "emb.npy"), lambda path: np.load(path, mmap_mode="r"))

@@ -15,6 +15,13 @@ TopK = Annotated[int | None, typer.Option(help="passages retrieved per question;
 RerankK = Annotated[int | None, typer.Option(help="glimmer: passages kept after reranking; default: the reader's")]
 MaxAnswerTokens = Annotated[int | None, typer.Option(help="answer length limit; default: the reader's")]
 NumBeams = Annotated[int | None, typer.Option(help="beam size; default: the reader's")]
+Verify = Annotated[
+    bool,
+    typer.Option(
+        help="check the store before reading it: its manifest, every file's sha256 (files unchanged since they were "
+        "last verified are not hashed again) and its shard counts"
+    ),
+]
 
 
 @app.callback()
@@ -163,6 +170,7 @@ def query_command(
     max_answer_tokens: MaxAnswerTokens = None,
     num_beams: NumBeams = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    verify: Verify = True,
 ) -> None:
     """Answer one question from the memory: the answer, the passages read and the time per stage."""
     import time
@@ -174,7 +182,7 @@ def query_command(
     try:
         options = QueryOptions(top_k=top_k, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, num_beams=num_beams)
         start = time.perf_counter()
-        rag = RAGPipeline.load(store, model, device=device, verify=False)
+        rag = RAGPipeline.load(store, model, device=device, verify=verify)
         load_ms = (time.perf_counter() - start) * 1000
         [result] = rag.answer([question], options)
     except (ArtifactError, FileNotFoundError, IncompatibleModelError, ValueError) as error:
@@ -236,7 +244,7 @@ def eval_command(
     passage_text: Annotated[
         bool, typer.Option(help="write passage text in the provenance (answer_in_context@k needs it)")
     ] = True,
-    verify: Annotated[bool, typer.Option(help="sha256-check every store file when opening it")] = True,
+    verify: Verify = True,
 ) -> None:
     """Answer KILT-format questions with the store and reader, write KILT predictions and a metrics report."""
     from data.kilt.records import KiltFormatError
@@ -311,7 +319,7 @@ def serve_command(
         str | None,
         typer.Option(envvar="MEMVQ_API_KEY", show_default=False, help="require this key on all but /healthz, /readyz"),
     ] = None,
-    verify: Annotated[bool, typer.Option(help="sha256-check every store file when opening it")] = True,
+    verify: Verify = True,
     access_log: Annotated[bool, typer.Option(help="log every request (uvicorn access log)")] = True,
 ) -> None:
     """Serve the RAG query API over HTTP (FastAPI): /v1/answer, /v1/answer:batch, /v1/retrieve, /metrics."""

@@ -31,6 +31,18 @@ def tiny_config(model: Path, **extra):
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def verified_cache(tmp_path_factory) -> Path:
+    """Stores opened by the tests remember their verified checksums in a temporary cache, not the user's."""
+    import os
+
+    from memory.integrity import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("memvq-cache")
+    os.environ[CACHE_ENV] = str(path)
+    return path
+
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from encoders.reader import Reader
 from memory.artifact import (
+    CHECKSUM_KEY,
     ArtifactError,
     ArtifactFormat,
     ArtifactHeader,
@@ -49,7 +50,7 @@ def _write(path: Path, payload: object) -> Path:
 def test_round_trip_in_one_layout(artifact: tuple[Path, ArtifactHeader]) -> None:
     root, written = artifact
     on_disk = json.loads((root / "index.json").read_text())
-    assert set(on_disk) == {"format", "version", "config", "files", "library_versions", "dim", "ntotal"}
+    assert set(on_disk) == {"format", "version", "config", "files", "library_versions", "dim", "ntotal", CHECKSUM_KEY}
     assert (on_disk["format"], on_disk["version"]) == ("memvq-index", 2)
     assert on_disk["files"]["weights.bin"]["bytes"] == 200 and len(on_disk["files"]["sub/ids.npy"]["sha256"]) == 64
     assert {"python", "numpy"} <= set(on_disk["library_versions"])
@@ -57,6 +58,19 @@ def test_round_trip_in_one_layout(artifact: tuple[Path, ArtifactHeader]) -> None
     assert header == written and header.to_json() == on_disk
     assert header.config == {"factory": "Flat", "nprobe": 16} and header.extra == {"dim": 8, "ntotal": 3}
     header.verify(root)
+
+
+def test_a_header_edited_by_hand_or_without_its_checksum_is_refused(artifact: tuple[Path, ArtifactHeader]) -> None:
+    path = artifact[0] / "index.json"
+    on_disk = json.loads(path.read_text())
+    _write(path, on_disk | {"ntotal": 4})
+    with pytest.raises(ArtifactError, match=r"fails its own checksum \(header_sha256\): the header was edited"):
+        read_artifact(path, INDEX, "passage index header")
+    _write(path, {key: value for key, value in on_disk.items() if key != CHECKSUM_KEY})
+    with pytest.raises(ArtifactError, match=r"has no header checksum .*written by an older memvq"):
+        read_artifact(path, INDEX, "passage index header")
+    _write(path, on_disk)
+    assert read_artifact(path, INDEX, "passage index header").extra == {"dim": 8, "ntotal": 3}
 
 
 def test_own_fields_cannot_shadow_the_header(tmp_path: Path) -> None:
