@@ -321,17 +321,31 @@ def serve_command(
     ] = None,
     verify: Verify = True,
     access_log: Annotated[bool, typer.Option(help="log every request (uvicorn access log)")] = True,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.001, help="seconds for a request line and headers; slower connections are closed")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.001, help="seconds for a request body after its headers; slower bodies get 408")
+    ] = 30.0,
+    watch_interval: Annotated[
+        float, typer.Option(min=0.1, help="seconds between checks that the store's files did not change")
+    ] = 5.0,
 ) -> None:
     """Serve the RAG query API over HTTP (FastAPI): /v1/answer, /v1/answer:batch, /v1/retrieve, /metrics."""
-    import uvicorn
-
     from encoders.reader import default_reader_path
     from memory.artifact import ArtifactError
     from pipelines.rag import RAGPipeline
-    from pipelines.serve import ServeSettings, create_app
+    from pipelines.serve import ServeSettings, create_app, serve
 
     try:
-        settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, api_key=api_key or None)
+        settings = ServeSettings(
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            api_key=api_key or None,
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            watch_interval_s=watch_interval,
+        )
         pipeline = RAGPipeline.load(store, model or default_reader_path(), device=device, verify=verify)
     except (FileNotFoundError, ArtifactError, ValueError, RuntimeError) as error:
         raise _fail(error) from error
@@ -343,8 +357,8 @@ def serve_command(
         settings.max_wait_ms,
         "required" if settings.api_key else "off",
     )
-    api = create_app(pipeline, settings)
-    uvicorn.run(api, host=host, port=port, access_log=access_log, log_level="info", timeout_graceful_shutdown=30)
+    api = create_app(pipeline, settings, watch=pipeline.store.watch)
+    serve(api, host=host, port=port, access_log=access_log)
 
 
 if __name__ == "__main__":

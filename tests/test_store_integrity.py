@@ -156,3 +156,28 @@ def test_unreadable_files_are_error_lines_even_unverified(store_copy, tiny_reade
     result = query(store_copy, tiny_reader_path, "--no-verify")
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "error:" in result.output and path.name in result.output
+
+
+def test_a_server_stops_answering_when_its_store_changes(store_copy, tiny_reader_path, caplog):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from pipelines.rag import RAGPipeline
+    from pipelines.serve import ServeSettings, create_app
+
+    pipeline = RAGPipeline.load(store_copy, tiny_reader_path, device="cpu")
+    api = create_app(pipeline, ServeSettings(watch_interval_s=0.05), watch=pipeline.store.watch)
+    question = {"question": "who won the first nobel prize in physics"}
+    with TestClient(api) as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/v1/answer", json=question).status_code == 200
+        flip_byte(store_copy / "shards" / "shard-00001.codes.npy", keep_mtime=True)
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["type"] == "store_changed"
+        answered = client.post("/v1/answer", json=question)
+        assert answered.status_code == 503 and "shards/shard-00001.codes.npy" in answered.json()["error"]["message"]
+    assert "store files changed under the server: shards/shard-00001.codes.npy" in caplog.text

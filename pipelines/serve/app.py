@@ -25,9 +25,10 @@ from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from encoders.options import QueryOptions
+from memory.integrity import FileWatch
 from pipelines.rag import RAGAnswer
 from pipelines.serve.batcher import BatcherClosedError, Completed, DynamicBatcher, QueueFullError
-from pipelines.serve.guards import ApiKeyGuard, BodySizeLimit
+from pipelines.serve.guards import ApiKeyGuard, BodyGuard
 from pipelines.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 from pipelines.serve.schema import (
     AnswerResponse,
@@ -43,6 +44,7 @@ from pipelines.serve.schema import (
     request_models,
 )
 from pipelines.serve.settings import ServeSettings
+from pipelines.serve.watch import StoreWatcher
 from retrieval.retriever import RetrievedPassage
 
 logger = logging.getLogger(__name__)
@@ -73,9 +75,10 @@ class BatchKey(NamedTuple):
 class Server:
     """What one app holds: the pipeline, its batcher, settings, metrics and readiness."""
 
-    def __init__(self, pipeline: QAPipeline, settings: ServeSettings) -> None:
+    def __init__(self, pipeline: QAPipeline, settings: ServeSettings, watch: FileWatch | None = None) -> None:
         self.pipeline = pipeline
         self.settings = settings
+        self.watcher = StoreWatcher(watch, settings.watch_interval_s)
         self.metrics = ServerMetrics()
         self.batcher: DynamicBatcher[Any] = DynamicBatcher(
             self._run,
@@ -96,6 +99,11 @@ class Server:
         ms = (time.perf_counter() - start) * 1000.0
         return [(passages, ms) for passages in found]
 
+    @property
+    def store_changed(self) -> str:
+        changed = ", ".join(self.watcher.damaged)
+        return f"store files changed under the server ({changed}): restart it on a store that verifies"
+
     def key(self, op: str, request: Any) -> BatchKey:
         """The request's options with the reader's defaults filled in (so that equal options batch together)."""
         try:
@@ -105,6 +113,8 @@ class Server:
 
     async def submit(self, questions: list[str], key: BatchKey) -> list[Completed[Any]]:
         """Questions through the batcher; batcher and model failures become API errors."""
+        if self.watcher.damaged:
+            raise ApiError(503, "store_changed", self.store_changed)
         if not self.ready:
             raise ApiError(503, "unavailable", "the server is not ready", {"Retry-After": "1"})
         try:
@@ -153,21 +163,23 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None) -> FastAPI:
-    """The API over a loaded pipeline; the batcher runs while the app does (its lifespan)."""
+def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None, watch: FileWatch | None = None) -> FastAPI:
+    """The API over a loaded pipeline; the batcher (and the store's `watch`, when given) run while the app does."""
     settings = settings or ServeSettings()
-    server = Server(pipeline, settings)
+    server = Server(pipeline, settings, watch)
     models = request_models(settings)
     AnswerRequest, BatchAnswerRequest, RetrieveRequest = models
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await server.batcher.start()
+        server.watcher.start()
         server.ready = True
         try:
             yield
         finally:
             server.ready = False
+            await server.watcher.stop()
             await server.batcher.stop()
 
     keyed = settings.api_key is not None
@@ -226,7 +238,9 @@ def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None) -> F
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
     async def readyz() -> Any:
-        """Ready to answer: the model is loaded and its worker runs."""
+        """Ready to answer: the model is loaded, its worker runs and the store's files are those it verified."""
+        if server.watcher.damaged:
+            return error_response(503, "store_changed", server.store_changed)
         if not server.ready or not server.batcher.running:
             return error_response(503, "unavailable", "not ready", **{"Retry-After": "1"})
         config = server.pipeline.config
@@ -238,7 +252,7 @@ def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None) -> F
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     # Outermost last: metrics count every response, the key is checked before the body is read.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value())
     app.add_middleware(RequestMetrics, metrics=server.metrics)

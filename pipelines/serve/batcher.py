@@ -7,7 +7,10 @@ counted from when its oldest request arrived or the model became free, whichever
 while the model was busy go together in the next call. `max_batch_size=1` turns batching off (one request per
 model call).
 
-Each request has its own future: a batch that raises fails its own requests only, and the worker goes on.
+Each question has its own future: a batch that raises fails its own requests only, and the worker goes on. The
+questions of one `submit_many` are admitted all or none (a refused request leaves nothing queued); those whose
+caller is gone (its task cancelled, e.g. when the client disconnected) are dropped from the queue before they run,
+and so are those still waiting when another question of their request failed.
 """
 
 from __future__ import annotations
@@ -117,18 +120,37 @@ class DynamicBatcher(Generic[T]):
 
     async def submit(self, question: str, key: Hashable = None) -> Completed[T]:
         """Queue one question; returns its result once its batch has run (raises what the batch raised)."""
-        if not self.running or self._wakeup is None:
-            raise BatcherClosedError("the model worker is not running")
-        if len(self._pending) >= self.max_queue:
-            raise QueueFullError(f"{len(self._pending)} requests are already waiting")
-        future: asyncio.Future[Completed[T]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(question, key, future))
-        self._wakeup.set()
-        return await future
+        [done] = await self.submit_many([question], key)
+        return done
 
     async def submit_many(self, questions: Sequence[str], key: Hashable = None) -> list[Completed[T]]:
-        """Queue several questions under one key (they go in the same batches while they fit)."""
-        return list(await asyncio.gather(*(self.submit(question, key) for question in questions)))
+        """Queue several questions under one key, all or none (they go in the same batches while they fit).
+
+        When one of them fails or the caller is cancelled, the others still waiting are withdrawn unrun."""
+        if not self.running or self._wakeup is None:
+            raise BatcherClosedError("the model worker is not running")
+        if len(self._pending) + len(questions) > self.max_queue:
+            raise QueueFullError(f"{len(self._pending)} questions already waiting, {len(questions)} more refused")
+        loop = asyncio.get_running_loop()
+        items = [_Pending(question, key, loop.create_future()) for question in questions]
+        self._pending.extend(items)
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        except BaseException:  # one failed, or the caller was cancelled
+            self._withdraw(items)
+            raise
+
+    def _withdraw(self, items: list[_Pending]) -> None:
+        """Cancel these items' futures (a no-op for those resolved) and drop those still waiting from the queue;
+        the results of the batch that is running are dropped for its withdrawn items."""
+        for item in items:
+            item.future.cancel()
+        withdrawn = {id(item) for item in items}
+        waiting = len(self._pending)
+        self._pending = [item for item in self._pending if id(item) not in withdrawn]
+        if waiting > len(self._pending):
+            logger.debug("withdrew %d questions before they ran", waiting - len(self._pending))
 
     def _same_key(self, key: Hashable) -> int:
         return sum(1 for item in self._pending if item.key == key)
@@ -138,7 +160,7 @@ class DynamicBatcher(Generic[T]):
         batch: list[_Pending] = []
         rest: list[_Pending] = []
         for item in self._pending:
-            if item.future.done():  # cancelled while waiting (the client went away)
+            if item.future.done():  # cancelled, not withdrawn yet
                 continue
             (batch if item.key == key and len(batch) < self.max_batch_size else rest).append(item)
         self._pending = rest

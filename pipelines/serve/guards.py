@@ -1,10 +1,13 @@
-"""ASGI middleware that guards the query API before a request reaches it: the API key and the body size limit.
+"""ASGI middleware that guards the query API around a request: the API key, and the body (its size limit and read
+deadline, then the client's presence while the app works on it).
 
 Both answer with the JSON error body of `pipelines.serve.schema` and never let the app read a body they refuse.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 
 from starlette.responses import JSONResponse
@@ -12,18 +15,45 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.serve.schema import error_response
 
+logger = logging.getLogger(__name__)
+
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # reachable without the API key
 
 
-class BodySizeLimit:
-    """Requests whose body is over `max_bytes` get 413 before the app reads them (chunked bodies too)."""
+class BodyGuard:
+    """Reads the whole body before the app sees it, then runs the app while watching the connection.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    A body over `max_bytes` gets 413 (chunked bodies too); one that has not fully arrived `timeout_s` after the
+    headers gets 408 and the connection is closed. When the client goes away before its response is complete, the
+    app is cancelled (a request waiting for the model withdraws its questions)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _too_large(self) -> JSONResponse:
         return error_response(413, "payload_too_large", f"request body over {self.max_bytes} bytes")
+
+    async def _read(self, receive: Receive) -> bytes | JSONResponse | None:
+        """The body, the error response that refuses it, or None when the client went away."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return None
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_bytes:
+                        return self._too_large()
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            reason = f"the request body did not arrive within {self.timeout_s:g} s"
+            return error_response(408, "request_timeout", reason, Connection="close")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -37,29 +67,48 @@ class BodySizeLimit:
             if int(length) > self.max_bytes:
                 await self._too_large()(scope, receive, send)
                 return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._too_large()(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
+        body = await self._read(receive)
+        if isinstance(body, JSONResponse):
+            await body(scope, receive, send)
+        elif body is not None:
+            await self._run_while_connected(scope, body, receive, send)
+
+    async def _run_while_connected(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """Run the app on the read body; cancel it if the client disconnects before the response is complete."""
+        gone = asyncio.Event()
+        replayed = complete = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
 
-        await self.app(scope, replay, send)
+        async def tracked(message: Message) -> None:
+            nonlocal complete
+            complete = complete or (message["type"] == "http.response.body" and not message.get("more_body", False))
+            await send(message)
+
+        async def watch() -> None:  # the server answers http.disconnect once the client left or the response is done
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        app = asyncio.ensure_future(self.app(scope, replay, tracked))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait((app, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if gone.is_set() and not app.done() and not complete:
+                logger.info("client went away: cancelled %s %s", scope["method"], scope["path"])
+                app.cancel()
+            await asyncio.wait((app,))
+        finally:
+            watcher.cancel()
+            app.cancel()  # a no-op once it is done; here when this request itself is cancelled
+        if not app.cancelled():
+            app.result()  # what the app raised goes on to the outer middleware
 
 
 class ApiKeyGuard:

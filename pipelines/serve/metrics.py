@@ -1,7 +1,8 @@
 """The query API's Prometheus metrics: one registry per app, and the middleware that counts every response.
 
-Request counts by endpoint, method and status (errors answered by middleware included), request latency, requests
-in progress; per model call: batch size, duration, failures; per question: queue wait; the queue depth.
+Request counts by endpoint, method and status (errors answered by middleware included; 499: the client went away
+first), request latency, requests in progress; per model call: batch size, duration, failures; per question: queue
+wait; the queue depth. Endpoint and method labels come from fixed sets, so clients cannot grow the series.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Labels stay bounded whatever clients send: other paths and methods are counted as "other".
 KNOWN_PATHS = frozenset(
     {"/v1/answer", "/v1/answer:batch", "/v1/retrieve", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"}
 )
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+CLIENT_CLOSED = "499"  # the status label of a request whose client went away before its response (as nginx)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -78,19 +82,28 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         endpoint = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
-        status = 500
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+        status = "500"  # unless a response starts or the client goes first
+        started = False
         start = time.perf_counter()
 
-        async def send_status(message: Message) -> None:
+        async def receive_status() -> Message:
             nonlocal status
+            message = await receive()
+            if message["type"] == "http.disconnect" and not started:
+                status = CLIENT_CLOSED
+            return message
+
+        async def send_status(message: Message) -> None:
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = str(message["status"]), True
             await send(message)
 
         self.metrics.in_progress.inc()
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_status, send_status)
         finally:
             self.metrics.in_progress.dec()
-            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+            self.metrics.requests.labels(endpoint, method, status).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

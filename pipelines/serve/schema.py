@@ -149,6 +149,8 @@ def _validation_details(error: RequestValidationError) -> list[dict[str, Any]]:
 
 
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
+# What FastAPI's JSON decoding raises, besides a syntax error, as the cause of its 400: an invalid request too.
+_UNPARSABLE: dict[type[BaseException], str] = {UnicodeDecodeError: "not UTF-8", RecursionError: "nested too deeply"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -170,6 +172,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        unparsable = _UNPARSABLE.get(type(error.__cause__)) if error.status_code == 400 else None
+        if unparsable is not None:
+            return error_response(422, "invalid_request", f"body: not valid JSON ({unparsable})")
         kind = _HTTP_TYPES.get(error.status_code, "http_error")
         return error_response(error.status_code, kind, str(error.detail), **(error.headers or {}))
 

@@ -1,4 +1,4 @@
-"""The limits and batching of one server (what `memvq serve` flags set)."""
+"""The limits, timeouts and batching of one server (what `memvq serve` flags set)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class ServeSettings(BaseModel):
-    """Batching and input limits of one server."""
+    """Batching, input limits and timeouts of one server."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -18,4 +18,13 @@ class ServeSettings(BaseModel):
     max_answer_tokens: int = Field(default=64, ge=1, description="largest max_answer_tokens a request may ask for")
     max_batch_questions: int = Field(default=64, ge=1, description="questions in one /v1/answer:batch request")
     max_body_bytes: int = Field(default=1 << 20, ge=1, description="request bodies above this get 413")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="connections without a complete request line and headers by then are closed"
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="a request body not fully arrived this long after its headers gets 408"
+    )
+    watch_interval_s: float = Field(
+        default=5.0, gt=0.0, description="seconds between checks that the store's files did not change under it"
+    )
     api_key: SecretStr | None = Field(default=None, description="when set, all but /healthz and /readyz need it")

@@ -1,0 +1,62 @@
+"""The server's eye on its store: the store's files re-checked on a timer while the app runs.
+
+A file that changes under a running server (a rebuild into the same directory, a copy over it, a damaged disk)
+would be read through its memory map as if nothing happened. `StoreWatcher` runs `FileWatch.changed` (a stat per
+file, a sha256 only for files whose stamp moved) every `interval_s` on a thread; the first time it names a file,
+it logs one error line and the server stops answering (503 `store_changed`, /readyz 503) until it is restarted on
+a store that verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from memory.integrity import FileWatch
+
+logger = logging.getLogger(__name__)
+
+
+class StoreWatcher:
+    """Runs a `FileWatch` on a timer; `damaged` names the files that no longer match (empty while all is well)."""
+
+    def __init__(self, watch: FileWatch | None, interval_s: float) -> None:
+        self.watch = watch
+        self.interval_s = interval_s
+        self.damaged: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def check(self) -> list[str]:
+        """One sweep (on a thread); records and logs what it found."""
+        if self.watch is None or self.damaged:
+            return self.damaged
+        damaged = await asyncio.to_thread(self.watch.changed)
+        if damaged:
+            self.damaged = damaged
+            logger.error(
+                "store files changed under the server: %s in %s; not answering any more (503 store_changed). "
+                "Restart `memvq serve` once the store verifies (rebuild it or restore its files)",
+                ", ".join(damaged),
+                self.watch.root,
+            )
+        return damaged
+
+    async def _run(self) -> None:
+        while not self.damaged:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check()
+            except Exception:  # a failing sweep must not end the watch silently
+                logger.exception("store watch sweep failed")
+
+    def start(self) -> None:
+        if self.watch is not None and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="store-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
