@@ -2,7 +2,9 @@
 
 Four resumable steps, ColBERT-style (plan -> train codec -> encode chunks -> finalize):
 
-1. plan     stream the corpus once, chunk it into passages, write them as parquet shards (bad records reported)
+1. plan     record the corpus (path, size and sha256 of each file), stream it once, chunk it into passages (at most
+            `chunking.words_per_passage` words and `max_passage_chars` characters each), write them as parquet
+            shards (bad records and duplicate document ids reported and skipped)
 2. codec    encode a seeded sample of passages, fit the codec on their token vectors, save it
 3. encode   Ray Data `map_batches` over shards with a callable class holding the encoder (GPU actors when
             there are GPUs): memory layers -> codes, and the dense embedding from the same forward pass (a
@@ -10,12 +12,15 @@ Four resumable steps, ColBERT-style (plan -> train codec -> encode chunks -> fin
 4. finalize build the FAISS index from the shards' embeddings, then write the manifest (last)
 
 Every file is written atomically and each step leaves a marker, so a build killed at any point and started
-again skips what is done and ends with the same bytes as an uninterrupted one. Memory stays bounded: the
-driver streams the corpus, each actor holds one shard at a time.
+again skips what is done and ends with the same bytes as an uninterrupted one; it is refused with another config
+or, once planned, another corpus. Ray is the build's own local one unless given a cluster, stopped at the end, and
+what a killed build left of it is stopped by the next (pipelines.local_ray). Memory stays bounded: the driver
+streams the corpus (keeping the set of document ids), each actor holds one shard at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -30,8 +35,8 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from data.ingest.corpus import IngestReport, iter_documents
-from data.ingest.passages import iter_passages
+from data.ingest.corpus import IngestReport, corpus_files, iter_documents
+from data.ingest.passages import ChunkReport, iter_passages
 from encoders.backbone import Backbone, portable_model_path, resolve_device
 from encoders.reader_io import load_memory_layers
 from memory.artifact import (
@@ -49,11 +54,13 @@ from memory.codecs import CODEC_FILE, MemoryCodec, compression_ratio, load_codec
 from memory.index import PassageIndex, training_rows
 from memory.store import SHARD_SUFFIXES, STORE_FORMAT, StoreLayout
 from pipelines.config import BuildConfig
+from pipelines.local_ray import ray_for_build, stop_orphaned_ray
 
 log = logging.getLogger(__name__)
 
 PLAN_MARKER = "plan.json"
 CONFIG_NAME = "build_config.json"
+CORPUS_NAME = "corpus.json"
 PASSAGE_SCHEMA = pa.schema(
     [
         ("passage_id", pa.string()),
@@ -75,6 +82,8 @@ class BuildReport(BaseModel):
     passages: int
     tokens: int
     bad_records: int
+    duplicate_ids: int  # of the bad records: documents whose id an earlier one had (the first is kept)
+    split_words: int  # words longer than chunking's character limit, cut into pieces
     shards: int
     bytes_per_token: int
     compression_vs_bf16: float
@@ -90,6 +99,8 @@ class _Plan:
     documents: int
     passages: int
     bad_records: int
+    duplicate_ids: int
+    split_words: int
     shard_sizes: list[int]
 
     @property
@@ -130,13 +141,15 @@ def plan_passages(corpus: Path, layout: StoreLayout, config: BuildConfig) -> _Pl
     marker = layout.root / PLAN_MARKER
     if marker.is_file():
         saved = read_json(marker, "plan marker")
-        return _Plan(saved["documents"], saved["passages"], saved["bad_records"], saved["shard_sizes"])
-    report = IngestReport()
+        return _Plan(**{field.name: saved[field.name] for field in dataclasses.fields(_Plan)})
+    report, chunking = IngestReport(), ChunkReport()
     documents = iter_documents(corpus, fmt=config.format, report=report)
     passages = iter_passages(
         documents,
         words_per_passage=config.chunking.words_per_passage,
         skip_title_paragraph=config.chunking.skip_title_paragraph,
+        max_passage_chars=config.chunking.max_passage_chars,
+        report=chunking,
     )
     shard_sizes: list[int] = []
     with tqdm(desc="plan: chunking corpus", unit=" passages") as bar:
@@ -150,19 +163,21 @@ def plan_passages(corpus: Path, layout: StoreLayout, config: BuildConfig) -> _Pl
             shard_sizes.append(len(rows))
             bar.update(len(rows))
     bad = [f"{record.path}:{record.line}: {record.reason}" for record in report.bad_records]
-    plan = _Plan(report.documents, sum(shard_sizes), len(bad), shard_sizes)
-    write_json(
-        marker,
-        {
-            "documents": plan.documents,
-            "passages": plan.passages,
-            "bad_records": plan.bad_records,
-            "bad_record_examples": bad[:100],
-            "shard_sizes": shard_sizes,
-        },
-    )
+    plan = _Plan(report.documents, sum(shard_sizes), len(bad), report.duplicate_ids, chunking.split_words, shard_sizes)
+    write_json(marker, dataclasses.asdict(plan) | {"bad_record_examples": bad[:100]})
     if bad:
-        log.warning("skipped %d bad records (first: %s); listed in %s", len(bad), bad[0], marker)
+        log.warning(
+            "skipped %d bad records, %d of them duplicate document ids (first: %s); listed in %s",
+            len(bad),
+            plan.duplicate_ids,
+            bad[0],
+            marker,
+        )
+    if plan.split_words:
+        log.warning(
+            "cut %d words longer than a passage's character limit into pieces (chunking.max_passage_chars)",
+            plan.split_words,
+        )
     return plan
 
 
@@ -313,7 +328,8 @@ def encode_shard(layout: StoreLayout, shard: int, encoders: Encoders, codec: Mem
 
 
 def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray_address: str | None) -> float:
-    """Run the shard encoder over every shard without a done marker, with Ray Data actors.
+    """Run the shard encoder over every shard without a done marker, with Ray Data actors on the build's Ray
+    (`pipelines.local_ray.ray_for_build`: a local Ray it stops at the end, or the cluster at `ray_address`).
 
     Returns the seconds the actors spent encoding (their busy time, without Ray start-up and model loading)."""
     import ray
@@ -322,28 +338,27 @@ def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray
     if not todo:
         return 0.0
     gpus = torch.cuda.device_count() if config.encoder.device != "cpu" else 0
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    cpus = int(ray.available_resources().get("CPU", 1))
-    workers = config.num_workers or max(gpus, 1)
-    threads = 0 if gpus else max(1, cpus // workers)
-    dataset = ray.data.from_items([{"shard": shard} for shard in todo], override_num_blocks=len(todo))
-    dataset = dataset.map_batches(
-        ShardEncoder,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_gpus=1 if gpus else 0,
-        num_cpus=0.5 if gpus else threads,
-        fn_constructor_kwargs={"root": str(layout.root), "config": config.to_json(), "threads": threads},
-    )
     passages = {shard: plan.shard_sizes[shard] for shard in todo}
-    with tqdm(total=sum(passages.values()), desc=f"encode: {len(todo)} shards", unit=" passages") as bar:
-        busy = 0.0
-        for row in dataset.iter_rows():
-            bar.update(passages[int(row["shard"])])
-            busy += float(row["seconds"])
+    busy = 0.0
+    with ray_for_build(ray_address):
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        cpus = int(ray.available_resources().get("CPU", 1))
+        workers = config.num_workers or max(gpus, 1)
+        threads = 0 if gpus else max(1, cpus // workers)
+        dataset = ray.data.from_items([{"shard": shard} for shard in todo], override_num_blocks=len(todo))
+        dataset = dataset.map_batches(
+            ShardEncoder,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=1 if gpus else 0,
+            num_cpus=0.5 if gpus else threads,
+            fn_constructor_kwargs={"root": str(layout.root), "config": config.to_json(), "threads": threads},
+        )
+        with tqdm(total=sum(passages.values()), desc=f"encode: {len(todo)} shards", unit=" passages") as bar:
+            for row in dataset.iter_rows():
+                bar.update(passages[int(row["shard"])])
+                busy += float(row["seconds"])
     return busy
 
 
@@ -375,9 +390,10 @@ def write_manifest(
     backbone_info: dict[str, Any],
     codec: MemoryCodec,
     report: BuildReport,
+    corpus: dict[str, Any],
 ) -> dict[str, Any]:
     """The store manifest (its memvq-store header), from the plan, the shards' done markers (in shard order, with
-    the records of the shard files their encoder hashed) and the build report."""
+    the records of the shard files their encoder hashed), the build report and the corpus record (`record_corpus`)."""
     shards, files = [], {}
     for shard, (start, done) in enumerate(zip(plan.row_starts, markers, strict=True)):
         shards.append({"shard": shard, "row_start": start, "passages": done["passages"], "tokens": done["tokens"]})
@@ -399,6 +415,7 @@ def write_manifest(
                 "code_dtype": np.dtype(codec.code_dtype).name,
                 "bytes_per_token": codec.bytes_per_token,
             },
+            "corpus": corpus,
             "num_documents": plan.documents,
             "num_passages": plan.passages,
             "num_tokens": report.tokens,
@@ -426,14 +443,16 @@ def build_index(
     if not corpus.exists():
         raise FileNotFoundError(f"corpus {corpus} does not exist")
     _check_resume(layout, config)
+    stop_orphaned_ray()
+    clock = time.perf_counter()
+    corpus_record = _check_corpus(layout, corpus)
     if layout.manifest.is_file():
         log.info("store %s is already complete", layout.root)
         header = read_artifact(layout.manifest, STORE_FORMAT, "store manifest")
         return BuildReport.model_validate(header.extra["report"])
     seconds: dict[str, float] = {}
-    clock = time.perf_counter()
     plan = plan_passages(corpus, layout, config)
-    seconds["plan"] = time.perf_counter() - clock
+    seconds["plan"] = time.perf_counter() - clock  # with recording the corpus
 
     clock = time.perf_counter()
     encoders = Encoders.load(config, resolve_device(config.encoder.device))
@@ -458,6 +477,8 @@ def build_index(
         passages=plan.passages,
         tokens=tokens,
         bad_records=plan.bad_records,
+        duplicate_ids=plan.duplicate_ids,
+        split_words=plan.split_words,
         shards=len(plan.shard_sizes),
         bytes_per_token=codec.bytes_per_token,
         compression_vs_bf16=compression_ratio(codec),
@@ -472,7 +493,7 @@ def build_index(
         "model_path": portable_model_path(config.encoder.model),
         "memory_digest": encoders.memory_digest,
     }
-    write_manifest(layout, config, plan, markers, info, codec, report)
+    write_manifest(layout, config, plan, markers, info, codec, report, corpus_record)
     return report
 
 
@@ -490,3 +511,47 @@ def _check_resume(layout: StoreLayout, config: BuildConfig) -> None:
     if layout.root.exists() and any(layout.root.iterdir()):
         raise ManifestError(f"{layout.root} exists and is not a memvq build directory; choose an empty --out")
     write_json(path, config.to_json())
+
+
+def record_corpus(corpus: Path) -> dict[str, Any]:
+    """What a store is built from: the corpus path and the path, size and sha256 of each of its files (in reading
+    order; each file streamed once to hash it)."""
+    files = [{"path": str(path.resolve()), **file_record(path)} for path in corpus_files(corpus)]
+    return {"path": str(corpus.resolve()), "files": files}
+
+
+def _check_corpus(layout: StoreLayout, corpus: Path) -> dict[str, Any]:
+    """Record the corpus (`record_corpus`) until the build is planned; from then on refuse another one, even to say
+    the store is complete. The same bytes (each file's size and sha256, in order) at another path are the same
+    corpus: accepted, the record keeps the first path. Sizes are compared first: only the same sizes are hashed."""
+    path = layout.root / CORPUS_NAME
+    if not (layout.root / PLAN_MARKER).is_file():
+        record = record_corpus(corpus)
+        write_json(path, record)
+        return record
+    if not path.is_file():
+        raise ManifestError(
+            f"{layout.root} was started by an older memvq that did not record its corpus, so resuming it could mix "
+            f"corpora: remove {layout.root} or pass another --out"
+        )
+    saved = read_json(path, "corpus record")
+    sizes = [file.stat().st_size for file in corpus_files(corpus)]
+    if sizes == [file["bytes"] for file in saved["files"]]:
+        current = record_corpus(corpus)
+        if [file["sha256"] for file in current["files"]] == [file["sha256"] for file in saved["files"]]:
+            if current["path"] != saved["path"]:
+                log.info("corpus %s holds the bytes %s was built from (%s)", corpus, layout.root, saved["path"])
+            return saved
+        what = _describe(current["files"])
+    else:
+        what = f"{len(sizes)} file(s), {sum(sizes):,} bytes"
+    raise ManifestError(
+        f"{layout.root} was built from {saved['path']} ({_describe(saved['files'])}), not {corpus} ({what}): "
+        f"remove {layout.root} or pass another --out to build from {corpus}"
+    )
+
+
+def _describe(files: list[dict[str, Any]]) -> str:
+    if len(files) == 1:
+        return f"sha256 {files[0]['sha256'][:16]}…, {files[0]['bytes']:,} bytes"
+    return f"{len(files)} files, {sum(file['bytes'] for file in files):,} bytes"

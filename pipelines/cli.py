@@ -44,7 +44,10 @@ def build_index_command(
     model: Annotated[str | None, typer.Option(help="local encoder checkpoint; default: embedded MiniLM")] = None,
     config: Annotated[Path | None, typer.Option(help="build config, TOML or JSON (see configs/)")] = None,
     format: Annotated[str | None, typer.Option("--format", help="corpus format; default: detected")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address; default: a local Ray")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray the build starts and stops"),
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="encoder actors; default: one per GPU, else 1")] = None,
     codec_from: Annotated[
         Path | None, typer.Option(help="encode with this fitted codec (e.g. TRAIN_RUN/codec) instead of fitting one")
@@ -74,6 +77,8 @@ def build_index_command(
         ("documents", f"{report.documents:,}"),
         ("passages", f"{report.passages:,}"),
         ("bad records skipped", f"{report.bad_records:,}"),
+        ("  of them duplicate doc ids", f"{report.duplicate_ids:,}"),
+        ("words cut (max_passage_chars)", f"{report.split_words:,}"),
         ("tokens", f"{report.tokens:,}"),
         ("shards", f"{report.shards:,}"),
         ("bytes / token", f"{report.bytes_per_token}"),

@@ -37,10 +37,15 @@ class FileConfig(_Frozen):
 
 
 class ChunkingConfig(_Frozen):
-    """How documents become passages."""
+    """How documents become passages: at most `words_per_passage` words and `max_passage_chars` characters each,
+    whatever the whitespace (a longer word, or text without spaces, is cut into pieces of `max_passage_chars`
+    characters; see data.ingest.passages)."""
 
     words_per_passage: int = Field(100, ge=1)
     skip_title_paragraph: bool = True
+    max_passage_chars: int | None = Field(
+        None, ge=1, description="None = 20 per word of words_per_passage (2000 at 100 words)"
+    )
 
 
 class EncoderConfig(_Frozen):

@@ -106,7 +106,8 @@ def test_kilt_reads_paragraph_lists_as_is(tmp_path):
 
 def test_kilt_dump_named_json_is_detected_as_kilt(tmp_path):
     # The official KILT knowledge source is JSON lines despite its .json name.
-    path = write_jsonl(tmp_path / "kilt_knowledgesource.json", [kilt_row("1", "A", ["A", "x y"])] * 2)
+    rows = [kilt_row("1", "A", ["A", "x y"]), kilt_row("2", "B", ["B", "x y"])]
+    path = write_jsonl(tmp_path / "kilt_knowledgesource.json", rows)
     assert detect_format(path) == "kilt"
     assert len(read(path)[0]) == 2
 

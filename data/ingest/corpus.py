@@ -5,8 +5,10 @@ time, and the JSON-document formats (SQuAD, DPR retriever json) one record at a 
 incremental JSON parser, so a corpus is never held in memory as a whole.
 
 A malformed line or record is never fatal: it is logged as a warning with its file and line number,
-appended to ``IngestReport.bad_records`` and skipped. Problems with a whole input (missing path,
-unknown format, unreadable header, no documents at all) raise ``CorpusError``.
+appended to ``IngestReport.bad_records`` and skipped. So is a document whose id an earlier document
+of the same call had (across all the files of a directory): the first one is kept. Problems with a
+whole input (missing path, unknown format, unreadable header, no documents at all) raise
+``CorpusError``.
 """
 
 from __future__ import annotations
@@ -68,8 +70,12 @@ class BadRecord:
 
 @dataclass
 class IngestReport:
+    """What one ``iter_documents`` call read: the documents it produced and the records it skipped;
+    ``duplicate_ids`` of the skipped ones are documents whose id an earlier document had."""
+
     documents: int = 0
     bad_records: list[BadRecord] = field(default_factory=list)
+    duplicate_ids: int = 0
 
     @property
     def skipped(self) -> int:
@@ -80,7 +86,7 @@ class _Bad(Exception):
     """Internal: the record at hand is malformed (message = reason)."""
 
 
-_Item = Document | BadRecord
+_Item = tuple[int, Document] | BadRecord  # (line as in BadRecord.line, document) or a skipped record
 _Reader = Callable[[Path, "_State"], Iterator[_Item]]
 
 
@@ -89,6 +95,8 @@ class _State:
     """State shared by the files of one ``iter_documents`` call."""
 
     seen_passage_ids: set[str] = field(default_factory=set)  # DPR json dedupe (ids only)
+    # Every document id produced, to report duplicates: exact, ~100 bytes per id (~1 GB for 10M documents).
+    doc_ids: set[str] = field(default_factory=set)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +350,7 @@ def _read_json_lines(path: Path, to_document: Callable[[Any], Document]) -> Iter
         if not line.strip():
             continue  # blank lines are not records
         try:
-            yield to_document(json.loads(line))
+            yield lineno, to_document(json.loads(line))
         except json.JSONDecodeError as exc:
             yield BadRecord(str(path), lineno, f"invalid JSON: {exc}")
         except _Bad as exc:
@@ -416,7 +424,7 @@ def _squad_article(where: str, index: int, article: Any) -> Iterator[_Item]:
     if not contexts:
         yield BadRecord(where, index, f"{prefix}: no valid paragraph")
         return
-    yield Document(doc_id=title, title=title, paragraphs=contexts)
+    yield index, Document(doc_id=title, title=title, paragraphs=contexts)
 
 
 def _read_dpr_json(path: Path, state: _State) -> Iterator[_Item]:
@@ -473,7 +481,7 @@ def _dpr_record(where: str, index: int, record: Any, seen: set[str]) -> Iterator
             if doc_id in seen:
                 continue
             seen.add(doc_id)
-            yield Document(doc_id=doc_id, title=title, paragraphs=[text])
+            yield index, Document(doc_id=doc_id, title=title, paragraphs=[text])
 
 
 def _unquote_tsv_line(line: str) -> list[str]:
@@ -517,7 +525,7 @@ def _read_dpr_tsv(path: Path, state: _State) -> Iterator[_Item]:
         except _Bad as exc:
             yield BadRecord(where, lineno, str(exc))
             continue
-        yield Document(doc_id=doc_id, title=fields[columns["title"]], paragraphs=[text])
+        yield lineno, Document(doc_id=doc_id, title=fields[columns["title"]], paragraphs=[text])
     if columns is None:
         raise CorpusError(f"{path}: empty file (no header)")
 
@@ -542,7 +550,7 @@ def _read_parquet(path: Path, state: _State) -> Iterator[_Item]:
             for doc_id, title, text in zip(ids, titles, texts, strict=True):
                 row += 1
                 try:
-                    yield _table_document({"id": doc_id, "title": title, "text": text})
+                    yield row, _table_document({"id": doc_id, "title": title, "text": text})
                 except _Bad as exc:
                     yield BadRecord(where, row, f"row {row}: {exc}")
 
@@ -680,7 +688,8 @@ def _is_candidate(path: Path) -> bool:
     return suffix in _TEXT_SUFFIXES or suffix in _PARQUET_SUFFIXES
 
 
-def _corpus_files(root: Path) -> list[Path]:
+def corpus_files(root: Path) -> list[Path]:
+    """The files ``iter_documents`` reads, in its order: ``root`` itself, or the supported files under it."""
     if root.is_file():
         return [root]
     if not root.is_dir():
@@ -701,13 +710,14 @@ def iter_documents(path: Path | str, fmt: str | None = None, report: IngestRepor
     A directory is walked recursively, files sorted by relative path, hidden files skipped; each
     file's format is detected separately unless ``fmt`` is given. The path, the format names and
     the detection are checked when this is called; documents are then read lazily. Malformed
-    records are logged, added to ``report.bad_records`` and skipped. ``CorpusError`` is raised at
+    records, and documents whose id an earlier one had (the first is kept), are logged, added to
+    ``report.bad_records`` and skipped. ``CorpusError`` is raised at
     the end of iteration if no document at all was produced."""
     if fmt is not None and fmt not in FORMATS:
         raise CorpusError(f"unknown corpus format {fmt!r}; supported formats: {', '.join(FORMATS)}")
     root = Path(path)
     report = report if report is not None else IngestReport()
-    files = _corpus_files(root)
+    files = corpus_files(root)
     if not files:
         raise CorpusError(
             f"empty corpus: 0 documents in {root} (0 bad records; no file with a supported extension: "
@@ -726,14 +736,21 @@ def _iter_plan(root: Path, plan: Iterable[tuple[Path, str]], report: IngestRepor
         file_bad = 0
         logger.info("reading %s as %s", file, file_fmt)
         for item in _READERS[file_fmt](file, state):
-            if isinstance(item, BadRecord):
-                logger.warning("%s:%d: skipped bad record: %s", item.path, item.line, item.reason)
-                report.bad_records.append(item)
-                file_bad += 1
-                continue
-            report.documents += 1
-            file_docs += 1
-            yield item
+            if not isinstance(item, BadRecord):
+                line, document = item
+                if document.doc_id not in state.doc_ids:
+                    state.doc_ids.add(document.doc_id)
+                    report.documents += 1
+                    file_docs += 1
+                    yield document
+                    continue
+                report.duplicate_ids += 1
+                item = BadRecord(
+                    str(file), line, f"duplicate document id {document.doc_id!r} (an earlier document has it; kept)"
+                )
+            logger.warning("%s:%d: skipped bad record: %s", item.path, item.line, item.reason)
+            report.bad_records.append(item)
+            file_bad += 1
         logger.info("%s: %d documents, %d bad records", file, file_docs, file_bad)
         produced += file_docs
         bad += file_bad
