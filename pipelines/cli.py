@@ -322,7 +322,9 @@ def serve_command(
     max_wait_ms: Annotated[float, typer.Option(min=0.0, help="longest wait for a batch to fill, ms")] = 10.0,
     api_key: Annotated[
         str | None,
-        typer.Option(envvar="MEMVQ_API_KEY", show_default=False, help="require this key on all but /healthz, /readyz"),
+        typer.Option(
+            envvar="MEMVQ_API_KEY", show_default=False, help="require this key on all but /, /healthz, /readyz"
+        ),
     ] = None,
     verify: Verify = True,
     access_log: Annotated[bool, typer.Option(help="log every request (uvicorn access log)")] = True,

@@ -9,6 +9,8 @@ several apps can live in one process (tests do).
     POST /v1/answer:batch   {questions: [...], same options}
     POST /v1/retrieve       {question, top_k?, return_passages?}
     GET  /healthz  /readyz  /metrics       and the OpenAPI schema at /openapi.json (/docs: Swagger UI)
+    GET  /                  the web page (`page`)
+    POST /v1/chat/completions, GET /v1/models: OpenAI-compatible (`openai_api`)
 """
 
 # No `from __future__ import annotations` here: the request models are built per app (their limits come from the
@@ -30,6 +32,8 @@ from pipelines.rag import RAGAnswer
 from pipelines.serve.batcher import BatcherClosedError, Completed, DynamicBatcher, QueueFullError
 from pipelines.serve.guards import ApiKeyGuard, BodyGuard
 from pipelines.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
+from pipelines.serve.openai_api import OpenAIErrors, openai_router
+from pipelines.serve.page import page_router
 from pipelines.serve.schema import (
     AnswerResponse,
     AnswerSpanModel,
@@ -190,7 +194,7 @@ def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None, watc
         description=(
             "Answers come from the passages retrieved from the store and read by the reader; `provenance` lists "
             "the passages read, best first. Concurrent requests are batched into one model call. "
-            + ("Every endpoint but /healthz and /readyz needs the API key." if keyed else "")
+            + ("Every endpoint but the page (/), /healthz and /readyz needs the API key." if keyed else "")
         ),
         lifespan=lifespan,
     )
@@ -230,6 +234,8 @@ def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None, watc
         )
 
     app.include_router(api)
+    app.include_router(openai_router(pipeline, AnswerRequest, answer, security, ERROR_RESPONSES))
+    app.include_router(page_router())
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -251,9 +257,11 @@ def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None, watc
         """Prometheus text: request counts and latencies, batch sizes and times, queue wait and depth."""
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
-    # Outermost last: metrics count every response, the key is checked before the body is read.
+    # Outermost last: metrics count every response, errors on the OpenAI routes are reshaped whoever answered them,
+    # the key is checked before the body is read.
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(OpenAIErrors)
     app.add_middleware(RequestMetrics, metrics=server.metrics)
     return app

@@ -13,11 +13,12 @@ import secrets
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipelines.serve.page import PAGE_PATHS
 from pipelines.serve.schema import error_response
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # reachable without the API key
+OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | PAGE_PATHS  # reachable without the API key (the page has no data)
 
 
 class BodyGuard:

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # Labels stay bounded whatever clients send: other paths and methods are counted as "other".
 KNOWN_PATHS = frozenset(
     {"/v1/answer", "/v1/answer:batch", "/v1/retrieve", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"}
+    | {"/", "/v1/chat/completions", "/v1/models"}  # the page, the OpenAI-compatible routes
 )
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CLIENT_CLOSED = "499"  # the status label of a request whose client went away before its response (as nginx)

@@ -27,4 +27,4 @@ class ServeSettings(BaseModel):
     watch_interval_s: float = Field(
         default=5.0, gt=0.0, description="seconds between checks that the store's files did not change under it"
     )
-    api_key: SecretStr | None = Field(default=None, description="when set, all but /healthz and /readyz need it")
+    api_key: SecretStr | None = Field(default=None, description="when set, all but /, /healthz and /readyz need it")
