@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import ijson
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,22 +47,22 @@ class QAExample:
 
 
 def iter_squad(path: str | Path) -> Iterator[QAExample]:
-    """SQuAD v1.1 json -> examples in KILT form (the article title as provenance)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    for article in data["data"]:
-        title = article["title"].replace("_", " ")
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                answers = tuple(dict.fromkeys(a["text"].strip() for a in qa["answers"] if a["text"].strip()))
-                if not answers:
-                    continue
-                provenance = [{"wikipedia_id": title, "title": title}]
-                record = {
-                    "id": qa["id"],
-                    "input": qa["question"].strip(),
-                    "output": [*({"answer": answer} for answer in answers), {"provenance": provenance}],
-                }
-                yield QAExample(qa["id"], record["input"], answers, title, record)
+    """SQuAD v1.1 json -> examples in KILT form (the article title as provenance), streamed article by article."""
+    with open(path, "rb") as handle:
+        for article in ijson.items(handle, "data.item", use_float=True):
+            title = article["title"].replace("_", " ")
+            for paragraph in article["paragraphs"]:
+                for qa in paragraph["qas"]:
+                    answers = tuple(dict.fromkeys(a["text"].strip() for a in qa["answers"] if a["text"].strip()))
+                    if not answers:
+                        continue
+                    provenance = [{"wikipedia_id": title, "title": title}]
+                    record = {
+                        "id": qa["id"],
+                        "input": qa["question"].strip(),
+                        "output": [*({"answer": answer} for answer in answers), {"provenance": provenance}],
+                    }
+                    yield QAExample(qa["id"], record["input"], answers, title, record)
 
 
 def iter_kilt_examples(path: str | Path) -> Iterator[QAExample]:

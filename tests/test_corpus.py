@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import ijson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -329,23 +330,78 @@ def test_reading_is_lazy(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# streaming JSON documents
+# streaming JSON documents (ijson)
 
 
-def test_json_documents_parse_across_tiny_buffer_chunks(tmp_path, monkeypatch):
+@pytest.fixture(params=["yajl2_c", "python"])
+def json_backend(request, monkeypatch):
+    """Runs a test with ijson's C backend (the one used when it loads) and with its pure-Python fallback."""
+    try:
+        backend = ijson.get_backend(request.param)
+    except ImportError:
+        pytest.skip(f"ijson backend {request.param} is not installed")
+    monkeypatch.setattr(corpus, "_ijson", backend)
+    return request.param
+
+
+def test_json_documents_use_ijsons_c_backend_when_it_loads():
+    try:
+        ijson.get_backend("yajl2_c")
+    except ImportError:
+        pytest.skip("ijson's C backend is not installed")
+    assert corpus._ijson.backend_name == "yajl2_c"
+
+
+def test_json_documents_parse_across_tiny_buffer_chunks(tmp_path, monkeypatch, json_backend):
     squad_path = tmp_path / "squad.json"
     squad = squad_obj([("A", ["x " * 30, "y"]), ("B", ["z 123456789"])], version_first=True)
     squad_path.write_text(json.dumps({"count": 123456789, "flag": True, **squad}))  # top-level scalars
     dpr_path = tmp_path / "dpr.json"
     dpr_path.write_text(json.dumps([{"positive_ctxs": [ctx(i, f"T{i}", f"text {i} é ü")]} for i in range(40)]))
     expected_squad, expected_dpr = read(squad_path)[0], read(dpr_path)[0]
-    monkeypatch.setattr(corpus, "JSON_CHUNK_CHARS", 3)
+    monkeypatch.setattr(corpus, "JSON_BUF_BYTES", 3)  # splits the two-byte characters too
     assert read(squad_path)[0] == expected_squad
     assert read(dpr_path)[0] == expected_dpr
     assert len(expected_dpr) == 40 and expected_dpr[12] == Document("12", "T12", ["text 12 é ü"])
 
 
-def test_truncated_dpr_json_keeps_earlier_records(tmp_path):
+def test_json_documents_with_a_byte_order_mark_or_gzipped(tmp_path, json_backend):
+    records = [{"positive_ctxs": [ctx(i, "T", f"text {i}")]} for i in range(3)]
+    bom = tmp_path / "dpr.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    assert detect_format(bom) == "dpr-json"
+    assert [d.doc_id for d in read(bom)[0]] == ["0", "1", "2"]
+    zipped = tmp_path / "squad.json.gz"
+    zipped.write_bytes(gzip.compress(json.dumps(squad_obj([("A", ["ctx a"])])).encode("utf-8-sig")))
+    assert detect_format(zipped) == "squad"
+    assert read(zipped)[0] == [Document("A", "A", ["ctx a"])]
+
+
+def test_corrupt_gzip_json_is_a_corpus_error_naming_the_file(tmp_path):
+    records = [{"positive_ctxs": [ctx(i, "T", words(50, f"r{i}x"))]} for i in range(300)]
+    path = tmp_path / "dpr.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(records).encode())[:-200])  # the gzip stream is cut short
+    report = IngestReport()
+    docs = iter_documents(path, fmt="dpr-json", report=report)
+    with pytest.raises(CorpusError, match=r"cannot read .*dpr\.json\.gz"):
+        list(docs)
+
+
+def test_forced_json_format_that_does_not_fit(tmp_path):
+    dpr = tmp_path / "dpr.json"
+    dpr.write_text(json.dumps([{"positive_ctxs": [ctx("1", "T", "x")]}]))
+    with pytest.raises(CorpusError, match=r"dpr\.json: not a SQuAD file"):
+        list(iter_documents(dpr, fmt="squad"))
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps(squad_obj([("A", ["ctx a"])])))
+    report = IngestReport()
+    with pytest.raises(CorpusError, match="empty corpus"):
+        list(iter_documents(squad, fmt="dpr-json", report=report))
+    [bad] = report.bad_records
+    assert bad.line == 1 and "not an array" in bad.reason
+
+
+def test_truncated_dpr_json_keeps_earlier_records(tmp_path, json_backend):
     records = [{"positive_ctxs": [ctx(i, "T", f"text {i}")]} for i in range(3)]
     path = tmp_path / "dpr.json"
     path.write_text(json.dumps(records)[:-30])  # cut inside the third record
@@ -353,9 +409,11 @@ def test_truncated_dpr_json_keeps_earlier_records(tmp_path):
     assert [d.doc_id for d in docs] == ["0", "1"]
     [bad] = report.bad_records
     assert bad.line == 3 and "record #3" in bad.reason and "invalid JSON" in bad.reason
+    # where: the record index, and how far into the file the parser had read (all of it, here)
+    assert f"(the parser had read {path.stat().st_size} bytes)" in bad.reason
 
 
-def test_syntax_error_mid_array_is_reported_at_its_record(tmp_path):
+def test_syntax_error_mid_array_is_reported_at_its_record(tmp_path, json_backend):
     good = json.dumps({"positive_ctxs": [ctx("1", "T", "one")]})
     later = json.dumps({"positive_ctxs": [ctx("3", "T", "three")]})
     path = tmp_path / "dpr.json"
@@ -364,6 +422,18 @@ def test_syntax_error_mid_array_is_reported_at_its_record(tmp_path):
     assert [d.doc_id for d in docs] == ["1"]
     [bad] = report.bad_records
     assert bad.line == 2 and "rest of file skipped" in bad.reason and "line 1 column" not in bad.reason
+    assert "\n" not in bad.reason and "bytes)" in bad.reason
+    if json_backend == "yajl2_c":  # yajl quotes the text around the error
+        assert "near " in bad.reason and "[,]" in bad.reason
+
+
+def test_trailing_data_after_the_json_document_is_reported(tmp_path, json_backend):
+    path = tmp_path / "dpr.json"
+    path.write_text(json.dumps([{"positive_ctxs": [ctx("1", "T", "one")]}]) + " [2]")
+    docs, report = read(path)
+    assert [d.doc_id for d in docs] == ["1"]
+    [bad] = report.bad_records
+    assert bad.line == 2 and "invalid JSON" in bad.reason and "rest of file skipped" in bad.reason
 
 
 def test_bad_dpr_ctx_and_squad_article_are_reported_by_record_index(tmp_path):

@@ -1,8 +1,8 @@
 """Streaming corpus readers: KILT knowledge source, SQuAD, DPR (json / tsv), plain jsonl and parquet.
 
 Every reader streams: line-based formats are read one line at a time, parquet one record batch at a
-time, and the JSON-document formats (SQuAD, DPR retriever json) one record at a time through a small
-incremental JSON parser, so a corpus is never held in memory as a whole.
+time, and the JSON-document formats (SQuAD, DPR retriever json) one record at a time through ijson
+(a streaming JSON parser; its C backend when it loads), so a corpus is never held in memory as a whole.
 
 A malformed line or record is never fatal: it is logged as a warning with its file and line number,
 appended to ``IngestReport.bad_records`` and skipped. So is a document whose id an earlier document
@@ -14,15 +14,18 @@ whole input (missing path, unknown format, unreadable header, no documents at al
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import gzip
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import ijson
+from ijson.common import JSONError
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +41,8 @@ _DPR_CTX_KEYS = ("positive_ctxs", "negative_ctxs", "hard_negative_ctxs")
 _TSV_COLUMNS = ("id", "text", "title")
 _TABLE_COLUMNS = ("id", "title", "text")
 
-# Chunk sizes (characters / rows); module-level so tests can shrink them to exercise boundaries.
-JSON_CHUNK_CHARS = 1 << 20
+# Chunk sizes (bytes / rows); module-level so tests can shrink them to exercise boundaries.
+JSON_BUF_BYTES = 1 << 16
 PARQUET_BATCH_ROWS = 1024
 # How many lines of a line-based file detection looks at when the first record does not decide it.
 _SNIFF_MAX_LINES = 100
@@ -181,15 +184,6 @@ def _open_binary(path: Path) -> IO[bytes]:
         raise CorpusError(f"cannot read {path}: {exc}") from exc
 
 
-def _open_text(path: Path) -> IO[str]:
-    try:
-        if _is_gz(path):
-            return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-        return path.open(encoding="utf-8-sig", newline="")
-    except OSError as exc:
-        raise CorpusError(f"cannot read {path}: {exc}") from exc
-
-
 def _iter_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
     """(1-based line number, decoded line or None, decode error) for every line, one at a time.
 
@@ -208,134 +202,96 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Incremental JSON parsing (SQuAD / DPR json are single JSON documents)
+# Streaming JSON documents (SQuAD / DPR json are single JSON documents): ijson, one value at a time
 
-_JSON_NON_WS = re.compile(r"[^ \t\n\r]")
-# A decode error this far before the end of the buffer is a real syntax error, not a value cut
-# short by the buffer end (except an unterminated string, which always runs to the buffer end).
-_JSON_TRUNCATION_MARGIN = 1024
-# Give up on one value (array element / object member) when it grows past this many characters.
-MAX_JSON_VALUE_CHARS = 1 << 28
+try:  # ijson's C backend (yajl2_c, in ijson's binary wheels); without it, the backend ijson picked itself
+    _ijson: Any = ijson.get_backend("yajl2_c")
+except ImportError:
+    _ijson = ijson  # its module-level functions are the picked backend's; `_ijson.backend_name` names it
 
 
-class _JsonStreamError(ValueError):
-    """Invalid JSON met while streaming; the message carries the character offset in the file."""
+class _JsonInvalid(ValueError):
+    """Invalid JSON met while streaming a JSON document (message: what the parser said, and where)."""
 
 
-class _JsonStream:
-    """Reads one JSON document from a text stream value by value, holding only a bounded buffer.
+def _open_json(path: Path) -> IO[bytes]:
+    """``path`` as bytes for ijson (which decodes the UTF-8 itself), past a UTF-8 byte-order mark."""
+    fh = _open_binary(path)
+    try:
+        if fh.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            fh.seek(0)
+    except (OSError, EOFError) as exc:
+        fh.close()
+        raise CorpusError(f"cannot read {path}: {exc}") from exc
+    return fh
 
-    ``iter_array`` yields the elements of an array one at a time; ``value`` decodes one value
-    with ``json.JSONDecoder.raw_decode`` after reading enough of the file for it to be complete."""
 
-    def __init__(self, fh: IO[str], chunk_chars: int | None = None) -> None:
-        self._fh = fh
-        self._chunk = chunk_chars or JSON_CHUNK_CHARS
-        self._buf = ""
-        self._pos = 0
-        self._dropped = 0  # characters already discarded before the buffer
-        self._eof = False
-        self._decoder = json.JSONDecoder()
+def _json_error(exc: Exception, fh: IO[bytes]) -> str:
+    """ijson's error on one line: yajl's message and the text it points at (or the Python backend's
+    message), then how many bytes of the file (uncompressed) the parser had read when it failed."""
+    text = exc.args[0] if exc.args else type(exc).__name__
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    what = lines[0] if lines else type(exc).__name__
+    if len(lines) == 3:  # yajl: message, the text around the error, "(right here) ------^"
+        what += f" near {lines[1]!r}"
+    with contextlib.suppress(OSError, ValueError):
+        what += f" (the parser had read {fh.tell()} bytes)"
+    return what
 
-    @property
-    def offset(self) -> int:
-        """Character offset of the parse position in the file."""
-        return self._dropped + self._pos
 
-    def _fill(self) -> bool:
-        """Append more of the file to the buffer; False at end of file. Reads at least as much as
-        is buffered, so a value larger than one chunk costs O(size) re-parses, not O(size²)."""
-        if self._eof:
-            return False
+def _json_values(path: Path, fh: IO[bytes], prefix: str) -> Iterator[Any]:
+    """The values at ``prefix`` (ijson's notation: ``item`` = each element of the top-level array,
+    ``data.item`` = each element of the top-level ``data`` array) of the JSON document in ``fh``,
+    built one at a time. Invalid JSON raises ``_JsonInvalid`` after the values before it; a file
+    that cannot be read (a corrupt gzip stream) raises ``CorpusError``."""
+    try:
+        yield from _ijson.items(fh, prefix, use_float=True, buf_size=JSON_BUF_BYTES)
+    except (JSONError, UnicodeDecodeError) as exc:
+        raise _JsonInvalid(_json_error(exc, fh)) from None
+    except (OSError, EOFError) as exc:
+        raise CorpusError(f"cannot read {path}: {exc}") from exc
+
+
+def _json_first_event(path: Path) -> str | None:
+    """The first ijson event of ``path`` (``start_array``, ``start_map``, ``string``...); None if none."""
+    with _open_json(path) as fh:
         try:
-            data = self._fh.read(max(self._chunk, len(self._buf) - self._pos))
-        except (OSError, EOFError) as exc:  # e.g. a truncated / corrupt gzip stream
-            raise CorpusError(f"cannot read {getattr(self._fh, 'name', 'JSON stream')}: {exc}") from exc
-        if not data:
-            self._eof = True
-            return False
-        self._dropped += self._pos
-        self._buf = self._buf[self._pos :] + data
-        self._pos = 0
-        return True
+            return next(_ijson.basic_parse(fh, multiple_values=True, buf_size=JSON_BUF_BYTES), (None,))[0]
+        except (JSONError, UnicodeDecodeError):
+            return None
 
-    def _error(self, msg: str) -> _JsonStreamError:
-        return _JsonStreamError(f"{msg} at char {self.offset}")
 
-    def peek(self) -> str:
-        """The next non-whitespace character ('' at end of file), without consuming it."""
-        while True:
-            match = _JSON_NON_WS.search(self._buf, self._pos)
-            if match:
-                self._pos = match.start()
-                return self._buf[self._pos]
-            self._pos = len(self._buf)
-            if not self._fill():
-                return ""
-
-    def expect(self, char: str) -> None:
-        got = self.peek()
-        if got != char:
-            raise self._error(f"expected {char!r}, found {got or 'end of file'!r}")
-        self._pos += 1
-
-    def value(self) -> Any:
-        if not self.peek():
-            raise self._error("expected a JSON value, found end of file")
-        while True:
-            try:
-                obj, end = self._decoder.raw_decode(self._buf, self._pos)
-            except json.JSONDecodeError as exc:
-                maybe_cut = (
-                    exc.msg.startswith("Unterminated string") or exc.pos >= len(self._buf) - _JSON_TRUNCATION_MARGIN
-                )
-                if maybe_cut and len(self._buf) - self._pos <= MAX_JSON_VALUE_CHARS and self._fill():
-                    continue
-                raise _JsonStreamError(f"{exc.msg} at char {self._dropped + exc.pos}") from None
-            # A value that ends exactly at the buffer end may be cut short (a number): read on.
-            if end == len(self._buf) and self._fill():
-                continue
-            self._pos = end
-            return obj
-
-    def iter_array(self) -> Iterator[Any]:
-        self.expect("[")
-        if self.peek() == "]":
-            self._pos += 1
-            return
-        while True:
-            yield self.value()
-            sep = self.peek()
-            if sep == "]":
-                self._pos += 1
-                return
-            if sep != ",":
-                raise self._error(f"expected ',' or ']' in array, found {sep or 'end of file'!r}")
-            self._pos += 1
-
-    def iter_object_keys(self) -> Iterator[str]:
-        """Yield each key of an object; the caller must consume its value before asking for the next."""
-        self.expect("{")
-        if self.peek() == "}":
-            self._pos += 1
-            return
-        while True:
-            key = self.value()
-            if not isinstance(key, str):
-                raise self._error("object key must be a string")
-            self.expect(":")
-            yield key
-            sep = self.peek()
-            if sep == "}":
-                self._pos += 1
-                return
-            if sep != ",":
-                raise self._error(f"expected ',' or '}}' in object, found {sep or 'end of file'!r}")
-            self._pos += 1
-
-    def expect_end(self) -> None:
-        if self.peek():
-            raise self._error("unexpected data after the JSON document")
+def _sniff_json_document(path: Path) -> str | None:
+    """The format of ``path`` from its first JSON value, walked as ijson events (nothing is built):
+    a top-level object whose ``data`` is an array is SQuAD, any other object is classified by its
+    keys like a JSON line, an array whose first element has ``*_ctxs`` is DPR json. Invalid JSON
+    before that is decided raises ``JSONError`` (or ``UnicodeDecodeError``)."""
+    with _open_json(path) as fh:
+        events = _ijson.basic_parse(fh, multiple_values=True, buf_size=1 << 16)
+        top = next(events, (None, None))[0]
+        if top == "start_array" and next(events, (None, None))[0] != "start_map":
+            return None  # empty array, or a first element that is not an object
+        if top not in ("start_array", "start_map"):
+            return None
+        keys: dict[str, None] = {}  # of the first object: the top-level one or the array's first element
+        key = None
+        depth = 1
+        for event, value in events:
+            if depth == 1 and event == "map_key":
+                key = value
+                keys[key] = None
+            elif event in ("start_map", "start_array"):
+                if depth == 1 and top == "start_map" and key == "data" and event == "start_array":
+                    return "squad"
+                depth += 1
+            elif event in ("end_map", "end_array"):
+                depth -= 1
+                if depth == 0:
+                    break
+    if top == "start_array":
+        return "dpr-json" if any(k in keys for k in _DPR_CTX_KEYS) else None
+    return _classify_record(keys)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,33 +328,21 @@ def _read_squad(path: Path, state: _State) -> Iterator[_Item]:
     missing is bad; a paragraph without a usable ``context`` is reported and left out of its article."""
     where = str(path)
     index = 0
-    found_data = False
-    with _open_text(path) as fh:
-        stream = _JsonStream(fh)
+    with _open_json(path) as fh:
         try:
-            for key in stream.iter_object_keys():
-                if key != "data":
-                    stream.value()  # "version" etc.
-                    continue
-                found_data = True
-                for index, article in enumerate(stream.iter_array(), start=1):
-                    yield from _squad_article(where, index, article)
-            stream.expect_end()
-        except _JsonStreamError as exc:
+            for index, article in enumerate(_json_values(path, fh, "data.item"), start=1):
+                yield from _squad_article(where, index, article)
+        except _JsonInvalid as exc:
             yield BadRecord(
                 where,
                 index + 1,
                 f"article #{index + 1} of 'data' (line = article index): invalid JSON: {exc}; rest of file skipped",
             )
             return
-        except UnicodeDecodeError as exc:
-            yield BadRecord(
-                where,
-                index + 1,
-                f"article #{index + 1} of 'data' (line = article index): invalid UTF-8: {exc}; rest of file skipped",
-            )
-            return
-    if not found_data:
+    if index == 0:  # no article: was there a top-level 'data' array at all?
+        with contextlib.suppress(JSONError, UnicodeDecodeError):
+            if _sniff_json_document(path) == "squad":
+                return
         raise CorpusError(f"{path}: not a SQuAD file (no top-level 'data' array)")
 
 
@@ -434,24 +378,19 @@ def _read_dpr_json(path: Path, state: _State) -> Iterator[_Item]:
     ``BadRecord.line`` is the 1-based record index in the array."""
     where = str(path)
     index = 0
-    with _open_text(path) as fh:
-        stream = _JsonStream(fh)
+    with _open_json(path) as fh:
         try:
-            for index, record in enumerate(stream.iter_array(), start=1):
+            for index, record in enumerate(_json_values(path, fh, "item"), start=1):
                 yield from _dpr_record(where, index, record, state.seen_passage_ids)
-            stream.expect_end()
-        except _JsonStreamError as exc:
+        except _JsonInvalid as exc:
             yield BadRecord(
                 where,
                 index + 1,
                 f"record #{index + 1} (line = record index): invalid JSON: {exc}; rest of file skipped",
             )
-        except UnicodeDecodeError as exc:
-            yield BadRecord(
-                where,
-                index + 1,
-                f"record #{index + 1} (line = record index): invalid UTF-8: {exc}; rest of file skipped",
-            )
+            return
+    if index == 0 and (first := _json_first_event(path)) != "start_array":
+        yield BadRecord(where, 1, f"record #1 (line = record index): the top-level value is not an array ({first})")
 
 
 def _dpr_record(where: str, index: int, record: Any, seen: set[str]) -> Iterator[_Item]:
@@ -588,28 +527,12 @@ def _classify_record(record: Any) -> str | None:
 
 
 def _sniff_json(path: Path) -> str | None:
-    """Classify a JSON / JSON-lines file by its first record, decoded incrementally."""
+    """Classify a JSON / JSON-lines file by its first value, else by its first decisive line."""
     try:
-        with _open_text(path) as fh:
-            stream = _JsonStream(fh, chunk_chars=1 << 16)
-            first = stream.peek()
-            if first == "[":
-                for record in stream.iter_array():
-                    if isinstance(record, dict) and any(k in record for k in _DPR_CTX_KEYS):
-                        return "dpr-json"
-                    return None
-                return None
-            if first == "{":
-                keys: dict[str, None] = {}
-                for key in stream.iter_object_keys():
-                    if key == "data" and stream.peek() == "[":
-                        return "squad"
-                    stream.value()
-                    keys[key] = None
-                found = _classify_record(keys)
-                if found:
-                    return found
-    except (_JsonStreamError, UnicodeDecodeError):
+        found = _sniff_json_document(path)
+        if found:
+            return found
+    except (JSONError, UnicodeDecodeError):
         pass  # first record malformed: look at the following lines below
     except (OSError, EOFError) as exc:
         raise CorpusError(f"cannot read {path}: {exc}") from exc
