@@ -7,7 +7,12 @@ valid ones get 200 with an answer. Prints a table (errors, lost requests, p50/p9
 requests, answers/s, mean model batch size from /metrics) and the on/off throughput ratio. `--max-seconds` bounds
 the whole run; when it is reached the run stops with a message and what was measured so far.
 
+With `--replicas 1,2` the modes are `memvq serve --replicas N` instead (Ray Serve replicas on a local Ray, Ray
+Serve's batching on), one per N (0: the single-process server, batching on), and the throughput of each is
+compared with the first's. The mean batch size is then summed over the replicas' own /metrics.
+
     python -m bench.bench_serve --store runs/minilm-mini [--model DIR] [--requests 2000] [--concurrency 16]
+    python -m bench.bench_serve --store runs/minilm-mini --replicas 1,2
 """
 
 from __future__ import annotations
@@ -133,10 +138,11 @@ def free_port() -> int:
 class ServerProcess:
     """`memvq serve` in a subprocess, its output in a log file; stopped with SIGINT (then killed)."""
 
-    def __init__(self, args: argparse.Namespace, max_batch_size: int, log_dir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, max_batch_size: int, log_dir: Path, replicas: int = 0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"serve-batch{max_batch_size}.log"
+        self.replicas = replicas
+        self.log_path = log_dir / f"serve-batch{max_batch_size}-replicas{replicas}.log"
         command = [
             sys.executable,
             "-m",
@@ -154,6 +160,7 @@ class ServerProcess:
             str(args.max_wait_ms),
             "--no-access-log",
             *(["--model", str(args.model)] if args.model else []),
+            *(["--replicas", str(replicas)] if replicas else []),
         ]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
@@ -179,24 +186,33 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=60 if self.replicas else 30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
 
 
-async def batch_stats(client: httpx.AsyncClient) -> tuple[float, float]:
-    """(sum, count) of the server's answer batch-size histogram."""
-    text = (await client.get("/metrics")).text
+async def batch_stats(client: httpx.AsyncClient, replicas: int = 1) -> tuple[float, float]:
+    """(sum, count) of the server's answer batch-size histogram; with replicas, summed over them (each has its own
+    /metrics, answered by whichever the proxy picks: asked until each replica, named in X-Memvq-Replica, answered)."""
+    texts: dict[str, str] = {}
+    for _ in range(50 * replicas):
+        response = await client.get("/metrics")
+        texts[response.headers.get("x-memvq-replica", "")] = response.text
+        if len(texts) >= replicas:
+            break
+    else:
+        logger.warning("/metrics answered by %d of %d replicas", len(texts), replicas)
     stats = {"sum": 0.0, "count": 0.0}
-    for family in text_string_to_metric_families(text):
-        if family.name != "memvq_batch_size":
-            continue
-        for sample in family.samples:
-            suffix = sample.name.rsplit("_", 1)[-1]
-            if suffix in stats and sample.labels.get("op") == "answer":
-                stats[suffix] += sample.value
+    for text in texts.values():
+        for family in text_string_to_metric_families(text):
+            if family.name != "memvq_batch_size":
+                continue
+            for sample in family.samples:
+                suffix = sample.name.rsplit("_", 1)[-1]
+                if suffix in stats and sample.labels.get("op") == "answer":
+                    stats[suffix] += sample.value
     return stats["sum"], stats["count"]
 
 
@@ -239,17 +255,23 @@ async def fire(url: str, requests: list[Planned], concurrency: int, outcomes: li
 
 
 async def run_mode(
-    args: argparse.Namespace, mode: str, max_batch_size: int, requests: list[Planned], deadline: float, logs: Path
+    args: argparse.Namespace,
+    mode: str,
+    max_batch_size: int,
+    requests: list[Planned],
+    deadline: float,
+    logs: Path,
+    replicas: int = 0,
 ) -> ModeResult:
     result = ModeResult(mode, max_batch_size, len(requests))
-    server = ServerProcess(args, max_batch_size, logs)
+    server = ServerProcess(args, max_batch_size, logs, replicas)
     try:
         logger.info("%s: starting the server (max batch size %d) on %s", mode, max_batch_size, server.url)
         await server.wait_ready(deadline)
         warmup = [r for r in requests if r.valid][: args.warmup]
         async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
             await asyncio.wait_for(fire(server.url, warmup, args.concurrency, []), deadline - time.monotonic())
-            before = await batch_stats(client)
+            before = await batch_stats(client, max(replicas, 1))
             logger.info("%s: %d requests from %d clients", mode, len(requests), args.concurrency)
             start = time.perf_counter()
             try:
@@ -259,7 +281,7 @@ async def run_mode(
             except TimeoutError:
                 result.stopped = "the load"
             result.seconds = time.perf_counter() - start
-            after = await batch_stats(client)
+            after = await batch_stats(client, max(replicas, 1))
         if after[1] > before[1]:
             result.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
     except (TimeoutError, OutOfTime):
@@ -291,10 +313,14 @@ async def bench(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.max_seconds
     requests = plan(load_questions(args.questions), args.requests, args.malformed_every, args.top_k)
     results = []
+    if args.replicas:
+        modes = [(replicas_mode(n), args.batch_size, n) for n in args.replicas]
+    else:
+        modes = [("batching on", args.batch_size, 0), ("batching off", 1, 0)]
     with tempfile.TemporaryDirectory() as tmp:
-        for mode, size in (("batching on", args.batch_size), ("batching off", 1)):
+        for mode, size, replicas in modes:
             try:
-                result = await run_mode(args, mode, size, requests, deadline, Path(tmp))
+                result = await run_mode(args, mode, size, requests, deadline, Path(tmp), replicas)
             except RuntimeError as error:  # the server did not start
                 print(f"error: {mode}: {error}", file=sys.stderr)
                 return 2
@@ -315,15 +341,34 @@ async def bench(args: argparse.Namespace) -> int:
             f"{done} of {stopped.planned} requests answered. Raise --max-seconds or lower --requests."
         )
         return 2
-    on, off = results
-    ratio = on.answers_per_second / off.answers_per_second if off.answers_per_second else float("inf")
-    verdict = "met" if ratio >= 2.0 else "NOT met"
-    print(f"\nthroughput with batching on / off: {ratio:.2f}x (target >= 2x: {verdict})")
+    if args.replicas:
+        first = results[0]
+        for other in results[1:]:
+            ratio = other.answers_per_second / first.answers_per_second if first.answers_per_second else float("inf")
+            print(f"\nthroughput {other.mode} / {first.mode}: {ratio:.2f}x")
+    else:
+        on, off = results
+        ratio = on.answers_per_second / off.answers_per_second if off.answers_per_second else float("inf")
+        verdict = "met" if ratio >= 2.0 else "NOT met"
+        print(f"\nthroughput with batching on / off: {ratio:.2f}x (target >= 2x: {verdict})")
     failed = sum(r.errors + r.lost for r in results)
     if failed:
         print(f"\nFAILED: {failed} errors or lost requests (see the warnings above)")
         return 1
     return 0
+
+
+def replicas_mode(replicas: int) -> str:
+    if replicas == 0:
+        return "single process"
+    return f"ray serve, {replicas} replica{'s' if replicas > 1 else ''}"
+
+
+def replica_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if not counts or any(n < 0 for n in counts):
+        raise argparse.ArgumentTypeError(f"expected replica counts like 1,2 (0: single process), got {text!r}")
+    return counts
 
 
 def main() -> None:
@@ -340,6 +385,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--questions", type=Path, default=QUESTIONS, help="KILT jsonl whose `input`s are asked")
     parser.add_argument("--max-seconds", type=float, default=1800.0, help="hard bound on the whole run")
+    parser.add_argument(
+        "--replicas",
+        type=replica_counts,
+        default=None,
+        help="compare `memvq serve --replicas N` for each N of a list like 1,2 (0: single process) instead of "
+        "batching on and off",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -337,6 +337,17 @@ def serve_command(
     watch_interval: Annotated[
         float, typer.Option(min=0.1, help="seconds between checks that the store's files did not change")
     ] = 5.0,
+    replicas: Annotated[
+        int | None,
+        typer.Option(min=1, show_default=False, help="serve on N Ray Serve replicas (Ray Serve's proxy and batching)"),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="with --replicas: the Ray cluster to deploy on (default: RAY_ADDRESS, else a local Ray)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the RAG query API over HTTP (FastAPI): /v1/answer, /v1/answer:batch, /v1/retrieve, /metrics."""
     from encoders.reader import default_reader_path
@@ -344,6 +355,8 @@ def serve_command(
     from pipelines.rag import RAGPipeline
     from pipelines.serve import ServeSettings, create_app, serve
 
+    if ray_address is not None and replicas is None:
+        raise typer.BadParameter("--ray-address needs --replicas", param_hint="--ray-address")
     try:
         settings = ServeSettings(
             max_batch_size=max_batch_size,
@@ -353,6 +366,26 @@ def serve_command(
             body_timeout_s=body_timeout,
             watch_interval_s=watch_interval,
         )
+        if replicas is not None:  # each replica loads the pipeline; here the store is checked once, up front
+            from memory.store import MemoryStore
+            from pipelines.serve.replicas import serve_replicas
+
+            reader = model or default_reader_path()
+            if not Path(reader).is_dir():
+                raise FileNotFoundError(f"reader directory not found: {reader}")
+            MemoryStore.open(store, verify=verify)
+            serve_replicas(
+                store,
+                reader,
+                replicas=replicas,
+                host=host,
+                port=port,
+                ray_address=ray_address,
+                device=device,
+                verify=verify,
+                settings=settings,
+            )
+            return
         pipeline = RAGPipeline.load(store, model or default_reader_path(), device=device, verify=verify)
     except (FileNotFoundError, ArtifactError, ValueError, RuntimeError) as error:
         raise _fail(error) from error

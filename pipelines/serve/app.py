@@ -18,7 +18,7 @@ several apps can live in one process (tests do).
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple, Protocol
 
@@ -29,7 +29,15 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from encoders.options import QueryOptions
 from memory.integrity import FileWatch
 from pipelines.rag import RAGAnswer
-from pipelines.serve.batcher import BatcherClosedError, Completed, DynamicBatcher, QueueFullError
+from pipelines.serve.batcher import (
+    Batcher,
+    BatcherClosedError,
+    BatchFn,
+    BatchObserver,
+    Completed,
+    DynamicBatcher,
+    QueueFullError,
+)
 from pipelines.serve.guards import ApiKeyGuard, BodyGuard
 from pipelines.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 from pipelines.serve.openai_api import OpenAIErrors, openai_router
@@ -73,24 +81,40 @@ class BatchKey(NamedTuple):
     options: QueryOptions
 
 
+# How an app batches its questions: (run, settings, observe) -> a batcher. The default is the in-process
+# `DynamicBatcher`; a Ray Serve replica passes Ray Serve's batching (`pipelines.serve.replicas.ServeBatcher`).
+MakeBatcher = Callable[[BatchFn[Any], ServeSettings, BatchObserver], Batcher]
+
+
+def in_process_batcher(run: BatchFn[Any], settings: ServeSettings, observe: BatchObserver) -> Batcher:
+    """The batcher of the single-process `memvq serve`: one worker thread, batches formed per key."""
+    return DynamicBatcher(
+        run,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        observe=observe,
+    )
+
+
 # -- the app -------------------------------------------------------------------------------------------------------
 
 
 class Server:
     """What one app holds: the pipeline, its batcher, settings, metrics and readiness."""
 
-    def __init__(self, pipeline: QAPipeline, settings: ServeSettings, watch: FileWatch | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: QAPipeline,
+        settings: ServeSettings,
+        watch: FileWatch | None = None,
+        batcher: MakeBatcher = in_process_batcher,
+    ) -> None:
         self.pipeline = pipeline
         self.settings = settings
         self.watcher = StoreWatcher(watch, settings.watch_interval_s)
         self.metrics = ServerMetrics()
-        self.batcher: DynamicBatcher[Any] = DynamicBatcher(
-            self._run,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-            observe=self.metrics.observe_batch,
-        )
+        self.batcher = batcher(self._run, settings, self.metrics.observe_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.pending)
         self.ready = False
 
@@ -167,10 +191,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(pipeline: QAPipeline, settings: ServeSettings | None = None, watch: FileWatch | None = None) -> FastAPI:
-    """The API over a loaded pipeline; the batcher (and the store's `watch`, when given) run while the app does."""
+def create_app(
+    pipeline: QAPipeline,
+    settings: ServeSettings | None = None,
+    watch: FileWatch | None = None,
+    batcher: MakeBatcher = in_process_batcher,
+) -> FastAPI:
+    """The API over a loaded pipeline; the batcher (and the store's `watch`, when given) run while the app does.
+    `batcher` makes the batcher the questions go through (default: the in-process `DynamicBatcher`)."""
     settings = settings or ServeSettings()
-    server = Server(pipeline, settings, watch)
+    server = Server(pipeline, settings, watch, batcher)
     models = request_models(settings)
     AnswerRequest, BatchAnswerRequest, RetrieveRequest = models
 

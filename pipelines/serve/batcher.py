@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,23 @@ class _Pending:
     key: Hashable
     future: asyncio.Future[Completed[Any]]
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher(Protocol):
+    """What the server needs of a batcher: `DynamicBatcher` in process (`memvq serve`), or Ray Serve's batching on
+    a replica (`pipelines.serve.replicas.ServeBatcher`, `memvq serve --replicas N`)."""
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def submit_many(self, questions: Sequence[str], key: Hashable = None) -> list[Completed[Any]]: ...
 
 
 class DynamicBatcher(Generic[T]):
