@@ -6,9 +6,10 @@ Four resumable steps, ColBERT-style (plan -> train codec -> encode chunks -> fin
             `chunking.words_per_passage` words and `max_passage_chars` characters each), write them as parquet
             shards (bad records and duplicate document ids reported and skipped)
 2. codec    encode a seeded sample of passages, fit the codec on their token vectors, save it
-3. encode   Ray Data `map_batches` over shards with a callable class holding the encoder (GPU actors when
-            there are GPUs): memory layers -> codes, and the dense embedding from the same forward pass (a
-            second pass by the pretrained encoder when `encoder.memory_from` gives fine-tuned memory layers)
+3. encode   Ray actors holding the encoder, sized per node (one per GPU, else one per `cpus_per_actor` CPUs of
+            each node), take the shards one at a time and write them into the store (which every node must see):
+            memory layers -> codes, and the dense embedding from the same forward pass (a second pass by the
+            pretrained encoder when `encoder.memory_from` gives fine-tuned memory layers)
 4. finalize build the FAISS index from the shards' embeddings, then write the manifest (last)
 
 Every file is written atomically and each step leaves a marker, so a build killed at any point and started
@@ -20,10 +21,14 @@ streams the corpus (keeping the set of document ids), each actor holds one shard
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,29 +286,41 @@ def _read_rows(layout: StoreLayout, plan: _Plan, rows: np.ndarray) -> tuple[list
 
 
 class ShardEncoder:
-    """Ray Data callable class: holds the backbone and codec, turns shard ids into finished shards on disk."""
+    """An encoder actor (`ray.remote` of this class, see `encode_all_shards`): holds the backbone and codec, turns
+    shard ids into finished shards in the store, which must be on a filesystem its node sees."""
 
-    def __init__(self, root: str, config: dict[str, Any], threads: int) -> None:
-        if threads > 0:
-            torch.set_num_threads(threads)
+    def __init__(self, root: str, config: dict[str, Any]) -> None:
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        if not (Path(root) / PLAN_MARKER).is_file():
+            raise FileNotFoundError(
+                f"the store {root} is not visible on the node {self.node} ({os.uname().nodename}): a cluster build "
+                "needs --out on a filesystem all its nodes share"
+            )
         self.layout = StoreLayout(Path(root))
         self.config = BuildConfig.model_validate(config)
+        torch.set_num_threads(self.config.cpus_per_actor)  # CPU results depend on it: the same on every node
         device = resolve_device(self.config.encoder.device)
         self.encoders = Encoders.load(self.config, device)
         self.codec = load_codec(self.layout.codec_dir).to(device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shards = batch["shard"].tolist()
-        tokens, seconds = [], []
-        for shard in shards:
-            start = time.perf_counter()
-            tokens.append(encode_shard(self.layout, shard, self.encoders, self.codec, self.config))
-            seconds.append(time.perf_counter() - start)
-        return {"shard": np.asarray(shards), "tokens": np.asarray(tokens), "seconds": np.asarray(seconds)}
+    def ready(self) -> str:
+        """The node this actor runs on (answered once the encoder is loaded)."""
+        return self.node
+
+    def encode(self, shard: int) -> tuple[int, int, float, str]:
+        """Encode one shard: (shard, tokens, seconds spent, node)."""
+        start = time.perf_counter()
+        tokens = encode_shard(self.layout, shard, self.encoders, self.codec, self.config)
+        return shard, tokens, time.perf_counter() - start, self.node
 
 
 def encode_shard(layout: StoreLayout, shard: int, encoders: Encoders, codec: MemoryCodec, config: BuildConfig) -> int:
-    """Encode one planned shard into codes, offsets and embeddings; write them, then the done marker."""
+    """Encode one planned shard into codes, offsets and embeddings; write them, then the done marker (first removing
+    the temporary files of a writer of this shard that was killed)."""
+    for stale in layout.shards_dir.glob(f".shard-{shard:05d}.*.tmp-*"):
+        stale.unlink(missing_ok=True)
     table = pq.read_table(layout.shard_file(shard, "passages.parquet"), columns=["title", "text"])
     titles, texts = table.column("title").to_pylist(), table.column("text").to_pylist()
     codes: list[np.ndarray | None] = [None] * len(texts)
@@ -327,9 +344,72 @@ def encode_shard(layout: StoreLayout, shard: int, encoders: Encoders, codec: Mem
     return int(offsets[-1])
 
 
+class EncoderActorsError(ValueError):
+    """The encoder actors cannot run on this Ray cluster: none fits on a node, none started in time, or all were
+    lost. (A ValueError, as a request the cluster cannot serve, so the CLI reports it as an `error:` line.)"""
+
+
+ACTOR_START_TIMEOUT_S = 300.0  # no encoder actor running for this long: an error (MEMVQ_ACTOR_START_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class ActorSlot:
+    """One encoder actor: the node it is pinned to and what it asks Ray for there."""
+
+    node_id: str
+    node_ip: str
+    num_cpus: float
+    num_gpus: int
+
+
+def describe_nodes(nodes: list[dict[str, Any]]) -> str:
+    """The alive nodes of `ray.nodes()` and their total resources, for error messages."""
+    described = [
+        f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]}): "
+        f"{node['Resources'].get('CPU', 0):g} CPU, {node['Resources'].get('GPU', 0):g} GPU"
+        for node in nodes
+        if node.get("Alive")
+    ]
+    return "; ".join(described) or "no alive node"
+
+
+def plan_actors(nodes: list[dict[str, Any]], config: BuildConfig, shards: int) -> list[ActorSlot]:
+    """The encoder actors for a Ray cluster's nodes (`ray.nodes()`), from each alive node's total resources (never
+    the driver's): with GPUs (`encoder.device` auto or cuda), one per GPU asking for 1 GPU and up to
+    `cpus_per_actor` CPUs; without, one per `cpus_per_actor` CPUs of each node. Taken node by node in turn, then cut
+    to `num_workers` and to the number of shards. EncoderActorsError at once if no node can hold one."""
+    alive = [node for node in nodes if node.get("Alive")]
+    per_actor = config.cpus_per_actor
+    gpus = config.encoder.device != "cpu" and any(node["Resources"].get("GPU", 0) >= 1 for node in alive)
+    if config.encoder.device == "cuda" and not gpus:
+        raise EncoderActorsError(
+            f"encoder.device is 'cuda' but no node of the Ray cluster has a GPU: {describe_nodes(nodes)}"
+        )
+    rows = []
+    for node in alive:
+        cpus, node_gpus = node["Resources"].get("CPU", 0.0), int(node["Resources"].get("GPU", 0))
+        if gpus:
+            share = min(per_actor, int(cpus // node_gpus)) if node_gpus else 0
+            count, slot = node_gpus, ActorSlot(node["NodeID"], node["NodeManagerAddress"], share, 1)
+        else:
+            count, slot = int(cpus // per_actor), ActorSlot(node["NodeID"], node["NodeManagerAddress"], per_actor, 0)
+        rows.append([slot] * count)
+    slots = [slot for turn in itertools.zip_longest(*rows) for slot in turn if slot is not None]
+    if not slots:
+        request = "1 GPU" if gpus else f"{per_actor} CPU (cpus_per_actor)"
+        raise EncoderActorsError(
+            f"an encoder actor asks for {request}, more than any node of the Ray cluster has: {describe_nodes(nodes)}"
+        )
+    if config.num_workers and config.num_workers > len(slots):
+        log.warning("num_workers is %d but the Ray cluster holds %d encoder actors", config.num_workers, len(slots))
+    return slots[: min(config.num_workers or len(slots), shards)]
+
+
 def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray_address: str | None) -> float:
-    """Run the shard encoder over every shard without a done marker, with Ray Data actors on the build's Ray
-    (`pipelines.local_ray.ray_for_build`: a local Ray it stops at the end, or the cluster at `ray_address`).
+    """Encode every shard without a done marker with encoder actors (`plan_actors`) on the build's Ray
+    (`pipelines.local_ray.ray_for_build`: a local Ray it stops at the end, or the cluster at `ray_address`), each
+    pinned to its node and writing its shards into the store. An actor lost with its node gives its shard to the
+    others; none started within ACTOR_START_TIMEOUT_S, or all lost, is an EncoderActorsError.
 
     Returns the seconds the actors spent encoding (their busy time, without Ray start-up and model loading)."""
     import ray
@@ -337,36 +417,112 @@ def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray
     todo = [shard for shard in range(len(plan.shard_sizes)) if not layout.shard_done(shard).is_file()]
     if not todo:
         return 0.0
-    gpus = torch.cuda.device_count() if config.encoder.device != "cpu" else 0
     passages = {shard: plan.shard_sizes[shard] for shard in todo}
-    busy = 0.0
     with ray_for_build(ray_address):
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        cpus = int(ray.available_resources().get("CPU", 1))
-        workers = config.num_workers or max(gpus, 1)
-        threads = 0 if gpus else max(1, cpus // workers)
-        dataset = ray.data.from_items([{"shard": shard} for shard in todo], override_num_blocks=len(todo))
-        dataset = dataset.map_batches(
-            ShardEncoder,
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=1 if gpus else 0,
-            num_cpus=0.5 if gpus else threads,
-            fn_constructor_kwargs={"root": str(layout.root), "config": config.to_json(), "threads": threads},
+        slots = plan_actors(ray.nodes(), config, len(todo))
+        log.info(
+            "encode: %d actors (%s) on %d nodes",
+            len(slots),
+            f"1 GPU, {slots[0].num_cpus:g} CPU each" if slots[0].num_gpus else f"{slots[0].num_cpus:g} CPU each",
+            len({slot.node_id for slot in slots}),
         )
         with tqdm(total=sum(passages.values()), desc=f"encode: {len(todo)} shards", unit=" passages") as bar:
-            for row in dataset.iter_rows():
-                bar.update(passages[int(row["shard"])])
-                busy += float(row["seconds"])
-    return busy
+            results = _run_encoders(slots, layout, config, todo, lambda shard: bar.update(passages[shard]))
+    nodes: dict[str, int] = {}
+    for _, _, _, node in results:
+        nodes[node] = nodes.get(node, 0) + 1
+    log.info("encode: shards per node: %s", ", ".join(f"{node[:8]} {count}" for node, count in nodes.items()))
+    return sum(seconds for _, _, seconds, _ in results)
+
+
+def _run_encoders(
+    slots: list[ActorSlot], layout: StoreLayout, config: BuildConfig, todo: list[int], done: Callable[[int], Any]
+) -> list[tuple[int, int, float, str]]:
+    """Start one ShardEncoder per slot and hand each a shard whenever it is free (`done` called per finished
+    shard); returns (shard, tokens, seconds, node) per shard. The actors are killed at the end."""
+    import ray
+    from ray.exceptions import ActorUnschedulableError, NodeDiedError, RayActorError, WorkerCrashedError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    timeout_s = float(os.environ.get("MEMVQ_ACTOR_START_TIMEOUT_S", ACTOR_START_TIMEOUT_S))
+    encoder = ray.remote(ShardEncoder)
+    queue, results, idle = deque(todo), [], []
+    actors: dict[Any, ActorSlot] = {}
+    pending: dict[Any, tuple[Any, int | None]] = {}  # object ref -> (actor, shard; None: the `ready` call)
+    for slot in slots:
+        strategy = NodeAffinitySchedulingStrategy(slot.node_id, soft=False)
+        options = {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus, "scheduling_strategy": strategy}
+        actor = encoder.options(**options).remote(str(layout.root), config.to_json())
+        actors[actor] = slot
+        pending[actor.ready.remote()] = (actor, None)
+    running, waiting_since = 0, time.monotonic()  # running: actors that have loaded their encoder and are alive
+
+    def give_work(actor: Any) -> None:
+        if queue:
+            shard = queue.popleft()
+            pending[actor.encode.remote(shard)] = (actor, shard)
+        else:
+            idle.append(actor)
+
+    try:
+        while pending:
+            finished, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if not finished:
+                if running == 0 and time.monotonic() - waiting_since > timeout_s:
+                    raise EncoderActorsError(
+                        f"no encoder actor started within {timeout_s:g} s ({len(actors)} asked for, each "
+                        f"{slots[0].num_cpus:g} CPU and {slots[0].num_gpus} GPU, pinned to its node); the Ray "
+                        f"cluster's nodes: {describe_nodes(ray.nodes())}; available now: {ray.available_resources()}"
+                    )
+                continue
+            actor, shard = pending.pop(finished[0])
+            try:
+                result = ray.get(finished[0])
+            except (RayActorError, ActorUnschedulableError, NodeDiedError, WorkerCrashedError) as error:
+                slot = actors.pop(actor)
+                with contextlib.suppress(Exception):  # "unavailable" may still run: stop it writing
+                    ray.kill(actor)
+                if getattr(error, "actor_init_failed", False):
+                    raise EncoderActorsError(f"an encoder actor failed to start on {slot.node_ip}: {error}") from error
+                if shard is not None:
+                    queue.appendleft(shard)
+                    running -= 1
+                if not actors:
+                    raise EncoderActorsError(
+                        f"all encoder actors were lost ({len(queue)} shards left); the Ray cluster's nodes: "
+                        f"{describe_nodes(ray.nodes())}"
+                    ) from error
+                log.warning(
+                    "encoder actor on %s (node %s) lost%s; %d actors left: %s",
+                    slot.node_ip,
+                    slot.node_id[:8],
+                    "" if shard is None else f", shard {shard} goes to another",
+                    len(actors),
+                    str(error).splitlines()[0],
+                )
+                if running == 0:
+                    waiting_since = time.monotonic()
+                while queue and idle:
+                    give_work(idle.pop())
+                continue
+            if shard is None:
+                running += 1
+            else:
+                results.append(result)
+                done(shard)
+            give_work(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return results
 
 
 # -- step 4: finalize --------------------------------------------------------------------------------------------
 
 
 def build_passage_index(layout: StoreLayout, config: BuildConfig, plan: _Plan, dim: int) -> PassageIndex:
-    """FAISS index over the shards' embeddings, streamed shard by shard."""
+    """FAISS index over the shards' embeddings, streamed shard by shard: memory is one shard's embeddings, the
+    training sample (at most `config.index.train_size` rows) and the index itself, never the whole corpus."""
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for shard, start in enumerate(plan.row_starts):
@@ -375,8 +531,13 @@ def build_passage_index(layout: StoreLayout, config: BuildConfig, plan: _Plan, d
 
     sample = None
     if config.index.factory != "Flat":
+        # only the training rows are read (through memory maps), straight into one preallocated array
         rows = training_rows(plan.passages, config.index)
-        sample = np.concatenate([emb[np.isin(ids, rows)] for ids, emb in batches()])
+        sample = np.empty((len(rows), dim), dtype=np.float32)
+        for shard, (start, size) in enumerate(zip(plan.row_starts, plan.shard_sizes, strict=True)):
+            lo, hi = np.searchsorted(rows, [start, start + size])
+            if hi > lo:
+                sample[lo:hi] = np.load(layout.shard_file(shard, "emb.npy"), mmap_mode="r")[rows[lo:hi] - start]
     index = PassageIndex.build(batches(), dim=dim, config=config.index, train_sample=sample)
     index.save(layout.index_dir)
     return index

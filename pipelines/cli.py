@@ -48,7 +48,10 @@ def build_index_command(
         str | None,
         typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray the build starts and stops"),
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="encoder actors; default: one per GPU, else 1")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="most encoder actors; default: one per GPU, else one per cpus_per_actor CPUs of each node"),
+    ] = None,
     codec_from: Annotated[
         Path | None, typer.Option(help="encode with this fitted codec (e.g. TRAIN_RUN/codec) instead of fitting one")
     ] = None,

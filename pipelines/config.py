@@ -74,7 +74,16 @@ class BuildConfig(FileConfig):
     shard_size: int = Field(256, ge=1, description="passages per shard (one Ray task each)")
     codec_sample_passages: int = Field(1024, ge=1, description="passages encoded to train the codec")
     codec_train_vectors: int = Field(100_000, ge=256, description="token vectors the codec is fitted on")
-    num_workers: int | None = Field(None, ge=1, description="encoder actors; None = one per GPU, else 1")
+    num_workers: int | None = Field(
+        None, ge=1, description="encoder actors at most; None = as many as the Ray cluster's nodes hold"
+    )
+    cpus_per_actor: int = Field(
+        1,
+        ge=1,
+        description="CPUs each encoder actor asks Ray for, and its torch threads: CPU nodes run one actor per "
+        "cpus_per_actor CPUs, GPU nodes one per GPU; fixed, not taken from the node, because torch on CPU gives "
+        "other bits with another thread count",
+    )
     seed: int = 0
 
 

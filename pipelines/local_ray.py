@@ -29,6 +29,7 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 DIR_PREFIX = "memvq-ray-"
+AUTH_MODE = "RAY_AUTH_MODE"
 PROC = Path("/proc")
 
 
@@ -119,6 +120,23 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def _restore_auth_mode(mode: str | None) -> None:
+    """Put back the process's Ray token authentication mode. Starting a local Ray turns token authentication on for
+    the whole process (`RAY_AUTH_MODE=token`, cached by Ray's C++ core) and it stays on after `ray.shutdown`, so a
+    later connection to a cluster that does not use tokens would have its actors cancelled (their calls back to the
+    driver are refused for want of a token)."""
+    if mode is None:
+        os.environ.pop(AUTH_MODE, None)
+    else:
+        os.environ[AUTH_MODE] = mode
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 @contextmanager
 def ray_for_build(address: str | None) -> Iterator[None]:
     """Ray for the body of the block: the caller's if it initialised one (left running), the cluster at `address`
@@ -135,6 +153,7 @@ def ray_for_build(address: str | None) -> Iterator[None]:
         own_dir = Path(tempfile.gettempdir()) / f"{DIR_PREFIX}{os.getpid()}-{start_time(os.getpid()) or 0}"
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
+    auth_mode = os.environ.get(AUTH_MODE)
     try:
         ray.init(
             address=address,
@@ -151,5 +170,7 @@ def ray_for_build(address: str | None) -> Iterator[None]:
         if own_dir is not None:  # ray.shutdown stops them; never remove the directory of one it missed
             stop_processes(processes_using(own_dir))
             shutil.rmtree(own_dir, ignore_errors=True)
+        if os.environ.get(AUTH_MODE) != auth_mode:
+            _restore_auth_mode(auth_mode)
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
