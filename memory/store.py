@@ -114,6 +114,8 @@ class MemoryStore:
         """Open a store. `verify`: check the manifest's checksum, every file's sha256 (hashing only files not
         verified before in their present state) and the manifest's counts against the shard files; without it
         only the manifest's checksum and the files' sizes are checked."""
+        if "://" in str(path):
+            raise ManifestError(f"{path} is a URI: copy the store to local disk first (`memvq fetch {path} DIR`)")
         root = Path(path)
         if not root.is_dir():
             raise ManifestError(f"no memory store at {root}: the directory does not exist")

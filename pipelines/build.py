@@ -7,7 +7,8 @@ Four resumable steps, ColBERT-style (plan -> train codec -> encode chunks -> fin
             shards (bad records and duplicate document ids reported and skipped)
 2. codec    encode a seeded sample of passages, fit the codec on their token vectors, save it
 3. encode   Ray actors holding the encoder, sized per node (one per GPU, else one per `cpus_per_actor` CPUs of
-            each node), take the shards one at a time and write them into the store (which every node must see):
+            each node), take the shards one at a time and write them into the store (which every node must see,
+            or at a pyarrow.fs URI such as s3://, where each actor uploads its shards; memory.location):
             memory layers -> codes, and the dense embedding from the same forward pass (a second pass by the
             pretrained encoder when `encoder.memory_from` gives fine-tuned memory layers)
 4. finalize build the FAISS index from the shards' embeddings, then write the manifest (last)
@@ -56,7 +57,8 @@ from memory.artifact import (
     write_json,
 )
 from memory.codecs import CODEC_FILE, MemoryCodec, compression_ratio, load_codec, make_codec
-from memory.index import PassageIndex, training_rows
+from memory.index import META_FILE, PassageIndex, training_rows
+from memory.location import RemoteStore, clear, default_staging, is_uri
 from memory.store import SHARD_SUFFIXES, STORE_FORMAT, StoreLayout
 from pipelines.config import BuildConfig
 from pipelines.local_ray import ray_for_build, stop_orphaned_ray
@@ -287,23 +289,45 @@ def _read_rows(layout: StoreLayout, plan: _Plan, rows: np.ndarray) -> tuple[list
 
 class ShardEncoder:
     """An encoder actor (`ray.remote` of this class, see `encode_all_shards`): holds the backbone and codec, turns
-    shard ids into finished shards in the store, which must be on a filesystem its node sees."""
+    shard ids into finished shards in the store, which must be on a filesystem its node sees, or at a `pyarrow.fs`
+    URI: then the actor works in a staging directory of its own on its node (under MEMVQ_STAGING_DIR, else the
+    temporary directory), downloads the codec and each shard's passages, uploads the finished shard and empties
+    the directory."""
 
     def __init__(self, root: str, config: dict[str, Any]) -> None:
+        import tempfile
+
         import ray
 
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        if not (Path(root) / PLAN_MARKER).is_file():
+        self.remote = RemoteStore(root) if is_uri(root) else None
+        if self.remote is not None:
+            if not self.remote.exists(PLAN_MARKER):
+                raise FileNotFoundError(
+                    f"the store {root} has no {PLAN_MARKER} seen from the node {self.node} ({os.uname().nodename}): "
+                    "are the node's credentials for it set?"
+                )
+            parent = os.environ.get("MEMVQ_STAGING_DIR")
+            if parent:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix="memvq-encoder-", dir=parent))
+            self.layout = StoreLayout(staging)
+            for name in self.remote.files(self.layout.relative(self.layout.codec_dir)):
+                self.remote.download(name, staging / name)
+        elif not (Path(root) / PLAN_MARKER).is_file():
             raise FileNotFoundError(
                 f"the store {root} is not visible on the node {self.node} ({os.uname().nodename}): a cluster build "
-                "needs --out on a filesystem all its nodes share"
+                "needs --out on a filesystem all its nodes share (or a pyarrow.fs URI, e.g. s3://)"
             )
-        self.layout = StoreLayout(Path(root))
+        else:
+            self.layout = StoreLayout(Path(root))
         self.config = BuildConfig.model_validate(config)
         torch.set_num_threads(self.config.cpus_per_actor)  # CPU results depend on it: the same on every node
         device = resolve_device(self.config.encoder.device)
         self.encoders = Encoders.load(self.config, device)
         self.codec = load_codec(self.layout.codec_dir).to(device)
+        if self.remote is not None:
+            clear(self.layout.root)  # between shards the actor's staging directory is left empty
 
     def ready(self) -> str:
         """The node this actor runs on (answered once the encoder is loaded)."""
@@ -312,7 +336,18 @@ class ShardEncoder:
     def encode(self, shard: int) -> tuple[int, int, float, str]:
         """Encode one shard: (shard, tokens, seconds spent, node)."""
         start = time.perf_counter()
-        tokens = encode_shard(self.layout, shard, self.encoders, self.codec, self.config)
+        if self.remote is None:
+            tokens = encode_shard(self.layout, shard, self.encoders, self.codec, self.config)
+            return shard, tokens, time.perf_counter() - start, self.node
+        layout, remote = self.layout, self.remote
+        names = [layout.shard_file(shard, suffix) for suffix in SHARD_SUFFIXES] + [layout.shard_done(shard)]
+        try:
+            remote.download(layout.relative(names[0]), names[0])
+            tokens = encode_shard(layout, shard, self.encoders, self.codec, self.config)
+            for path in names[1:]:  # the done marker last: at the URI it says the shard is there
+                remote.upload(path, layout.relative(path))
+        finally:
+            clear(layout.root)
         return shard, tokens, time.perf_counter() - start, self.node
 
 
@@ -405,16 +440,20 @@ def plan_actors(nodes: list[dict[str, Any]], config: BuildConfig, shards: int) -
     return slots[: min(config.num_workers or len(slots), shards)]
 
 
-def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray_address: str | None) -> float:
+def encode_all_shards(
+    layout: StoreLayout, config: BuildConfig, plan: _Plan, ray_address: str | None, remote: RemoteStore | None = None
+) -> float:
     """Encode every shard without a done marker with encoder actors (`plan_actors`) on the build's Ray
     (`pipelines.local_ray.ray_for_build`: a local Ray it stops at the end, or the cluster at `ray_address`), each
-    pinned to its node and writing its shards into the store. An actor lost with its node gives its shard to the
-    others; none started within ACTOR_START_TIMEOUT_S, or all lost, is an EncoderActorsError.
+    pinned to its node and writing its shards into the store (uploading them to `remote`, a store at a URI, when
+    given). An actor lost with its node gives its shard to the others; none started within ACTOR_START_TIMEOUT_S,
+    or all lost, is an EncoderActorsError.
 
     Returns the seconds the actors spent encoding (their busy time, without Ray start-up and model loading)."""
     import ray
 
-    todo = [shard for shard in range(len(plan.shard_sizes)) if not layout.shard_done(shard).is_file()]
+    done_shards = _done_shards(layout, remote, len(plan.shard_sizes))
+    todo = [shard for shard in range(len(plan.shard_sizes)) if shard not in done_shards]
     if not todo:
         return 0.0
     passages = {shard: plan.shard_sizes[shard] for shard in todo}
@@ -427,7 +466,8 @@ def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray
             len({slot.node_id for slot in slots}),
         )
         with tqdm(total=sum(passages.values()), desc=f"encode: {len(todo)} shards", unit=" passages") as bar:
-            results = _run_encoders(slots, layout, config, todo, lambda shard: bar.update(passages[shard]))
+            root = str(layout.root) if remote is None else remote.uri
+            results = _run_encoders(slots, root, config, todo, lambda shard: bar.update(passages[shard]))
     nodes: dict[str, int] = {}
     for _, _, _, node in results:
         nodes[node] = nodes.get(node, 0) + 1
@@ -435,11 +475,20 @@ def encode_all_shards(layout: StoreLayout, config: BuildConfig, plan: _Plan, ray
     return sum(seconds for _, _, seconds, _ in results)
 
 
+def _done_shards(layout: StoreLayout, remote: RemoteStore | None, count: int) -> set[int]:
+    """The shards (of `count`) with a done marker, in the store or at `remote` (listed once)."""
+    if remote is None:
+        return {shard for shard in range(count) if layout.shard_done(shard).is_file()}
+    listed = set(remote.files(layout.relative(layout.shards_dir)))
+    return {shard for shard in range(count) if layout.relative(layout.shard_done(shard)) in listed}
+
+
 def _run_encoders(
-    slots: list[ActorSlot], layout: StoreLayout, config: BuildConfig, todo: list[int], done: Callable[[int], Any]
+    slots: list[ActorSlot], root: str, config: BuildConfig, todo: list[int], done: Callable[[int], Any]
 ) -> list[tuple[int, int, float, str]]:
-    """Start one ShardEncoder per slot and hand each a shard whenever it is free (`done` called per finished
-    shard); returns (shard, tokens, seconds, node) per shard. The actors are killed at the end."""
+    """Start one ShardEncoder per slot (on the store at `root`, a directory or a URI) and hand each a shard whenever
+    it is free (`done` called per finished shard); returns (shard, tokens, seconds, node) per shard. The actors are
+    killed at the end."""
     import ray
     from ray.exceptions import ActorUnschedulableError, NodeDiedError, RayActorError, WorkerCrashedError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -452,7 +501,7 @@ def _run_encoders(
     for slot in slots:
         strategy = NodeAffinitySchedulingStrategy(slot.node_id, soft=False)
         options = {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus, "scheduling_strategy": strategy}
-        actor = encoder.options(**options).remote(str(layout.root), config.to_json())
+        actor = encoder.options(**options).remote(root, config.to_json())
         actors[actor] = slot
         pending[actor.ready.remote()] = (actor, None)
     running, waiting_since = 0, time.monotonic()  # running: actors that have loaded their encoder and are alive
@@ -520,13 +569,30 @@ def _run_encoders(
 # -- step 4: finalize --------------------------------------------------------------------------------------------
 
 
-def build_passage_index(layout: StoreLayout, config: BuildConfig, plan: _Plan, dim: int) -> PassageIndex:
+@contextlib.contextmanager
+def _shard_emb(layout: StoreLayout, remote: RemoteStore | None, shard: int) -> Iterator[Path]:
+    """The path of a shard's emb.npy: in the store, or downloaded from `remote` into staging (removed after)."""
+    path = layout.shard_file(shard, "emb.npy")
+    if remote is None:
+        yield path
+        return
+    try:
+        yield remote.download(layout.relative(path), path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def build_passage_index(
+    layout: StoreLayout, config: BuildConfig, plan: _Plan, dim: int, remote: RemoteStore | None = None
+) -> PassageIndex:
     """FAISS index over the shards' embeddings, streamed shard by shard: memory is one shard's embeddings, the
-    training sample (at most `config.index.train_size` rows) and the index itself, never the whole corpus."""
+    training sample (at most `config.index.train_size` rows) and the index itself, never the whole corpus. With
+    `remote` (a store at a URI), each shard's embeddings are downloaded into staging one at a time."""
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for shard, start in enumerate(plan.row_starts):
-            emb = np.load(layout.shard_file(shard, "emb.npy")).astype(np.float32)
+            with _shard_emb(layout, remote, shard) as path:
+                emb = np.load(path).astype(np.float32)
             yield np.arange(start, start + len(emb), dtype=np.int64), emb
 
     sample = None
@@ -537,7 +603,8 @@ def build_passage_index(layout: StoreLayout, config: BuildConfig, plan: _Plan, d
         for shard, (start, size) in enumerate(zip(plan.row_starts, plan.shard_sizes, strict=True)):
             lo, hi = np.searchsorted(rows, [start, start + size])
             if hi > lo:
-                sample[lo:hi] = np.load(layout.shard_file(shard, "emb.npy"), mmap_mode="r")[rows[lo:hi] - start]
+                with _shard_emb(layout, remote, shard) as path:
+                    sample[lo:hi] = np.load(path, mmap_mode="r")[rows[lo:hi] - start]
     index = PassageIndex.build(batches(), dim=dim, config=config.index, train_sample=sample)
     index.save(layout.index_dir)
     return index
@@ -596,42 +663,74 @@ def build_index(
     config: BuildConfig | None = None,
     ray_address: str | None = None,
     codec_from: str | Path | None = None,
+    work_dir: str | Path | None = None,
 ) -> BuildReport:
     """Build (or resume building) a memory store at `out` from `corpus`; returns the report. `codec_from`: a
-    fitted codec directory to encode with instead of fitting one (its config must be the build's)."""
+    fitted codec directory to encode with instead of fitting one (its config must be the build's).
+
+    `out` is a directory (local, or on a filesystem every Ray node mounts), or a `pyarrow.fs` URI (a `str`, e.g.
+    `s3://bucket/store`; memory.location): then the build works in a staging directory under `work_dir` (default
+    MEMVQ_STAGING_DIR, else ~/.cache/memvq/staging), started afresh from what the URI holds, and publishes each
+    finished piece to the URI: the records, the passages then the plan, the codec, each shard (by the actor that
+    encoded it, its done marker last), the index, the manifest last of all. The URI is the build's only state."""
     config = config or BuildConfig()
-    corpus, layout = Path(corpus), StoreLayout(Path(out))
+    corpus = Path(corpus)
     if not corpus.exists():
         raise FileNotFoundError(f"corpus {corpus} does not exist")
+    remote = RemoteStore(str(out)) if is_uri(out) else None
+    if remote is None:
+        layout = StoreLayout(Path(out))
+    else:
+        layout = StoreLayout(default_staging(remote.uri, None if work_dir is None else Path(work_dir)))
+        _pull(remote, layout)
     _check_resume(layout, config)
+    if remote is not None and not remote.exists(CONFIG_NAME):
+        remote.upload(layout.root / CONFIG_NAME, CONFIG_NAME)
     stop_orphaned_ray()
     clock = time.perf_counter()
     corpus_record = _check_corpus(layout, corpus)
+    if remote is not None and not remote.exists(PLAN_MARKER):
+        remote.upload(layout.root / CORPUS_NAME, CORPUS_NAME)
     if layout.manifest.is_file():
-        log.info("store %s is already complete", layout.root)
+        log.info("store %s is already complete", out)
         header = read_artifact(layout.manifest, STORE_FORMAT, "store manifest")
+        if remote is not None:
+            clear(layout.root)
         return BuildReport.model_validate(header.extra["report"])
     seconds: dict[str, float] = {}
     plan = plan_passages(corpus, layout, config)
+    if remote is not None and not remote.exists(PLAN_MARKER):
+        for shard in range(len(plan.shard_sizes)):
+            path = layout.shard_file(shard, "passages.parquet")
+            remote.upload(path, layout.relative(path))
+        remote.upload(layout.root / PLAN_MARKER, PLAN_MARKER)  # after the passages: it says they are there
     seconds["plan"] = time.perf_counter() - clock  # with recording the corpus
 
     clock = time.perf_counter()
     encoders = Encoders.load(config, resolve_device(config.encoder.device))
     codec = train_codec(layout, config, plan, encoders, None if codec_from is None else Path(codec_from))
+    codec_dir = layout.relative(layout.codec_dir)
+    if remote is not None and not remote.exists(f"{codec_dir}/{CODEC_FILE}"):
+        remote.upload_dir(layout.codec_dir, codec_dir, last=CODEC_FILE)
     seconds["codec"] = time.perf_counter() - clock
 
-    done_before = sum(layout.shard_done(shard).is_file() for shard in range(len(plan.shard_sizes)))
+    done_before = len(_done_shards(layout, remote, len(plan.shard_sizes)))
     clock = time.perf_counter()
-    busy = encode_all_shards(layout, config, plan, ray_address)
+    busy = encode_all_shards(layout, config, plan, ray_address, remote)
     seconds["encode"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    build_passage_index(layout, config, plan, encoders.index.hidden_size)
+    build_passage_index(layout, config, plan, encoders.index.hidden_size, remote)
     seconds["index"] = time.perf_counter() - clock
     total = sum(seconds.values())
     seconds["total"] = total
 
-    markers = [read_json(layout.shard_done(shard), "shard marker") for shard in range(len(plan.shard_sizes))]
+    markers = [
+        read_json(layout.shard_done(shard), "shard marker")
+        if remote is None
+        else remote.read_json(layout.relative(layout.shard_done(shard)))
+        for shard in range(len(plan.shard_sizes))
+    ]
     tokens = sum(marker["tokens"] for marker in markers)
     report = BuildReport(
         documents=plan.documents,
@@ -655,7 +754,27 @@ def build_index(
         "memory_digest": encoders.memory_digest,
     }
     write_manifest(layout, config, plan, markers, info, codec, report, corpus_record)
+    if remote is not None:
+        index_dir = layout.relative(layout.index_dir)
+        remote.upload_dir(layout.index_dir, index_dir, last=META_FILE)
+        remote.upload(layout.manifest, MANIFEST_NAME)  # last of all: the store is complete
+        clear(layout.root)
     return report
+
+
+def _pull(remote: RemoteStore, layout: StoreLayout) -> None:
+    """Start the staging directory of a build to a URI afresh from what the URI holds: its records, codec and
+    manifest, and its passages while the codec is still to be fitted. Refuse a URI holding something else."""
+    clear(layout.root)
+    names = remote.files()
+    if names and CONFIG_NAME not in names:
+        raise ManifestError(f"{remote.uri} exists and is not a memvq build directory; choose an empty --out")
+    codec_dir = layout.relative(layout.codec_dir)
+    passages = f"{codec_dir}/{CODEC_FILE}" not in names and MANIFEST_NAME not in names
+    for name in names:
+        wanted = name in (CONFIG_NAME, CORPUS_NAME, PLAN_MARKER, MANIFEST_NAME) or name.startswith(f"{codec_dir}/")
+        if wanted or (passages and name.endswith(".passages.parquet")):
+            remote.download(name, layout.root / name)
 
 
 def _check_resume(layout: StoreLayout, config: BuildConfig) -> None:

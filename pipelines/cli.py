@@ -40,7 +40,13 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
 @app.command("build-index")
 def build_index_command(
     corpus: Annotated[Path, typer.Option(help="corpus file or directory (KILT, SQuAD, DPR json/tsv, jsonl, parquet)")],
-    out: Annotated[Path, typer.Option(help="store directory to create (or resume)")],
+    out: Annotated[
+        str,
+        typer.Option(
+            help="store directory to create (or resume): a path (local, or a filesystem all Ray nodes share) or a "
+            "pyarrow.fs URI (s3://bucket/store, gs://..., hdfs://..., file://...)"
+        ),
+    ],
     model: Annotated[str | None, typer.Option(help="local encoder checkpoint; default: embedded MiniLM")] = None,
     config: Annotated[Path | None, typer.Option(help="build config, TOML or JSON (see configs/)")] = None,
     format: Annotated[str | None, typer.Option("--format", help="corpus format; default: detected")] = None,
@@ -59,10 +65,19 @@ def build_index_command(
         Path | None,
         typer.Option(help="a reader trained with train_memory_layers (TRAIN_RUN/reader): its memory layers encode"),
     ] = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MEMVQ_STAGING_DIR",
+            help="where a build to a URI stages its files (a directory per URI under it); "
+            "default: ~/.cache/memvq/staging",
+        ),
+    ] = None,
 ) -> None:
     """Build a compressed memory store and its FAISS passage index from a corpus (resumable)."""
     from data.ingest.corpus import CorpusError
     from memory.artifact import ArtifactError
+    from memory.location import is_uri
     from pipelines.build import build_index
     from pipelines.config import BuildConfig
 
@@ -73,8 +88,15 @@ def build_index_command(
     }
     try:
         build_config = BuildConfig.from_file(config, overrides)
-        report = build_index(corpus, out, build_config, ray_address=ray_address, codec_from=codec_from)
-    except (CorpusError, ArtifactError, FileNotFoundError, ValueError) as error:
+        report = build_index(
+            corpus,
+            out if is_uri(out) else Path(out),
+            build_config,
+            ray_address=ray_address,
+            codec_from=codec_from,
+            work_dir=work_dir,
+        )
+    except (CorpusError, ArtifactError, OSError, ValueError) as error:  # OSError: a URI's filesystem (pyarrow)
         raise _fail(error) from error
     rows = [
         ("documents", f"{report.documents:,}"),
@@ -149,6 +171,23 @@ def train_command(
             *((f"dev {name}", f"{value:.3f}") for name, value in last.items() if "/" in name),
         ]
     )
+
+
+@app.command("fetch")
+def fetch_command(
+    uri: Annotated[str, typer.Argument(help="a store built to a pyarrow.fs URI (s3://, gs://, hdfs://, file://)")],
+    out: Annotated[Path, typer.Argument(help="local directory to copy it into")],
+) -> None:
+    """Copy a finished store from a URI to local disk and verify it (query, eval and serve open local stores)."""
+    from memory.artifact import ArtifactError
+    from memory.location import fetch_store
+    from memory.store import MemoryStore
+
+    try:
+        store = MemoryStore.open(fetch_store(uri, out))
+    except (ArtifactError, OSError) as error:
+        raise _fail(error) from error
+    typer.echo(f"store verified at {out}: {store.num_passages:,} passages, {store.num_tokens:,} tokens")
 
 
 @app.command("split")
