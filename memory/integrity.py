@@ -59,6 +59,7 @@ class VerifiedFiles:
         key = hashlib.sha256(str(self.root).encode()).hexdigest()[:24]
         self.path = (cache or cache_dir()) / "verified" / f"{key}.json"
         self._entries: dict[str, tuple[FileStamp, str]] = {}
+        self.checked: str | None = None  # the header checksum whose derived fields were last checked
         self._dirty = False
         try:
             saved = json.loads(self.path.read_text())
@@ -66,7 +67,8 @@ class VerifiedFiles:
                 self._entries = {
                     name: (FileStamp(*entry["stamp"]), entry["sha256"]) for name, entry in saved["files"].items()
                 }
-        except (OSError, ValueError, KeyError, TypeError):
+                self.checked = saved.get("checked")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # no cache yet, or an unreadable one: hash everything
         self.hashed_bytes = 0
 
@@ -84,13 +86,18 @@ class VerifiedFiles:
             self._dirty = True
         return digest
 
+    def remember_checked(self, header_checksum: str) -> None:
+        """Remember that the header with this checksum was checked against files that are all remembered here."""
+        if self.checked != header_checksum:
+            self.checked, self._dirty = header_checksum, True
+
     def save(self) -> None:
         """Remember what was hashed (atomically; skipped with a debug line when the cache is not writable)."""
         if not self._dirty:
             return
         files = {name: {"stamp": list(stamp), "sha256": digest} for name, (stamp, digest) in self._entries.items()}
         try:
-            write_json(self.path, {"root": str(self.root), "files": files})
+            write_json(self.path, {"root": str(self.root), "files": files, "checked": self.checked})
             self._dirty = False
         except OSError as error:
             logger.debug("cannot remember verified checksums in %s: %s", self.path, error)

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from memory.artifact import (
+    CHECKSUM_KEY,
     MANIFEST_NAME,
     ArtifactError,
     ArtifactFormat,
@@ -128,15 +129,17 @@ class MemoryStore:
                 return cls(root, header.to_json())
             verified = VerifiedFiles(root)
             header.verify(root, sha256=verified.sha256)
-            verified.save()
         except ArtifactError as error:
             raise ManifestError(str(error)) from error
+        manifest = header.to_json()
         store = cls(
-            root,
-            header.to_json(),
-            watch=FileWatch(root, header.files, {MANIFEST_NAME: sha256_file(root / MANIFEST_NAME)}),
+            root, manifest, watch=FileWatch(root, header.files, {MANIFEST_NAME: sha256_file(root / MANIFEST_NAME)})
         )
-        store.check_shards(header)
+        # the derived fields depend only on the manifest and the files: checked again when either changed
+        if verified.hashed_bytes or verified.checked != manifest[CHECKSUM_KEY]:
+            store.check_shards(header)
+            verified.remember_checked(manifest[CHECKSUM_KEY])
+        verified.save()
         return store
 
     def check_shards(self, header: ArtifactHeader) -> None:
