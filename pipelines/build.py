@@ -385,6 +385,9 @@ class EncoderActorsError(ValueError):
 
 
 ACTOR_START_TIMEOUT_S = 300.0  # no encoder actor running for this long: an error (MEMVQ_ACTOR_START_TIMEOUT_S)
+# Shards are handed out once every actor has loaded its encoder, or this long after the first did: the first actor
+# up would otherwise take every shard of a small build before the others are ready.
+ACTOR_START_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -505,6 +508,7 @@ def _run_encoders(
         actors[actor] = slot
         pending[actor.ready.remote()] = (actor, None)
     running, waiting_since = 0, time.monotonic()  # running: actors that have loaded their encoder and are alive
+    first_ready: float | None = None
 
     def give_work(actor: Any) -> None:
         if queue:
@@ -513,9 +517,16 @@ def _run_encoders(
         else:
             idle.append(actor)
 
+    def hand_out() -> None:
+        """Idle actors get shards once all are ready, or the grace after the first one's start has passed."""
+        if running == len(actors) or (first_ready is not None and time.monotonic() - first_ready > ACTOR_START_GRACE_S):
+            while queue and idle:
+                give_work(idle.pop())
+
     try:
         while pending:
             finished, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            hand_out()
             if not finished:
                 if running == 0 and time.monotonic() - waiting_since > timeout_s:
                     raise EncoderActorsError(
@@ -551,14 +562,16 @@ def _run_encoders(
                 )
                 if running == 0:
                     waiting_since = time.monotonic()
-                while queue and idle:
-                    give_work(idle.pop())
+                hand_out()
                 continue
             if shard is None:
                 running += 1
-            else:
-                results.append(result)
-                done(shard)
+                first_ready = first_ready or time.monotonic()
+                idle.append(actor)
+                hand_out()
+                continue
+            results.append(result)
+            done(shard)
             give_work(actor)
     finally:
         for actor in actors:

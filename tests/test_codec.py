@@ -14,6 +14,7 @@ import pydantic
 import pytest
 import torch
 
+from memory.artifact import CHECKSUM_KEY, header_checksum
 from memory.codecs import (
     CODEC_FILE,
     CodebookFinetuner,
@@ -226,7 +227,8 @@ def test_load_errors_are_clear(tmp_path: Path, fitted: VQCodec) -> None:
     with pytest.raises(CodecLoadError, match="built by an older memvq"):
         load_codec(d)
     header = {"format": "memvq-codec", "version": 2, "kind": "vq", "config": {"kind": "zzz"}}
-    (d / CODEC_FILE).write_text(json.dumps(header | {"files": {}, "library_versions": {}}))
+    header |= {"files": {}, "library_versions": {}}
+    (d / CODEC_FILE).write_text(json.dumps(header | {CHECKSUM_KEY: header_checksum(header)}))
     with pytest.raises(CodecLoadError, match="corrupt"):
         load_codec(d)
 

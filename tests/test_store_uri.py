@@ -165,10 +165,8 @@ def test_a_cluster_build_to_s3_uses_no_shared_directory(
     caplog.set_level(logging.INFO, logger="pipelines.build")
     uri = s3.format("cluster-store")
     build_index(mini_corpus, uri, tiny_config(tiny_bert_path), ray_address=cluster.address, work_dir=tmp_path)
-    assert "2 actors (1 CPU each) on 2 nodes" in caplog.text
-    per_node = next(r.getMessage() for r in caplog.records if "shards per node" in r.getMessage())
-    assert len(per_node.split(": ", 1)[1].split(", ")) == 2, per_node
+    assert "2 actors (1 CPU each) on 2 nodes" in caplog.text  # which of them encoded how many shards is timing
     assert list(tmp_path.iterdir()) == []
-    for staging in cluster.staging:  # made by the node's actor, which removed its own directory after each shard
+    for staging in cluster.staging:  # made by each node's actor when it started, emptied after each shard
         assert staging.is_dir() and list(staging.iterdir()) == []
     assert_same_store(fetch_store(uri, tmp_path / "fetched"), tiny_store[0])
