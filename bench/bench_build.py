@@ -31,6 +31,18 @@ from pipelines.config import BuildConfig
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle" / "wiki-mini-knowledgesource.jsonl"
 
 
+def rss_now() -> int:
+    """RSS of this process and its descendants (Ray workers included)."""
+    me = psutil.Process()
+    total = 0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
 class PeakMemory:
     """Samples the RSS of this process and all its descendants (Ray workers included) every 100 ms."""
 
@@ -40,15 +52,8 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                try:
-                    total += process.memory_info().rss
-                except psutil.Error:
-                    continue
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, rss_now())
             time.sleep(0.1)
 
     def __enter__(self) -> PeakMemory:

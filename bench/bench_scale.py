@@ -43,9 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
-from bench.bench_build import CORPUS, PeakMemory
+from bench.bench_build import CORPUS, PeakMemory, rss_now
 
 log = logging.getLogger("bench_scale")
 
@@ -136,18 +135,6 @@ def make_tiny_bert(path: Path, layers: int) -> Path:
 
 def tiny_layers(model: str) -> int:
     return json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
-
-
-def rss_now() -> int:
-    """RSS of this process and its descendants."""
-    me = psutil.Process()
-    total = 0
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            total += process.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
 
 
 def instrument_steps(build_module: Any, steps: dict[str, dict[str, float]]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,26 @@ def verified_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("memvq-cache")
     os.environ[CACHE_ENV] = str(path)
     return path
+
+
+def store_bytes(root: Path) -> dict[str, str]:
+    """sha256 of every file of a store (hidden ones too: no temporary may be left), the manifest aside."""
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != "manifest.json"
+    }
+
+
+def assert_same_store(store: Path, reference: Path) -> None:
+    """Byte-identical file for file; the manifests differ only in the run's report (timings) and their checksum."""
+    assert store_bytes(store) == store_bytes(reference)
+
+    def manifest(root: Path) -> dict:
+        header = json.loads((root / "manifest.json").read_text())
+        return {key: value for key, value in header.items() if key not in ("report", "header_sha256")}
+
+    assert manifest(store) == manifest(reference)
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

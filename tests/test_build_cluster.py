@@ -5,7 +5,6 @@ store byte-identical to a local build, also after its driver or one of its nodes
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import tiny_config
+from conftest import assert_same_store, tiny_config
 
 from pipelines import local_ray
 from pipelines.build import EncoderActorsError, build_index, plan_actors
@@ -113,26 +112,6 @@ def local_store(mini_corpus, config, tmp_path_factory) -> Path:
     build_index(mini_corpus, out, config)
     assert os.environ.get("RAY_AUTH_MODE") == auth_mode
     return out
-
-
-def store_bytes(root: Path) -> dict[str, str]:
-    """sha256 of every file of a store (hidden ones too), the manifest aside."""
-    return {
-        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != "manifest.json"
-    }
-
-
-def assert_same_store(store: Path, reference: Path) -> None:
-    """Byte-identical file for file; the manifests differ only in the run's report (timings) and their checksum."""
-    assert store_bytes(store) == store_bytes(reference)
-
-    def manifest(root: Path) -> dict:
-        header = json.loads((root / "manifest.json").read_text())
-        return {key: value for key, value in header.items() if key not in ("report", "header_sha256")}
-
-    assert manifest(store) == manifest(reference)
 
 
 def done_shards(store: Path) -> int:

@@ -4,8 +4,6 @@ each work in a directory of their own builds to S3 through pyarrow alone. Real S
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -13,33 +11,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import assert_same_store, tiny_config
 
 from memory.artifact import ManifestError
 from memory.location import RemoteStore, fetch_store
 from memory.store import MemoryStore
 from pipelines import local_ray
 from pipelines.build import build_index
-
-
-def store_bytes(root: Path) -> dict[str, str]:
-    """sha256 of every file of a store (hidden ones too: no temporary may be left), the manifest aside."""
-    return {
-        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != "manifest.json"
-    }
-
-
-def assert_same_store(store: Path, reference: Path) -> None:
-    """Byte-identical file for file; the manifests differ only in the run's report (timings) and their checksum."""
-    assert store_bytes(store) == store_bytes(reference)
-
-    def manifest(root: Path) -> dict:
-        header = json.loads((root / "manifest.json").read_text())
-        return {key: value for key, value in header.items() if key not in ("report", "header_sha256")}
-
-    assert manifest(store) == manifest(reference)
 
 
 def test_a_file_uri_build_matches_a_local_build(tiny_store, tiny_bert_path, mini_corpus, tmp_path):

@@ -76,6 +76,23 @@ class Batcher(Protocol):
     async def submit_many(self, questions: Sequence[str], key: Hashable = None) -> list[Completed[Any]]: ...
 
 
+def call_model(run: BatchFn[T], questions: list[str], key: Hashable) -> Sequence[T]:
+    """One model call (on the worker thread), with one result per question or a RuntimeError."""
+    results = run(questions, key)
+    if len(results) != len(questions):
+        raise RuntimeError(f"the model returned {len(results)} results for {len(questions)} questions")
+    return results
+
+
+def notify(observe: BatchObserver | None, key: Hashable, size: int, seconds: float, failed: bool) -> None:
+    """Tell the observer about one model call; an observer that raises is logged, never the batch's failure."""
+    if observe is not None:
+        try:
+            observe(key, size, seconds, failed)
+        except Exception:
+            logger.exception("batch observer failed")
+
+
 class DynamicBatcher(Generic[T]):
     """Groups `submit`ted questions with equal keys into calls of `run` on one worker thread."""
 
@@ -211,7 +228,9 @@ class DynamicBatcher(Generic[T]):
         started = time.perf_counter()
         failed = False
         try:
-            results = await loop.run_in_executor(self._executor, self._call, [item.question for item in batch], key)
+            results = await loop.run_in_executor(
+                self._executor, call_model, self.run, [item.question for item in batch], key
+            )
         except asyncio.CancelledError:  # stopped while the model ran: nobody will resolve these otherwise
             for item in batch:
                 if not item.future.done():
@@ -228,14 +247,4 @@ class DynamicBatcher(Generic[T]):
                 if not item.future.done():
                     queued_ms = (started - item.enqueued) * 1000.0
                     item.future.set_result(Completed(value, len(batch), queued_ms))
-        if self.observe is not None:
-            try:
-                self.observe(key, len(batch), time.perf_counter() - started, failed)
-            except Exception:
-                logger.exception("batch observer failed")
-
-    def _call(self, questions: list[str], key: Hashable) -> Sequence[T]:
-        results = self.run(questions, key)
-        if len(results) != len(questions):
-            raise RuntimeError(f"the model returned {len(results)} results for {len(questions)} questions")
-        return results
+        notify(self.observe, key, len(batch), time.perf_counter() - started, failed)

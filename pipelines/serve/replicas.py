@@ -41,7 +41,15 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.serve.app import create_app
-from pipelines.serve.batcher import BatcherClosedError, BatchFn, BatchObserver, Completed, QueueFullError
+from pipelines.serve.batcher import (
+    BatcherClosedError,
+    BatchFn,
+    BatchObserver,
+    Completed,
+    QueueFullError,
+    call_model,
+    notify,
+)
 from pipelines.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -158,7 +166,9 @@ class ServeBatcher:
         failed = False
         try:
             loop = asyncio.get_running_loop()
-            values = await loop.run_in_executor(self._executor, self._call, [item.question for item in items], key)
+            values = await loop.run_in_executor(
+                self._executor, call_model, self.run, [item.question for item in items], key
+            )
         except Exception as error:  # a failing model call fails its own questions; the next key's goes on
             failed = True
             logger.exception("a batch of %d failed", len(items))
@@ -167,17 +177,7 @@ class ServeBatcher:
         else:
             for i, item, value in zip(indices, items, values, strict=True):
                 results[i] = Completed(value, len(items), (started - item.enqueued) * 1000.0)
-        if self.observe is not None:
-            try:
-                self.observe(key, len(items), time.perf_counter() - started, failed)
-            except Exception:
-                logger.exception("batch observer failed")
-
-    def _call(self, questions: list[str], key: Hashable) -> Sequence[Any]:
-        results = self.run(questions, key)
-        if len(results) != len(questions):
-            raise RuntimeError(f"the model returned {len(results)} results for {len(questions)} questions")
-        return results
+        notify(self.observe, key, len(items), time.perf_counter() - started, failed)
 
 
 # -- the replica ---------------------------------------------------------------------------------------------------
