@@ -579,7 +579,7 @@ class Reader(nn.Module):
 
     # -- persistence -------------------------------------------------------------------------------------------
 
-    def _backbone_part(self, key: str) -> str | None:
+    def trained_part(self, key: str) -> str | None:
         """The trained part a backbone state_dict key belongs to: "live" (live layers, T5 final norm), "memory"
         (memory layers, with `train_memory_layers`) or None (frozen: embeddings, memory layers by default)."""
         layer = layer_index(key)
@@ -599,7 +599,7 @@ class Reader(nn.Module):
         decoder.* / copy.* tensors (without the decoder's word embeddings when they stay frozen) or span.*."""
         state = {}
         for key, value in self.backbone.model.state_dict().items():
-            part = self._backbone_part(key)
+            part = self.trained_part(key)
             if part is not None:
                 state[f"{part}.{key}"] = value
         if self.reranker is not None:
@@ -646,7 +646,7 @@ class Reader(nn.Module):
         if parts["memory"] and not self.config.train_memory_layers:
             raise ValueError("memory layers were saved but the config has train_memory_layers off")
         missing, unexpected = self.backbone.model.load_state_dict(parts["live"] | parts["memory"], strict=False)
-        trained_missing = [key for key in missing if self._backbone_part(key) is not None]
+        trained_missing = [key for key in missing if self.trained_part(key) is not None]
         if trained_missing or unexpected:
             raise ValueError(f"backbone layers do not match: missing {trained_missing}, unexpected {unexpected}")
         if self.reranker is not None:

@@ -107,6 +107,12 @@ class TrainConfig(FileConfig):
 
     reader: ReaderConfig = ReaderConfig()
     model: str | None = Field(None, description="backbone checkpoint; None = the embedded all-MiniLM-L6-v2")
+    init_from: str | None = Field(
+        None,
+        description="a saved reader (READER_DIR) to start from: its backbone layers this reader trains and its "
+        "answer head (and reranker) where both have one; the rest starts as usual. A FiD reader's upper layers "
+        "can start a GLIMMER or LUMEN reader of the same backbone",
+    )
     tasks: list[TaskConfig] = Field(min_length=1)
     optim: OptimConfig = OptimConfig()
     eval_every: int = Field(100, ge=1, description="steps between dev evaluations (and checkpoints)")

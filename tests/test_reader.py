@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from encoders.decoder import IGNORE_INDEX, FiDDecoder
 from encoders.inputs import PassageOffsets, ReaderInputs
 from encoders.options import QueryOptions
 from encoders.reader import Reader
-from encoders.reader_io import READER_FILE, WEIGHTS_FILE
+from encoders.reader_io import READER_FILE, WEIGHTS_FILE, warm_start
 from encoders.reranker import perplexity_distillation_loss, perplexity_distillation_target
 from encoders.spans import passage_token_offsets
 
@@ -699,3 +700,39 @@ def test_extract_reader_learns_the_span_and_survives_a_round_trip(tiny_bert_path
     assert loaded.config.head == "extract"
     again = loaded.answer(QUESTIONS, inputs)
     assert again.answers == out.answers and again.spans == out.spans
+
+
+def test_warm_start_takes_the_layers_and_head_that_fit(tiny_bert_path, tmp_path):
+    fid = make_reader(tiny_bert_path, "fid", head="extract")
+    with torch.no_grad():  # a "trained" FiD reader: every trained tensor moved off its initialisation
+        generator = torch.Generator().manual_seed(1)
+        for p in fid.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    fid.save(tmp_path / "fid")
+    glimmer = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"], head="extract")
+    reranker_before = {key: value.clone() for key, value in glimmer.reranker.state_dict().items()}
+    memory_before = {key: value.clone() for key, value in glimmer.backbone.model.state_dict().items()}
+
+    copied = warm_start(glimmer, tmp_path / "fid")
+
+    source = fid.backbone.model.state_dict()
+    for key, value in glimmer.backbone.model.state_dict().items():
+        if glimmer.trained_part(key) == "live":  # layers 1-2: the FiD reader's
+            assert torch.equal(value, source[key]), key
+        else:  # embeddings and the memory layer stay the checkpoint's (they made the store's memory)
+            assert torch.equal(value, memory_before[key]), key
+            if key.startswith("encoder.layer.0."):  # FiD trained its layer 0; the memory layer is not taken
+                assert not torch.equal(value, source[key]), key
+    for key, value in glimmer.span_head.state_dict().items():
+        assert torch.equal(value, fid.span_head.state_dict()[key]), key
+    for key, value in glimmer.reranker.state_dict().items():  # FiD has none: it stays as initialised
+        assert torch.equal(value, reranker_before[key]), key
+    assert copied == {"live": 2 * 16, "span": len(fid.span_head.state_dict())}
+
+    generate = make_reader(tiny_bert_path, "fid", head="generate", decoder_layers=1)
+    assert warm_start(generate, tmp_path / "fid") == {"live": 3 * 16}  # no span head to take in a generate reader
+    info = generate.backbone.info
+    generate.backbone.info = replace(info, hidden_size=64)  # as if another checkpoint
+    with pytest.raises(ValueError, match="hidden_size=32, this run's 64"):
+        warm_start(generate, tmp_path / "fid")
