@@ -632,6 +632,47 @@ class Reader(nn.Module):
         reader.load_trained_state(load_state(directory))
         return reader.eval()
 
+    def warm_start(self, directory: str | Path) -> dict[str, int]:
+        """Copy in the tensors of the reader saved in `directory` that this reader trains: its backbone layers that
+        are trained here (a FiD reader's layers start a GLIMMER reader's memory and live layers), and its span head,
+        decoder, copy head or reranker where both readers have one. Both must share the backbone's type, depth and
+        width (the memory split may differ). Returns the number of tensors copied per part; ValueError if none
+        fits."""
+        directory = Path(directory)
+        info = read_reader(directory).extra["backbone"]
+        for name in ("model_type", "num_layers", "hidden_size"):
+            if getattr(self.backbone.info, name) != info[name]:
+                raise ValueError(
+                    f"init_from {directory}: its backbone has {name}={info[name]}, "
+                    f"this run's {getattr(self.backbone.info, name)}"
+                )
+        own = self.trained_state()
+        copied: dict[str, int] = {}
+        backbone: dict[str, torch.Tensor] = {}
+        heads: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in load_state(directory).items():
+            part, _, name = key.partition(".")
+            if part in ("live", "memory"):
+                target = self.trained_part(name)
+                if target is not None and f"{target}.{name}" in own:
+                    backbone[name] = value
+                    copied[target] = copied.get(target, 0) + 1
+            elif key in own and own[key].shape == value.shape:
+                heads.setdefault(part, {})[name] = value
+                copied[part] = copied.get(part, 0) + 1
+        if not copied:
+            raise ValueError(f"init_from {directory}: none of its tensors fits this reader")
+        self.backbone.model.load_state_dict(backbone, strict=False)
+        modules: dict[str, nn.Module | None] = {"span": self.span_head, "reranker": self.reranker}
+        if self.decoder is not None:
+            modules |= {"decoder": self.decoder.model, "copy": self.decoder.copy_head}
+        for part, tensors in heads.items():
+            module = modules.get(part)
+            if module is not None:
+                module.load_state_dict(tensors, strict=False)
+        logger.info("started from %s: %s", directory, ", ".join(f"{n} {p} tensors" for p, n in sorted(copied.items())))
+        return copied
+
     def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load `trained_state()` tensors (any float dtype) into the live (and memory) layers, reranker, and
         decoder or span head."""

@@ -8,7 +8,7 @@
 
 `Reader.save` and `Reader.load` go through `save_reader`, `read_reader`, `load_backbone` and `load_state`;
 `load_memory_layers` takes only the fine-tuned memory layers of one (the encoder its store is built with);
-`warm_start` starts a reader of another mode or alpha from one (training's `init_from`).
+`Reader.warm_start` takes what fits of one into a reader of another mode or alpha (training's `init_from`).
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from encoders.backbone import Backbone, BackboneInfo, portable_model_path
 from memory.artifact import ArtifactFormat, ArtifactHeader, atomic_write, read_artifact, write_artifact
-
-if TYPE_CHECKING:
-    from encoders.reader import Reader
 
 logger = logging.getLogger(__name__)
 
@@ -135,45 +132,3 @@ def load_memory_layers(backbone: Backbone, directory: str | Path) -> Backbone:
         raise ValueError(f"the memory layers in {directory} do not match the backbone's {backbone.memory_layers}")
     backbone.model.load_state_dict(memory, strict=False)
     return backbone
-
-
-def warm_start(reader: Reader, directory: str | Path) -> dict[str, int]:
-    """Copy into `reader` the tensors of the reader saved in `directory` that `reader` trains: its backbone layers
-    that are trained here (a FiD reader's upper layers start a GLIMMER reader's live layers), and its span head,
-    decoder, copy head or reranker where both readers have one. Both must share the backbone's type, depth and
-    width (the memory split may differ). Returns the number of tensors copied per part; ValueError if none fits."""
-    directory = Path(directory)
-    header = read_reader(directory)
-    info = header.extra["backbone"]
-    for name in ("model_type", "num_layers", "hidden_size"):
-        if getattr(reader.backbone.info, name) != info[name]:
-            raise ValueError(
-                f"init_from {directory}: its backbone has {name}={info[name]}, "
-                f"this run's {getattr(reader.backbone.info, name)}"
-            )
-    own = reader.trained_state()
-    copied: dict[str, int] = {}
-    backbone: dict[str, torch.Tensor] = {}
-    heads: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_state(directory).items():
-        part, _, name = key.partition(".")
-        if part in ("live", "memory"):
-            target = reader.trained_part(name)
-            if target is not None and f"{target}.{name}" in own:
-                backbone[name] = value
-                copied[target] = copied.get(target, 0) + 1
-        elif key in own and own[key].shape == value.shape:
-            heads.setdefault(part, {})[name] = value
-            copied[part] = copied.get(part, 0) + 1
-    if not copied:
-        raise ValueError(f"init_from {directory}: none of its tensors fits this reader")
-    reader.backbone.model.load_state_dict(backbone, strict=False)
-    modules = {"span": reader.span_head, "reranker": reader.reranker}
-    if reader.decoder is not None:
-        modules |= {"decoder": reader.decoder.model, "copy": reader.decoder.copy_head}
-    for part, tensors in heads.items():
-        module = modules.get(part)
-        if module is not None:
-            module.load_state_dict(tensors, strict=False)
-    logger.info("started from %s: %s", directory, ", ".join(f"{n} {p} tensors" for p, n in sorted(copied.items())))
-    return copied

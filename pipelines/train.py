@@ -9,7 +9,7 @@ accumulation, bf16 autocast on GPU, gradient clipping; generation loss + GLIMMER
 quantized by the store's codebooks, trained by EMA alongside the reader; the codec is saved for a rebuild. With
 the reader's `train_memory_layers` the memory is recomputed too, and the memory layers train with the rest; the
 store is then rebuilt with them (`build-index --memory-from OUT/reader`). With `init_from` the reader starts from a
-saved one's tensors where they fit (`encoders.reader_io.warm_start`).
+saved one's tensors where they fit (`Reader.warm_start`).
 
     OUT/config.json                the TrainConfig and store (a resume with another one is refused)
     OUT/data/{task}-dev.jsonl      held-out questions (KILT format: `memvq eval --data` reads them)
@@ -40,7 +40,6 @@ from data.tasks import QAExample, TaskData, load_task, schedule, write_split_fil
 from encoders.backbone import Backbone, memory_layer_count, resolve_device
 from encoders.config import ReaderConfig
 from encoders.reader import Reader
-from encoders.reader_io import warm_start
 from memory.artifact import ArtifactFormat, ManifestError, atomic_write, read_json, write_artifact, write_json
 from memory.codecs import CodebookFinetuner, VQCodec, load_codec
 from memory.store import MemoryStore
@@ -212,7 +211,7 @@ class Trainer:
         backbone = Backbone.from_pretrained(model, memory_layers=memory_layers)
         self.reader = reader = Reader.from_backbone(backbone.to(self.device), reader_config)
         if config.init_from is not None:
-            warm_start(reader, config.init_from)
+            reader.warm_start(config.init_from)
         self.retriever = Retriever.for_store(store, self.device)
         self.finetuner = _codebook_finetuner(store, config, self.device)
         inputs = reader_inputs

@@ -19,7 +19,7 @@ from encoders.decoder import IGNORE_INDEX, FiDDecoder
 from encoders.inputs import PassageOffsets, ReaderInputs
 from encoders.options import QueryOptions
 from encoders.reader import Reader
-from encoders.reader_io import READER_FILE, WEIGHTS_FILE, warm_start
+from encoders.reader_io import READER_FILE, WEIGHTS_FILE
 from encoders.reranker import perplexity_distillation_loss, perplexity_distillation_target
 from encoders.spans import passage_token_offsets
 
@@ -714,7 +714,7 @@ def test_warm_start_takes_the_layers_and_head_that_fit(tiny_bert_path, tmp_path)
     reranker_before = {key: value.clone() for key, value in glimmer.reranker.state_dict().items()}
     memory_before = {key: value.clone() for key, value in glimmer.backbone.model.state_dict().items()}
 
-    copied = warm_start(glimmer, tmp_path / "fid")
+    copied = glimmer.warm_start(tmp_path / "fid")
 
     source = fid.backbone.model.state_dict()
     for key, value in glimmer.backbone.model.state_dict().items():
@@ -731,8 +731,8 @@ def test_warm_start_takes_the_layers_and_head_that_fit(tiny_bert_path, tmp_path)
     assert copied == {"live": 2 * 16, "span": len(fid.span_head.state_dict())}
 
     generate = make_reader(tiny_bert_path, "fid", head="generate", decoder_layers=1)
-    assert warm_start(generate, tmp_path / "fid") == {"live": 3 * 16}  # no span head to take in a generate reader
+    assert generate.warm_start(tmp_path / "fid") == {"live": 3 * 16}  # no span head to take in a generate reader
     info = generate.backbone.info
     generate.backbone.info = replace(info, hidden_size=64)  # as if another checkpoint
     with pytest.raises(ValueError, match="hidden_size=32, this run's 64"):
-        warm_start(generate, tmp_path / "fid")
+        generate.warm_start(tmp_path / "fid")
