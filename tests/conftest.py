@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,6 +71,34 @@ def assert_same_store(store: Path, reference: Path) -> None:
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@contextmanager
+def two_node_cluster(staging: bool = False) -> Iterator[Any]:
+    """Two Ray nodes of 1 CPU each on this machine (`ray.cluster_utils.Cluster`), their files in a directory of their
+    own (`cluster.temp_dir`); with `staging`, each node stages in a directory of its own (MEMVQ_STAGING_DIR in its
+    raylet's environment: `cluster.staging`). At the end every process of theirs must be gone."""
+    from ray.cluster_utils import Cluster
+
+    from pipelines import local_ray
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="memvq-cluster-"))
+    args: dict[str, Any] = {"num_cpus": 1, "temp_dir": str(temp_dir)}
+    dirs = [temp_dir / "node-a-staging", temp_dir / "node-b-staging"]
+    env = [{"env_vars": {"MEMVQ_STAGING_DIR": str(path)}} if staging else {} for path in dirs]
+    started = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False, **env[0]})
+    try:
+        started.temp_dir = temp_dir
+        started.staging = dirs if staging else []
+        started.add_node(**args, **env[1])
+        started.wait_for_nodes()
+        yield started
+    finally:
+        started.shutdown()
+        left = local_ray.processes_using(temp_dir)
+        local_ray.stop_processes(left)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert left == [], f"Ray processes left by the cluster: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -8,17 +8,15 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import assert_same_store, tiny_config
+from conftest import assert_same_store, tiny_config, two_node_cluster
 
 from pipelines import local_ray
 from pipelines.build import EncoderActorsError, build_index, plan_actors
@@ -79,22 +77,8 @@ def test_an_actor_that_cannot_see_the_store_says_so(tmp_path):
 def cluster():
     """Two Ray nodes of 1 CPU each on this machine, their files in a directory of their own; at the end every
     process of theirs must be gone."""
-    from ray.cluster_utils import Cluster
-
-    temp_dir = Path(tempfile.mkdtemp(prefix="memvq-cluster-"))
-    args = {"num_cpus": 1, "temp_dir": str(temp_dir)}
-    started = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False})
-    try:
-        started.temp_dir = temp_dir
-        started.add_node(**args)
-        started.wait_for_nodes()
+    with two_node_cluster() as started:
         yield started
-    finally:
-        started.shutdown()
-        left = local_ray.processes_using(temp_dir)
-        local_ray.stop_processes(left)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert left == [], f"Ray processes left by the cluster: {left}"
 
 
 @pytest.fixture(scope="module")

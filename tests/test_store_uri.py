@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
-from conftest import assert_same_store, tiny_config
+from conftest import assert_same_store, tiny_config, two_node_cluster
 
 from memory.artifact import ManifestError
 from memory.location import RemoteStore, fetch_store
 from memory.store import MemoryStore
-from pipelines import local_ray
 from pipelines.build import build_index
 
 
@@ -115,24 +111,8 @@ def test_an_s3_build_fetched_matches_a_local_build_and_resumes(s3, tiny_store, t
 def cluster(s3):
     """Two Ray nodes of 1 CPU each on this machine (started after the S3 credentials are in the environment), each
     with a staging directory of its own (MEMVQ_STAGING_DIR in its raylet's environment): `cluster.staging`."""
-    from ray.cluster_utils import Cluster
-
-    temp_dir = Path(tempfile.mkdtemp(prefix="memvq-cluster-"))
-    args = {"num_cpus": 1, "temp_dir": str(temp_dir)}
-    staging = [temp_dir / "node-a-staging", temp_dir / "node-b-staging"]
-    head_args = {**args, "include_dashboard": False, "env_vars": {"MEMVQ_STAGING_DIR": str(staging[0])}}
-    started = Cluster(initialize_head=True, head_node_args=head_args)
-    try:
-        started.staging = staging
-        started.add_node(**args, env_vars={"MEMVQ_STAGING_DIR": str(staging[1])})
-        started.wait_for_nodes()
+    with two_node_cluster(staging=True) as started:
         yield started
-    finally:
-        started.shutdown()
-        left = local_ray.processes_using(temp_dir)
-        local_ray.stop_processes(left)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert left == [], f"Ray processes left by the cluster: {left}"
 
 
 def test_a_cluster_build_to_s3_uses_no_shared_directory(
