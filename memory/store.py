@@ -48,6 +48,7 @@ from memory.artifact import (
 from memory.codecs import MemoryCodec, load_codec
 from memory.index import PassageIndex
 from memory.integrity import FileWatch, VerifiedFiles
+from memory.location import is_uri
 
 STORE_FORMAT = ArtifactFormat("memvq-store", 2, remake="rebuild it with `memvq build-index`")
 SHARD_SUFFIXES = ("passages.parquet", "codes.npy", "offsets.npy", "emb.npy")
@@ -115,7 +116,7 @@ class MemoryStore:
         """Open a store. `verify`: check the manifest's checksum, every file's sha256 (hashing only files not
         verified before in their present state) and the manifest's counts against the shard files; without it
         only the manifest's checksum and the files' sizes are checked."""
-        if "://" in str(path):
+        if is_uri(path):
             raise ManifestError(f"{path} is a URI: copy the store to local disk first (`memvq fetch {path} DIR`)")
         root = Path(path)
         if not root.is_dir():

@@ -58,7 +58,7 @@ from memory.artifact import (
 )
 from memory.codecs import CODEC_FILE, MemoryCodec, compression_ratio, load_codec, make_codec
 from memory.index import META_FILE, PassageIndex, training_rows
-from memory.location import RemoteStore, clear, default_staging, is_uri
+from memory.location import STAGING_ENV, RemoteStore, clear, default_staging, is_uri
 from memory.store import SHARD_SUFFIXES, STORE_FORMAT, StoreLayout
 from pipelines.config import BuildConfig
 from pipelines.local_ray import ray_for_build, stop_orphaned_ray
@@ -307,7 +307,7 @@ class ShardEncoder:
                     f"the store {root} has no {PLAN_MARKER} seen from the node {self.node} ({os.uname().nodename}): "
                     "are the node's credentials for it set?"
                 )
-            parent = os.environ.get("MEMVQ_STAGING_DIR")
+            parent = os.environ.get(STAGING_ENV)
             if parent:
                 Path(parent).mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix="memvq-encoder-", dir=parent))
