@@ -20,7 +20,7 @@ from memory.artifact import ManifestError
 from memory.codecs import CodebookFinetuner, load_codec
 from memory.store import MemoryStore
 from pipelines.build import build_index
-from pipelines.config import TrainConfig
+from pipelines.config import BuildConfig, TrainConfig
 from pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
 from pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, split_for_store, train
 
@@ -250,3 +250,14 @@ def test_extract_head_trains_on_distant_supervision_and_answers_with_spans(
     [result] = pipeline.answer(["who got the first nobel prize in physics"])
     passage = result.passages[result.span.passage]
     assert result.answer == passage.text[result.span.char_start : result.span.char_end]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(path):
+    """configs/: build-*.toml are BuildConfigs whose alpha splits MiniLM's 6 layers exactly, train-*.toml
+    TrainConfigs with tasks."""
+    if path.name.startswith("build-"):
+        live = BuildConfig.from_file(path).encoder.alpha * 6
+        assert abs(live - round(live)) < 1e-9 and 1 <= round(live) <= 5
+    else:
+        assert TrainConfig.from_file(path).tasks
