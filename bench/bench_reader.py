@@ -1,17 +1,21 @@
 """Reader benchmark on the NQ dev questions and the mini-corpus store, one backbone (MiniLM), one run, as tables.
 
 1. speed (`--head generate` or `extract`): queries/s at batch 1 and batch 16 of FiD (alpha = 1, passage text
-   re-encoded), LUMEN and GLIMMER (rerank K -> k) split where the store's memory was made (alpha = 1/3 for the
-   store `make demo` builds), their ratio to FiD, and milliseconds per stage (retrieve, memory, live, rerank,
-   decode). Every mode reads the same K retrieved passages; with the generate head the same 2-layer decoder
-   writes exactly `--answer-tokens` tokens (decoding costs the same whatever the weights), with the extract head
-   "decode" is the span search;
-2. quality: EM / F1 (KILT normalisation) and page-level R-precision of each trained reader given with
-   `--reader MODE=DIR`, with the memory uncompressed (the memory layers re-run on the passage text), VQ 16x (the
+   re-encoded), and of LUMEN and GLIMMER (rerank K -> k) split where each `--store`'s memory was made (one store
+   per live fraction, all built from the same corpus: alpha = 1/3 for the store `make demo` builds,
+   configs/build-minilm-alpha*.toml for others), their ratio to FiD, and milliseconds per stage (retrieve,
+   memory, live, rerank, decode), the median of `--repeats` rounds over every setting in turn. Every mode reads
+   the same K retrieved passages; with the generate head the same 2-layer decoder writes exactly
+   `--answer-tokens` tokens (decoding costs the same whatever the weights), with the extract head "decode" is
+   the span search;
+2. quality: EM / F1 (KILT normalisation) and page-level R-precision on each `--data` question file (held-out NQ
+   and SQuAD: `memvq split`) of each trained reader given with `--reader MODE=DIR`, read from the store made by
+   its memory layers, with the memory uncompressed (the memory layers re-run on the passage text), VQ 16x (the
    store) and, with `--pq-store`, faiss PQ 16x.
 
-    python -m bench.bench_reader --store runs/minilm-mini --reader glimmer=runs/reader-minilm/reader \\
-        --data runs/reader-minilm/data/nq-dev.jsonl [--pq-store runs/minilm-mini-pq]
+    python -m bench.bench_reader --store runs/minilm-mini --store runs/minilm-mini-a23 --head extract \\
+        --reader glimmer=runs/reader-glimmer/reader --data runs/splits/nq-dev.jsonl \\
+        --data runs/splits/squad-dev.jsonl [--pq-store runs/minilm-mini-pq]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import logging
 import time
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths, rp
 from data.kilt.records import gold_answer_list, load_kilt, record_input
 from encoders.backbone import Backbone
 from encoders.config import ReaderConfig
+from encoders.options import QueryOptions
 from encoders.reader import Reader
 from memory.store import MemoryStore
 from pipelines.rag import STAGES, RAGPipeline, reader_inputs, recomputed_inputs
@@ -37,7 +43,13 @@ from retrieval.retriever import RetrievedPassage, Retriever
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NQ_DEV = SHARED / "nq_open_oracle" / "nq-oracle-dev-kilt.jsonl"
-MODES = ("fid", "lumen", "glimmer")  # memory-only (alpha = 0) needs a store of all-layer memory
+MEMORY_MODES = ("lumen", "glimmer")  # memory-only (alpha = 0) needs a store of all-layer memory
+
+
+def live_fraction(store: MemoryStore) -> str:
+    """The store's alpha as a fraction of the backbone's layers ("2/3")."""
+    info = store.manifest["backbone"]
+    return str(Fraction(info["num_layers"] - info["memory_layers"], info["num_layers"]))
 
 
 def make_reader(
@@ -66,34 +78,41 @@ def make_reader(
     return Reader.from_backbone(split, config).eval()
 
 
-def speed_rows(
-    store: MemoryStore, retriever: Retriever, questions: list[str], args: argparse.Namespace
-) -> list[dict[str, Any]]:
+def speed_rows(stores: list[MemoryStore], questions: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """FiD once, then LUMEN and GLIMMER at each store's live fraction, side by side: `args.repeats` rounds over
+    every setting in turn, each row the round of median queries/s."""
     backbone = Backbone.from_pretrained()
-    rows = []
-    for mode in MODES:
+    settings = [("fid", stores[0], "1")] + [(m, s, live_fraction(s)) for s in stores for m in MEMORY_MODES]
+    pipelines = []
+    for mode, store, alpha in settings:
         reader = make_reader(
             backbone, store, mode, args.top_k, args.rerank_k, args.answer_tokens, args.copy_answers, args.head
         )
-        pipeline = RAGPipeline(store, reader, retriever)
+        pipeline = RAGPipeline(store, reader, Retriever.for_store(store))
         pipeline.answer(questions[:2])  # warm up
-        for batch in (1, 16):
-            count = args.speed_questions if batch == 16 else args.speed_questions // 4
-            totals = dict.fromkeys(STAGES, 0.0)
-            start = time.perf_counter()
-            for first in range(0, count, batch):
-                result = pipeline.answer(questions[first : first + batch], min_answer_tokens=args.answer_tokens)
-                for stage in STAGES:
-                    totals[stage] += result[0].timings_ms[stage]
-            seconds = time.perf_counter() - start
-            rows.append(
-                {
-                    "mode": mode,
-                    "batch": batch,
-                    "qps": count / seconds,
-                    **{stage: ms / count for stage, ms in totals.items()},
-                }
-            )
+        pipelines.append((mode, alpha, pipeline))
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):
+        for mode, alpha, pipeline in pipelines:
+            for batch in (1, 16):
+                count = args.speed_questions if batch == 16 else args.speed_questions // 4
+                totals = dict.fromkeys(STAGES, 0.0)
+                start = time.perf_counter()
+                for first in range(0, count, batch):
+                    result = pipeline.answer(questions[first : first + batch], min_answer_tokens=args.answer_tokens)
+                    for stage in STAGES:
+                        totals[stage] += result[0].timings_ms[stage]
+                seconds = time.perf_counter() - start
+                runs.setdefault((mode, alpha, batch), []).append(
+                    {
+                        "mode": mode,
+                        "alpha": alpha,
+                        "batch": batch,
+                        "qps": count / seconds,
+                        **{stage: ms / count for stage, ms in totals.items()},
+                    }
+                )
+    rows = [sorted(found, key=lambda row: row["qps"])[len(found) // 2] for found in runs.values()]
     fid = {row["batch"]: row["qps"] for row in rows if row["mode"] == "fid"}
     for row in rows:
         row["vs_fid"] = row["qps"] / fid[row["batch"]]
@@ -101,7 +120,10 @@ def speed_rows(
 
 
 def quality_row(
-    pipeline: RAGPipeline, records: list[dict[str, Any]], retrieved: list[list[RetrievedPassage]]
+    pipeline: RAGPipeline,
+    records: list[dict[str, Any]],
+    retrieved: list[list[RetrievedPassage]],
+    options: QueryOptions,
 ) -> dict[str, float]:
     em = f1_sum = rprec = 0.0
     reader = pipeline.reader
@@ -112,7 +134,7 @@ def quality_row(
         rows = [[p.row for p in passages] for passages in hits]
         inputs = pipeline.inputs(pipeline.store, reader, rows)
         prior = torch.tensor([[p.score for p in passages] for passages in hits])
-        out = reader.answer(questions, replace(inputs, retrieval_scores=prior))
+        out = reader.answer(questions, replace(inputs, retrieval_scores=prior), options)
         kept = out.kept.tolist()
         for record, answer, order, passages in zip(chunk, out.answers, kept, hits, strict=True):
             answers = gold_answer_list(record)
@@ -124,16 +146,36 @@ def quality_row(
     return {"em": 100 * em / n, "f1": 100 * f1_sum / n, "r_precision": 100 * rprec / n}
 
 
+def store_for(reader: Reader, stores: list[MemoryStore]) -> MemoryStore:
+    """The store holding the memory `reader` reads: made by as many memory layers, and by its own when it
+    fine-tuned them (fid reads passage text: the first store)."""
+    if reader.config.mode == "fid":
+        return stores[0]
+    for store in stores:
+        info = store.manifest["backbone"]
+        if info["memory_layers"] == reader.first_live and info.get("memory_digest") == reader.memory_digest():
+            return store
+    raise SystemExit(
+        f"no --store holds the memory of this {reader.config.mode} reader ({reader.first_live} memory layers"
+        f"{', fine-tuned: build one with --memory-from' if reader.memory_digest() else ''})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", type=Path, default=Path("runs/minilm-mini"))
-    parser.add_argument("--pq-store", type=Path, default=None, help="the same corpus built with a faiss PQ codec")
+    parser.add_argument(
+        "--store", type=Path, action="append", default=[], help="a store per live fraction (default runs/minilm-mini)"
+    )
+    parser.add_argument("--pq-store", type=Path, default=None, help="the first store's corpus with a faiss PQ codec")
     parser.add_argument("--reader", action="append", default=[], help="MODE=DIR of a trained reader (repeatable)")
-    parser.add_argument("--data", type=Path, default=NQ_DEV, help="KILT questions (held out from training)")
-    parser.add_argument("--quality-questions", type=int, default=270)
+    parser.add_argument(
+        "--data", type=Path, action="append", default=[], help="KILT questions held out from training (repeatable)"
+    )
+    parser.add_argument("--quality-questions", type=int, default=270, help="per --data file")
     parser.add_argument("--speed-questions", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="speed: rounds over every setting (median kept)")
     parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--rerank-k", type=int, default=3)
+    parser.add_argument("--rerank-k", type=int, default=3, help="passages GLIMMER keeps (speed and quality)")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument(
@@ -149,42 +191,59 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    store = MemoryStore.open(args.store, verify=False)
-    retriever = Retriever.for_store(store)
-    records = [r for r in load_kilt(args.data) if record_input(r) and gold_answer_list(r)]
-    questions = [record_input(r) or "" for r in records]
+    stores = [MemoryStore.open(path, verify=False) for path in args.store or [Path("runs/minilm-mini")]]
+    data = {
+        path.stem: [r for r in load_kilt(path) if record_input(r) and gold_answer_list(r)]
+        for path in args.data or [NQ_DEV]
+    }
 
     if not args.skip_speed:
-        rows = speed_rows(store, retriever, questions, args)
+        questions = [record_input(r) or "" for r in next(iter(data.values()))]
+        rows = speed_rows(stores, questions, args)
         print(
             f"\n## Speed ({args.head} head, K = {args.top_k}, GLIMMER keeps {args.rerank_k}, {args.answer_tokens} "
             f"answer tokens, copying decoder {'on' if args.copy_answers else 'off'}, {torch.get_num_threads()} "
-            "threads)\n"
+            f"threads, median of {args.repeats} rounds)\n"
         )
-        print("| mode | batch | queries/s | vs FiD | " + " | ".join(f"{s} ms/q" for s in STAGES) + " |")
-        print("|---|---:|---:|---:|" + "---:|" * len(STAGES))
+        print("| mode | alpha | batch | queries/s | vs FiD | " + " | ".join(f"{s} ms/q" for s in STAGES) + " |")
+        print("|---|---|---:|---:|---:|" + "---:|" * len(STAGES))
         for row in rows:
             stages = " | ".join(f"{row[s]:.1f}" for s in STAGES)
-            print(f"| {row['mode']} | {row['batch']} | {row['qps']:.2f} | {row['vs_fid']:.2f}x | {stages} |")
+            print(
+                f"| {row['mode']} | {row['alpha']} | {row['batch']} | {row['qps']:.2f} | {row['vs_fid']:.2f}x | "
+                f"{stages} |"
+            )
 
     if args.reader:
-        records = records[: args.quality_questions]
-        retrieved = retriever.search([record_input(r) or "" for r in records], args.top_k)
-        print(f"\n## Quality ({len(records)} questions of {args.data.name}, K = {args.top_k})\n")
-        print("| reader | memory | EM | F1 | R-precision |")
-        print("|---|---|---:|---:|---:|")
+        options = QueryOptions(rerank_k=args.rerank_k)
+        data = {name: records[: args.quality_questions] for name, records in data.items()}
+        sizes = ", ".join(f"{name} {len(records)}" for name, records in data.items())
+        print(f"\n## Quality (questions: {sizes}; K = {args.top_k}, GLIMMER keeps {args.rerank_k})\n")
+        columns = [f"{name} {metric}" for name in data for metric in ("EM", "F1", "R-precision")]
+        print("| reader | alpha | memory | " + " | ".join(columns) + " |")
+        print("|---|---|---|" + "---:|" * len(columns))
         for spec in args.reader:
             mode, _, directory = spec.partition("=")
             reader = Reader.load(directory)
+            store = store_for(reader, stores)
+            retriever = Retriever.for_store(store)
+            retrieved = {
+                name: retriever.search([record_input(r) or "" for r in records], args.top_k)
+                for name, records in data.items()
+            }
             variants = [("uncompressed", store, recomputed_inputs), ("VQ 16x", store, reader_inputs)]
             if reader.config.mode == "fid":  # no memory: the passage text itself
                 variants = [("none (passage text)", store, reader_inputs)]
             elif args.pq_store:
                 variants.append(("faiss PQ 16x", MemoryStore.open(args.pq_store, verify=False), reader_inputs))
+            alpha = str(Fraction(reader.config.live_fraction).limit_denominator(reader.backbone.num_layers))
             for name, variant_store, inputs in variants:
                 pipeline = RAGPipeline(variant_store, reader, retriever, inputs=inputs)
-                scores = quality_row(pipeline, records, retrieved)
-                print(f"| {mode} | {name} | {scores['em']:.1f} | {scores['f1']:.1f} | {scores['r_precision']:.1f} |")
+                cells = []
+                for data_name, records in data.items():
+                    scores = quality_row(pipeline, records, retrieved[data_name], options)
+                    cells += [f"{scores['em']:.1f}", f"{scores['f1']:.1f}", f"{scores['r_precision']:.1f}"]
+                print(f"| {mode} | {alpha} | {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
