@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -86,15 +87,26 @@ def two_node_cluster(staging: bool = False) -> Iterator[Any]:
     args: dict[str, Any] = {"num_cpus": 1, "temp_dir": str(temp_dir)}
     dirs = [temp_dir / "node-a-staging", temp_dir / "node-b-staging"]
     env = [{"env_vars": {"MEMVQ_STAGING_DIR": str(path)}} if staging else {} for path in dirs]
-    started = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False, **env[0]})
+    # Cluster writes the head's address to $RAY_TMPDIR/ray/ray_current_cluster without creating that directory
+    # (a machine where Ray never ran has no /tmp/ray): keep it inside temp_dir, away from the machine-wide one.
+    (temp_dir / "ray").mkdir()
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(temp_dir)
+    started = None
     try:
+        started = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False, **env[0]})
         started.temp_dir = temp_dir
         started.staging = dirs if staging else []
         started.add_node(**args, **env[1])
         started.wait_for_nodes()
         yield started
     finally:
-        started.shutdown()
+        if started is not None:
+            started.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
         left = local_ray.processes_using(temp_dir)
         local_ray.stop_processes(left)
         shutil.rmtree(temp_dir, ignore_errors=True)
