@@ -87,11 +87,9 @@ def two_node_cluster(staging: bool = False) -> Iterator[Any]:
     args: dict[str, Any] = {"num_cpus": 1, "temp_dir": str(temp_dir)}
     dirs = [temp_dir / "node-a-staging", temp_dir / "node-b-staging"]
     env = [{"env_vars": {"MEMVQ_STAGING_DIR": str(path)}} if staging else {} for path in dirs]
-    # Cluster writes the head's address to $RAY_TMPDIR/ray/ray_current_cluster without creating that directory
-    # (a machine where Ray never ran has no /tmp/ray): keep it inside temp_dir, away from the machine-wide one.
-    (temp_dir / "ray").mkdir()
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = str(temp_dir)
+    # Cluster writes the head's address to Ray's default temp dir (/tmp/ray) without creating it, which a machine
+    # where Ray never ran lacks.
+    (Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray").mkdir(exist_ok=True)
     started = None
     try:
         started = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False, **env[0]})
@@ -103,10 +101,6 @@ def two_node_cluster(staging: bool = False) -> Iterator[Any]:
     finally:
         if started is not None:
             started.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
         left = local_ray.processes_using(temp_dir)
         local_ray.stop_processes(left)
         shutil.rmtree(temp_dir, ignore_errors=True)
