@@ -37,7 +37,14 @@ from encoders.config import ReaderConfig
 from encoders.options import QueryOptions
 from encoders.reader import Reader
 from memory.store import MemoryStore
-from pipelines.rag import STAGES, RAGPipeline, reader_inputs, recomputed_inputs
+from pipelines.rag import (
+    STAGES,
+    IncompatibleModelError,
+    RAGPipeline,
+    check_compatible,
+    reader_inputs,
+    recomputed_inputs,
+)
 from pipelines.train import split_for_store
 from retrieval.retriever import RetrievedPassage, Retriever
 
@@ -78,7 +85,9 @@ def make_reader(
     return Reader.from_backbone(split, config).eval()
 
 
-def speed_rows(stores: list[MemoryStore], questions: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+def speed_rows(
+    stores: list[MemoryStore], retrievers: dict[Path, Retriever], questions: list[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """FiD once, then LUMEN and GLIMMER at each store's live fraction, side by side: `args.repeats` rounds over
     every setting in turn, each row the round of median queries/s."""
     backbone = Backbone.from_pretrained()
@@ -88,7 +97,7 @@ def speed_rows(stores: list[MemoryStore], questions: list[str], args: argparse.N
         reader = make_reader(
             backbone, store, mode, args.top_k, args.rerank_k, args.answer_tokens, args.copy_answers, args.head
         )
-        pipeline = RAGPipeline(store, reader, Retriever.for_store(store))
+        pipeline = RAGPipeline(store, reader, retrievers[store.layout.root])
         pipeline.answer(questions[:2])  # warm up
         pipelines.append((mode, alpha, pipeline))
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
@@ -147,18 +156,17 @@ def quality_row(
 
 
 def store_for(reader: Reader, stores: list[MemoryStore]) -> MemoryStore:
-    """The store holding the memory `reader` reads: made by as many memory layers, and by its own when it
-    fine-tuned them (fid reads passage text: the first store)."""
-    if reader.config.mode == "fid":
-        return stores[0]
+    """The first store holding the memory `reader` reads (`check_compatible`: made by as many memory layers, and
+    by its own when it fine-tuned them; fid reads passage text, so any)."""
+    refusals = []
     for store in stores:
-        info = store.manifest["backbone"]
-        if info["memory_layers"] == reader.first_live and info.get("memory_digest") == reader.memory_digest():
-            return store
-    raise SystemExit(
-        f"no --store holds the memory of this {reader.config.mode} reader ({reader.first_live} memory layers"
-        f"{', fine-tuned: build one with --memory-from' if reader.memory_digest() else ''})"
-    )
+        try:
+            check_compatible(store, reader)
+        except IncompatibleModelError as error:
+            refusals.append(f"{store.layout.root}: {error}")
+            continue
+        return store
+    raise SystemExit(f"no --store holds the memory of this {reader.config.mode} reader: " + "; ".join(refusals))
 
 
 def main() -> None:
@@ -192,6 +200,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     stores = [MemoryStore.open(path, verify=False) for path in args.store or [Path("runs/minilm-mini")]]
+    retrievers = {store.layout.root: Retriever.for_store(store) for store in stores}
     data = {
         path.stem: [r for r in load_kilt(path) if record_input(r) and gold_answer_list(r)]
         for path in args.data or [NQ_DEV]
@@ -199,7 +208,7 @@ def main() -> None:
 
     if not args.skip_speed:
         questions = [record_input(r) or "" for r in next(iter(data.values()))]
-        rows = speed_rows(stores, questions, args)
+        rows = speed_rows(stores, retrievers, questions, args)
         print(
             f"\n## Speed ({args.head} head, K = {args.top_k}, GLIMMER keeps {args.rerank_k}, {args.answer_tokens} "
             f"answer tokens, copying decoder {'on' if args.copy_answers else 'off'}, {torch.get_num_threads()} "
@@ -222,26 +231,28 @@ def main() -> None:
         columns = [f"{name} {metric}" for name in data for metric in ("EM", "F1", "R-precision")]
         print("| reader | alpha | memory | " + " | ".join(columns) + " |")
         print("|---|---|---|" + "---:|" * len(columns))
+        retrieved: dict[Path, dict[str, list[list[RetrievedPassage]]]] = {}  # per store, per --data file
         for spec in args.reader:
             mode, _, directory = spec.partition("=")
             reader = Reader.load(directory)
             store = store_for(reader, stores)
-            retriever = Retriever.for_store(store)
-            retrieved = {
-                name: retriever.search([record_input(r) or "" for r in records], args.top_k)
-                for name, records in data.items()
-            }
+            retriever = retrievers[store.layout.root]
+            if store.layout.root not in retrieved:
+                retrieved[store.layout.root] = {
+                    name: retriever.search([record_input(r) or "" for r in records], args.top_k)
+                    for name, records in data.items()
+                }
             variants = [("uncompressed", store, recomputed_inputs), ("VQ 16x", store, reader_inputs)]
             if reader.config.mode == "fid":  # no memory: the passage text itself
                 variants = [("none (passage text)", store, reader_inputs)]
             elif args.pq_store:
                 variants.append(("faiss PQ 16x", MemoryStore.open(args.pq_store, verify=False), reader_inputs))
-            alpha = str(Fraction(reader.config.live_fraction).limit_denominator(reader.backbone.num_layers))
+            alpha = "1" if reader.config.mode == "fid" else live_fraction(store)
             for name, variant_store, inputs in variants:
                 pipeline = RAGPipeline(variant_store, reader, retriever, inputs=inputs)
                 cells = []
                 for data_name, records in data.items():
-                    scores = quality_row(pipeline, records, retrieved[data_name], options)
+                    scores = quality_row(pipeline, records, retrieved[store.layout.root][data_name], options)
                     cells += [f"{scores['em']:.1f}", f"{scores['f1']:.1f}", f"{scores['r_precision']:.1f}"]
                 print(f"| {mode} | {alpha} | {name} | " + " | ".join(cells) + " |")
 

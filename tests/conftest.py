@@ -81,12 +81,13 @@ def two_node_cluster(staging: bool = False) -> Iterator[Any]:
     raylet's environment: `cluster.staging`). At the end every process of theirs must be gone."""
     from ray.cluster_utils import Cluster
 
+    from memory.location import STAGING_ENV
     from pipelines import local_ray
 
     temp_dir = Path(tempfile.mkdtemp(prefix="memvq-cluster-"))
     args: dict[str, Any] = {"num_cpus": 1, "temp_dir": str(temp_dir)}
     dirs = [temp_dir / "node-a-staging", temp_dir / "node-b-staging"]
-    env = [{"env_vars": {"MEMVQ_STAGING_DIR": str(path)}} if staging else {} for path in dirs]
+    env = [{"env_vars": {STAGING_ENV: str(path)}} if staging else {} for path in dirs]
     # Cluster writes the head's address to Ray's default temp dir (/tmp/ray) without creating it, which a machine
     # where Ray never ran lacks.
     (Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray").mkdir(exist_ok=True)
