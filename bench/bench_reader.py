@@ -232,6 +232,7 @@ def main() -> None:
         print("| reader | alpha | memory | " + " | ".join(columns) + " |")
         print("|---|---|---|" + "---:|" * len(columns))
         retrieved: dict[Path, dict[str, list[list[RetrievedPassage]]]] = {}  # per store, per --data file
+        pq_store = MemoryStore.open(args.pq_store, verify=False) if args.pq_store else None
         for spec in args.reader:
             mode, _, directory = spec.partition("=")
             reader = Reader.load(directory)
@@ -245,8 +246,9 @@ def main() -> None:
             variants = [("uncompressed", store, recomputed_inputs), ("VQ 16x", store, reader_inputs)]
             if reader.config.mode == "fid":  # no memory: the passage text itself
                 variants = [("none (passage text)", store, reader_inputs)]
-            elif args.pq_store:
-                variants.append(("faiss PQ 16x", MemoryStore.open(args.pq_store, verify=False), reader_inputs))
+            elif pq_store is not None:
+                check_compatible(pq_store, reader)
+                variants.append(("faiss PQ 16x", pq_store, reader_inputs))
             alpha = "1" if reader.config.mode == "fid" else live_fraction(store)
             for name, variant_store, inputs in variants:
                 pipeline = RAGPipeline(variant_store, reader, retriever, inputs=inputs)
