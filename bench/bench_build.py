@@ -27,6 +27,7 @@ from encoders.backbone import Backbone
 from memory.store import MemoryStore
 from pipelines.build import build_index, length_sorted_batches
 from pipelines.config import BuildConfig
+from pipelines.logs import configure_logging
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle" / "wiki-mini-knowledgesource.jsonl"
 
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--skip-codecs", action="store_true", help="skip the codec comparison table")
     parser.add_argument("--config", type=Path, default=Path(__file__).parents[1] / "configs" / "build-minilm.toml")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(logging.WARNING)
     config = BuildConfig.from_file(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = subset(CORPUS, args.docs, Path(tmp))

@@ -43,6 +43,7 @@ import torch
 
 from memory.codecs import CodecConfig, Segment, compression_ratio, make_codec
 from memory.quality import nn_agreement, relative_error
+from pipelines.logs import configure_logging
 
 LOG = logging.getLogger("bench_codec")
 
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--only", choices=["all", "faiss", "vq"], default="all")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     train, test = real_vectors(args.n_train, args.n_test)
     LOG.info("train %s, test %s (disjoint documents)", tuple(train.shape), tuple(test.shape))
     rows = codec_table(train, test, default_specs(args.only))

@@ -37,6 +37,7 @@ import psutil
 from bench.bench_serve import ServerProcess, batch_stats, load_questions
 from memory.artifact import ArtifactError
 from memory.store import MemoryStore
+from pipelines.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -237,8 +238,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["store", "build", "serve"])
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()
     random.seed(args.seed)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,6 +37,7 @@ from encoders.config import ReaderConfig
 from encoders.options import QueryOptions
 from encoders.reader import Reader
 from memory.store import MemoryStore
+from pipelines.logs import configure_logging
 from pipelines.rag import (
     STAGES,
     IncompatibleModelError,
@@ -196,7 +197,7 @@ def main() -> None:
         help="speed: the copying decoder (the embedded reader's) in every mode",
     )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(logging.WARNING)
     torch.manual_seed(0)
 
     stores = [MemoryStore.open(path, verify=False) for path in args.store or [Path("runs/minilm-mini")]]

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from bench.bench_build import CORPUS, PeakMemory, rss_now
+from pipelines.logs import configure_logging
 
 log = logging.getLogger("bench_scale")
 
@@ -639,7 +640,7 @@ def main() -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--codec-from", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     for noisy in ("pipelines", "memory", "ray", "faiss", "data", "encoders"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.child:

@@ -36,6 +36,8 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipelines.logs import configure_logging
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ROOT.parent / "shared" / "data" / "nq_open_oracle" / "nq-oracle-dev-kilt.jsonl"
 FALLBACK_QUESTIONS = [
@@ -393,8 +395,7 @@ def main() -> None:
         "batching on and off",
     )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()
     sys.exit(asyncio.run(bench(args)))
 
 

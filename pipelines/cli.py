@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from pipelines.logs import configure_logging
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="memvq: compressed retrieval-augmented memory.")
 
 # The flags of the query knobs (`encoders.options.QueryOptions`), shared by `query` and `eval`.
@@ -26,15 +28,7 @@ Verify = Annotated[
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
+    configure_logging(verbose=verbose)
 
 
 @app.command("build-index")

@@ -1,0 +1,29 @@
+"""Logging setup shared by the `memvq` command line and the bench scripts: one line format, and the libraries'
+chatter (transformers' load reports and progress bars, httpx's request lines) kept out of progress output and
+printed tables unless `verbose`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: int = logging.INFO, *, verbose: bool = False) -> None:
+    """Log at `level` (DEBUG with `verbose`) in one format. Below `verbose`, transformers says only errors and
+    shows no progress bars (set through its environment variables when it is not imported yet, so that neither
+    this process nor its children import it just to be quiet; a value the user set wins), httpx only warnings."""
+    logging.basicConfig(level=logging.DEBUG if verbose else level, format=FORMAT)
+    if verbose:
+        return
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
