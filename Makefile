@@ -6,13 +6,15 @@ CORPUS ?= ../shared/data/nq_open_oracle/wiki-mini-knowledgesource.jsonl
 STORE ?= runs/minilm-mini
 READER ?= runs/reader-minilm
 QUESTION ?= who got the first nobel prize in physics
+# torch from pip's configured index; TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build from PyPI's mirror.
+TORCH_INDEX ?=
 
 .PHONY: setup demo reader test lint bench
 
 $(BIN)/memvq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
@@ -22,9 +24,10 @@ demo: setup
 	$(BIN)/memvq build-index --corpus $(CORPUS) --out $(STORE) --config configs/build-minilm.toml
 	$(BIN)/memvq query "$(QUESTION)" --store $(STORE)
 
-# Retrain the embedded default reader from its recipe (encoders/weights/minilm-default is a copy of READER/reader).
+# Retrain the embedded default reader from its recipe, on the shipped run's 45-minute budget
+# (encoders/weights/minilm-default is a copy of READER/reader).
 reader: setup
-	$(BIN)/memvq train --store $(STORE) --config configs/train-minilm.toml --out $(READER)
+	$(BIN)/memvq train --store $(STORE) --config configs/train-minilm.toml --out $(READER) --max-minutes 45
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
