@@ -6,7 +6,7 @@ CORPUS ?= ../shared/data/nq_open_oracle/wiki-mini-knowledgesource.jsonl
 STORE ?= runs/minilm-mini
 READER ?= runs/reader-minilm
 QUESTION ?= who got the first nobel prize in physics
-# torch from pip's configured index; TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build from PyPI's mirror.
+# torch from pip's configured index; TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build where pip would fetch CUDA.
 TORCH_INDEX ?=
 
 .PHONY: setup demo reader test lint bench
