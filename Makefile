@@ -9,7 +9,7 @@ QUESTION ?= who got the first nobel prize in physics
 # torch from pip's configured index; TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build where pip would fetch CUDA.
 TORCH_INDEX ?=
 
-.PHONY: setup demo reader test lint bench
+.PHONY: setup demo reader codec test lint bench
 
 $(BIN)/memvq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: setup
 # (encoders/weights/minilm-default is a copy of READER/reader).
 reader: setup
 	$(BIN)/memvq train --store $(STORE) --config configs/train-minilm.toml --out $(READER) --max-minutes 45
+
+# Refit the codec shipped for the embedded encoder's memory (encoders/weights/minilm-codec) from its recipe; a build
+# of the embedded encoder with the default codec config takes it instead of fitting one (codec_source = "auto").
+codec: setup
+	$(BIN)/memvq build-index --corpus $(CORPUS) --out runs/codec-minilm --config configs/build-minilm-codec.toml
+	mkdir -p encoders/weights/minilm-codec
+	cp runs/codec-minilm/codec/codec.json runs/codec-minilm/codec/vq.pt encoders/weights/minilm-codec/
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

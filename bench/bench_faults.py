@@ -101,7 +101,7 @@ def tiny_build_setup(work: Path, docs: int) -> tuple[Path, Path]:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from encoders.backbone import default_model_path
+    from encoders.embedded import default_model_path
 
     corpus = work / "corpus.jsonl"
     with open(CORPUS) as source:

@@ -114,7 +114,7 @@ def make_tiny_bert(path: Path, layers: int) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from encoders.backbone import default_model_path
+    from encoders.embedded import default_model_path
 
     if (path / "config.json").is_file():
         return path

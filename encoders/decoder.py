@@ -89,8 +89,10 @@ class CopyHead(nn.Module):
         hidden, encoder_hidden = hidden.float(), encoder_hidden.float()
         scores = torch.einsum("btd,bnd->btn", self.query(hidden.to(self.query.weight.dtype)).float(), encoder_hidden)
         scores = scores / math.sqrt(hidden.shape[-1])
-        attention = scores.masked_fill(~encoder_mask.bool()[:, None, :], float("-inf")).softmax(dim=-1)
-        context = torch.einsum("btn,bnd->btd", attention, encoder_hidden)
+        # float32 even under bf16 autocast (which runs the einsums in bf16): the copy distribution is mixed with the
+        # LM head's float32 softmax
+        attention = scores.float().masked_fill(~encoder_mask.bool()[:, None, :], float("-inf")).softmax(dim=-1)
+        context = torch.einsum("btn,bnd->btd", attention, encoder_hidden).float()
         both = torch.cat([hidden, context], dim=-1).to(self.gate.weight.dtype)
         return attention, torch.sigmoid(self.gate(both).float())
 
@@ -132,7 +134,7 @@ class FiDDecoder(nn.Module):
         `num_layers` keeps the checkpoint's first layers only (None: all): a shallow decoder is cheap, and for
         short answers most of FiD's cost is in the encoder anyway. `copy`: add a (new) `CopyHead`.
         """
-        from encoders.backbone import resolve_model_path
+        from encoders.embedded import resolve_model_path
 
         if not backbone.info.model_path:
             raise ValueError("the backbone has no model_path: load it with Backbone.from_pretrained(path)")

@@ -43,7 +43,7 @@ from encoders.config import ReaderConfig
 from encoders.decoder import FiDDecoder
 from encoders.inputs import PassageOffsets, PassageText, ReaderInputs
 from encoders.options import QueryOptions
-from encoders.reader_io import READER_FILE, layer_index, load_backbone, load_state, read_reader, save_reader
+from encoders.reader_io import layer_index, load_backbone, load_state, read_reader, save_reader
 from encoders.reranker import RerankerHead, perplexity_distillation_loss, perplexity_distillation_target
 from encoders.span_head import SpanHead, answer_log_likelihood, best_spans, span_loss
 from encoders.spans import AnswerSpan, aggregate, fid_pair_tokens, label_positives
@@ -51,19 +51,6 @@ from encoders.spans import AnswerSpan, aggregate, fid_pair_tokens, label_positiv
 logger = logging.getLogger(__name__)
 
 SPAN_CANDIDATES = 20  # extract: the best spans per question whose equal answers are added up
-
-# The embedded default reader (MiniLM, trained by `memvq train` with configs/train-minilm.toml; see its README).
-DEFAULT_READER_DIR = Path(__file__).parent / "weights" / "minilm-default"
-
-
-def default_reader_path() -> Path:
-    """The embedded default reader's directory; a clear error when its weights are not there."""
-    if not (DEFAULT_READER_DIR / READER_FILE).is_file():
-        raise FileNotFoundError(
-            f"the embedded default reader is missing ({DEFAULT_READER_DIR}): train one with "
-            "`memvq train --config configs/train-minilm.toml` and pass it with --model"
-        )
-    return DEFAULT_READER_DIR
 
 
 @dataclass
@@ -616,9 +603,12 @@ class Reader(nn.Module):
             state.update({f"copy.{key}": value for key, value in self.decoder.copy_head.state_dict().items()})
         return state
 
-    def save(self, directory: str | Path, fp16: bool = False) -> Path:
-        """Write reader.pt (trained tensors) and reader.json (config, backbone info): `encoders.reader_io`."""
-        return save_reader(directory, self.config.model_dump(), self.backbone.info, self.trained_state(), fp16)
+    def save(self, directory: str | Path, fp16: bool = False, trained_precision: str | None = None) -> Path:
+        """Write reader.pt (trained tensors) and reader.json (config, backbone info, the precision it was trained
+        in): `encoders.reader_io`."""
+        return save_reader(
+            directory, self.config.model_dump(), self.backbone.info, self.trained_state(), fp16, trained_precision
+        )
 
     @classmethod
     def load(

@@ -1,8 +1,8 @@
 """A saved reader on disk: writing and reading it, apart from the reader's model code (:mod:`encoders.reader`).
 
     READER_DIR/reader.json   its memvq-reader header (:mod:`memory.artifact`): the ReaderConfig, the backbone it
-                             was trained on (type, depth, width, memory split, portable model path), the dtype, and
-                             the size and sha256 of reader.pt
+                             was trained on (type, depth, width, memory split, portable model path), the dtype, the
+                             precision it was trained in, and the size and sha256 of reader.pt
     READER_DIR/reader.pt     the trained tensors (`Reader.trained_state`), keyed by part: live.*, memory.*
                              (`train_memory_layers`), reranker.*, decoder.*, copy.*
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from encoders.backbone import Backbone, BackboneInfo, portable_model_path
+from encoders.backbone import Backbone, BackboneInfo
+from encoders.embedded import portable_model_path
 from memory.artifact import ArtifactFormat, ArtifactHeader, atomic_write, read_artifact, write_artifact
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ def save_reader(
     backbone: BackboneInfo,
     state: Mapping[str, torch.Tensor],
     fp16: bool = False,
+    trained_precision: str | None = None,
 ) -> Path:
     """Write reader.pt (the trained tensors, fp16 if asked) then reader.json (`config`: the ReaderConfig as JSON,
-    `backbone`: what it was trained on); returns `directory`."""
+    `backbone`: what it was trained on, `trained_precision`: fp32 or bf16, if known); returns `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Tied tensors (the BERT2BERT LM head and word embeddings) stay one tensor in the file.
@@ -71,6 +73,7 @@ def save_reader(
         extra={
             "backbone": asdict(backbone) | {"model_path": portable_model_path(backbone.model_path)},
             "dtype": str(dtype).removeprefix("torch."),
+            "trained_precision": trained_precision,
         },
     )
     logger.info("saved reader (%s, %d tensors) to %s", config.get("mode"), len(saved), directory)

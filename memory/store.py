@@ -5,7 +5,8 @@ Layout of a store directory::
     manifest.json                       the memvq-store header (memory.artifact), written last: a store is
                                         complete iff it exists; build config, backbone, codec, counts, shards,
                                         the build report and the size and sha256 of every file below
-    codec/                              the codec that made the codes (load with memory.codecs.load_codec)
+    codec/                              the codec that made the codes (load with memory.codecs.load_codec) and
+                                        source.json, where the build took it from
     index/                              the FAISS passage index (memory.index.PassageIndex)
     shards/shard-00000.passages.parquet passage rows [start, start + n) with their text and KILT provenance
     shards/shard-00000.codes.npy        'tokens m' uint8/uint16 codes of every token of those passages
@@ -73,6 +74,11 @@ class StoreLayout:
     @property
     def codec_dir(self) -> Path:
         return self.root / "codec"
+
+    @property
+    def codec_source(self) -> Path:
+        """Where the build took its codec from (shipped, given with --codec-from, or fitted on the corpus)."""
+        return self.codec_dir / "source.json"
 
     @property
     def index_dir(self) -> Path:

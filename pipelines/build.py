@@ -43,7 +43,9 @@ from tqdm.auto import tqdm
 
 from data.ingest.corpus import IngestReport, corpus_files, iter_documents
 from data.ingest.passages import ChunkReport, iter_passages
-from encoders.backbone import Backbone, portable_model_path, resolve_device
+from encoders.backbone import Backbone
+from encoders.embedded import portable_model_path, shipped_codec
+from encoders.hardware import Resolved, autocast, native_bf16, resolve_device, resolve_precision
 from encoders.reader_io import load_memory_layers
 from memory.artifact import (
     MANIFEST_NAME,
@@ -140,6 +142,19 @@ class Encoders:
         return None if self.memory is self.index else self.memory.memory_digest()
 
 
+def resolved_config(config: BuildConfig) -> BuildConfig:
+    """The config with `encoder.precision` "auto" resolved for the device this machine encodes on: what the store
+    records (its bytes depend on it), so that a resume elsewhere or with another precision is refused."""
+    precision = resolve_precision(config.encoder.precision, resolve_device(config.encoder.device))
+    return config.model_copy(update={"encoder": config.encoder.model_copy(update={"precision": precision})})
+
+
+def _resolved_precision(config: BuildConfig) -> Resolved:
+    if config.encoder.precision == "auto":
+        raise ValueError("the build config's precision is not resolved (resolved_config)")
+    return config.encoder.precision
+
+
 # -- step 1: plan ------------------------------------------------------------------------------------------------
 
 
@@ -211,16 +226,19 @@ def length_sorted_batches(titles: list[str], texts: list[str], batch_size: int) 
 
 
 def encode_passages(
-    encoders: Encoders, titles: list[str], texts: list[str], max_tokens: int, batch_size: int
+    encoders: Encoders, titles: list[str], texts: list[str], config: BuildConfig
 ) -> Iterator[tuple[list[int], list[torch.Tensor], torch.Tensor]]:
-    """Yield (passage indices, memory 'l d' per passage, embeddings 'b d') in `length_sorted_batches`."""
+    """Yield (passage indices, memory 'l d' per passage, embeddings 'b d') in `length_sorted_batches`, computed in
+    the config's precision (resolved: `resolved_config`)."""
     backbone = encoders.index
-    use_amp = backbone.device.type == "cuda"
-    for chosen in length_sorted_batches(titles, texts, batch_size):
-        batch = backbone.tokenize_passages([titles[i] for i in chosen], [texts[i] for i in chosen], max_tokens)
+    precision = _resolved_precision(config)
+    for chosen in length_sorted_batches(titles, texts, config.encoder.batch_size):
+        batch = backbone.tokenize_passages(
+            [titles[i] for i in chosen], [texts[i] for i in chosen], config.encoder.max_passage_tokens
+        )
         batch = batch.to(backbone.device)
         args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.inference_mode(), autocast(backbone.device, precision):
             memory, embedding = backbone.encode_with_embedding(*args)
             if encoders.memory is not backbone:
                 memory = encoders.memory.encode_memory(*args)
@@ -232,32 +250,44 @@ def encode_passages(
 # -- step 2: codec -----------------------------------------------------------------------------------------------
 
 
+def shipped_codec_for(config: BuildConfig, encoders: Encoders) -> Path | None:
+    """The codec shipped for this build's memory (`encoders.embedded.shipped_codec`) when `codec_source` is auto,
+    the memory is the pretrained embedded encoder's and the shipped codec's config is this build's; else None."""
+    if config.codec_source != "auto" or config.encoder.memory_from is not None:
+        return None
+    path = shipped_codec(config.encoder.model, encoders.memory.memory_layers)
+    if path is None or load_codec(path).config != config.codec:
+        return None
+    return path
+
+
 def train_codec(
     layout: StoreLayout, config: BuildConfig, plan: _Plan, encoders: Encoders, codec_from: Path | None = None
-) -> MemoryCodec:
-    """Fit the codec on token vectors of a seeded passage sample; reuse a codec an earlier run saved, or take
-    the fitted one in `codec_from` (e.g. codebooks fine-tuned by `memvq train`)."""
+) -> tuple[MemoryCodec, str]:
+    """The build's codec and where it came from: a codec an earlier run saved, the fitted one in `codec_from`
+    (e.g. codebooks fine-tuned by `memvq train`), the one shipped for the embedded encoder's memory
+    (`shipped_codec_for`), or else one fitted on token vectors of a seeded passage sample of this corpus."""
     if (layout.codec_dir / CODEC_FILE).is_file():
-        return load_codec(layout.codec_dir)
-    if codec_from is not None:
-        codec = load_codec(codec_from)
+        return load_codec(layout.codec_dir), read_json(layout.codec_source, "codec source")["source"]
+    shipped = shipped_codec_for(config, encoders) if codec_from is None else None
+    if codec_from is not None or shipped is not None:
+        given = codec_from or shipped
+        codec = load_codec(given)
         if codec.config != config.codec:
             raise ManifestError(
                 f"the codec in {codec_from} was made with another codec config than this build's; build with the "
                 "config of the store it came from (--config STORE/build_config.json)"
             )
-        log.info("codec: taking the fitted codec in %s", codec_from)
-        codec.save(layout.codec_dir)
-        return codec
+        source = f"shipped: {shipped.name}" if shipped is not None else f"codec_from: {codec_from}"
+        log.info("codec: taking the fitted codec in %s", given)
+        return _save_codec(codec, layout, source), source
     rng = np.random.default_rng(config.seed)
-    count = min(config.codec_sample_passages, plan.passages)
-    rows = np.sort(rng.choice(plan.passages, size=count, replace=False))
+    rows = codec_sample_rows(config, plan.passages, rng)
+    count = len(rows)
     titles, texts = _read_rows(layout, plan, rows)
     vectors = []
     with tqdm(total=count, desc="codec: encoding sample", unit=" passages") as bar:
-        for chosen, memories, _ in encode_passages(
-            encoders, titles, texts, config.encoder.max_passage_tokens, config.encoder.batch_size
-        ):
+        for chosen, memories, _ in encode_passages(encoders, titles, texts, config):
             vectors.extend(memory.cpu() for memory in memories)
             bar.update(len(chosen))
     sample = torch.cat(vectors)
@@ -265,7 +295,19 @@ def train_codec(
         keep = np.sort(rng.choice(len(sample), size=config.codec_train_vectors, replace=False))
         sample = sample[torch.from_numpy(keep)]
     log.info("fitting codec %s on %d token vectors", config.codec.kind, len(sample))
-    codec = make_codec(config.codec).fit(sample)
+    return _save_codec(make_codec(config.codec).fit(sample), layout, "fitted"), "fitted"
+
+
+def codec_sample_rows(config: BuildConfig, passages: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The store rows whose memory a codec is fitted on (sorted; seeded by `config.seed` unless `rng` is given)."""
+    rng = rng if rng is not None else np.random.default_rng(config.seed)
+    return np.sort(rng.choice(passages, size=min(config.codec_sample_passages, passages), replace=False))
+
+
+def _save_codec(codec: MemoryCodec, layout: StoreLayout, source: str) -> MemoryCodec:
+    """Save the build's codec with a record of where it came from (written first: the codec's header says the
+    directory is complete)."""
+    write_json(layout.codec_source, {"source": source})
     codec.save(layout.codec_dir)
     return codec
 
@@ -324,6 +366,8 @@ class ShardEncoder:
         self.config = BuildConfig.model_validate(config)
         torch.set_num_threads(self.config.cpus_per_actor)  # CPU results depend on it: the same on every node
         device = resolve_device(self.config.encoder.device)
+        if _resolved_precision(self.config) == "bf16" and not native_bf16(device):
+            log.warning("encoder actor on node %s: its %s emulates bf16 (slower than fp32)", self.node, device.type)
         self.encoders = Encoders.load(self.config, device)
         self.codec = load_codec(self.layout.codec_dir).to(device)
         if self.remote is not None:
@@ -360,9 +404,7 @@ def encode_shard(layout: StoreLayout, shard: int, encoders: Encoders, codec: Mem
     titles, texts = table.column("title").to_pylist(), table.column("text").to_pylist()
     codes: list[np.ndarray | None] = [None] * len(texts)
     embeddings = np.zeros((len(texts), encoders.index.hidden_size), dtype=np.float16)
-    for chosen, memories, embedding in encode_passages(
-        encoders, titles, texts, config.encoder.max_passage_tokens, config.encoder.batch_size
-    ):
+    for chosen, memories, embedding in encode_passages(encoders, titles, texts, config):
         batch_codes = codec.encode(torch.cat(memories))
         bounds = np.cumsum([0] + [len(memory) for memory in memories])
         for j, i in enumerate(chosen):
@@ -630,6 +672,7 @@ def write_manifest(
     markers: list[dict[str, Any]],
     backbone_info: dict[str, Any],
     codec: MemoryCodec,
+    codec_source: str,
     report: BuildReport,
     corpus: dict[str, Any],
 ) -> dict[str, Any]:
@@ -655,6 +698,7 @@ def write_manifest(
                 "code_width": codec.code_width,
                 "code_dtype": np.dtype(codec.code_dtype).name,
                 "bytes_per_token": codec.bytes_per_token,
+                "source": codec_source,
             },
             "corpus": corpus,
             "num_documents": plan.documents,
@@ -686,7 +730,7 @@ def build_index(
     MEMVQ_STAGING_DIR, else ~/.cache/memvq/staging), started afresh from what the URI holds, and publishes each
     finished piece to the URI: the records, the passages then the plan, the codec, each shard (by the actor that
     encoded it, its done marker last), the index, the manifest last of all. The URI is the build's only state."""
-    config = config or BuildConfig()
+    config = resolved_config(config or BuildConfig())
     corpus = Path(corpus)
     if not corpus.exists():
         raise FileNotFoundError(f"corpus {corpus} does not exist")
@@ -721,7 +765,7 @@ def build_index(
 
     clock = time.perf_counter()
     encoders = Encoders.load(config, resolve_device(config.encoder.device))
-    codec = train_codec(layout, config, plan, encoders, None if codec_from is None else Path(codec_from))
+    codec, codec_source = train_codec(layout, config, plan, encoders, None if codec_from is None else Path(codec_from))
     codec_dir = layout.relative(layout.codec_dir)
     if remote is not None and not remote.exists(f"{codec_dir}/{CODEC_FILE}"):
         remote.upload_dir(layout.codec_dir, codec_dir, last=CODEC_FILE)
@@ -766,7 +810,7 @@ def build_index(
         "model_path": portable_model_path(config.encoder.model),
         "memory_digest": encoders.memory_digest,
     }
-    write_manifest(layout, config, plan, markers, info, codec, report, corpus_record)
+    write_manifest(layout, config, plan, markers, info, codec, codec_source, report, corpus_record)
     if remote is not None:
         index_dir = layout.relative(layout.index_dir)
         remote.upload_dir(layout.index_dir, index_dir, last=META_FILE)

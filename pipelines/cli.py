@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from encoders.hardware import PRECISION_HELP
 from pipelines.logs import configure_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="memvq: compressed retrieval-augmented memory.")
@@ -17,6 +18,10 @@ TopK = Annotated[int | None, typer.Option(help="passages retrieved per question;
 RerankK = Annotated[int | None, typer.Option(help="glimmer: passages kept after reranking; default: the reader's")]
 MaxAnswerTokens = Annotated[int | None, typer.Option(help="answer length limit; default: the reader's")]
 NumBeams = Annotated[int | None, typer.Option(help="beam size; default: the reader's")]
+PrecisionFlag = Annotated[Literal["auto", "fp32", "bf16"], typer.Option(help=PRECISION_HELP)]
+ConfigPrecision = Annotated[
+    Literal["auto", "fp32", "bf16"] | None, typer.Option(help=f"{PRECISION_HELP}; default: the config's (auto)")
+]
 Verify = Annotated[
     bool,
     typer.Option(
@@ -27,8 +32,11 @@ Verify = Annotated[
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    configure_logging(verbose=verbose)
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging (libraries' notices too)")] = False,
+) -> None:
+    """Without -v a command prints its progress bars, its result and its warnings and errors (serve: its log)."""
+    configure_logging(logging.WARNING, verbose=verbose)
 
 
 @app.command("build-index")
@@ -59,6 +67,7 @@ def build_index_command(
         Path | None,
         typer.Option(help="a reader trained with train_memory_layers (TRAIN_RUN/reader): its memory layers encode"),
     ] = None,
+    precision: ConfigPrecision = None,
     work_dir: Annotated[
         Path | None,
         typer.Option(
@@ -78,7 +87,11 @@ def build_index_command(
     overrides: dict[str, Any] = {
         "format": format,
         "num_workers": workers,
-        "encoder": {"model": model, "memory_from": None if memory_from is None else str(memory_from)},
+        "encoder": {
+            "model": model,
+            "memory_from": None if memory_from is None else str(memory_from),
+            "precision": precision,
+        },
     }
     try:
         build_config = BuildConfig.from_file(config, overrides)
@@ -140,6 +153,7 @@ def train_command(
     steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides the config)")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="wall-clock budget; stops and saves")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides the config)")] = None,
+    precision: ConfigPrecision = None,
 ) -> None:
     """Fine-tune a reader (live layers, reranker, decoder) over a store's memory (resumable)."""
     from memory.artifact import ArtifactError
@@ -151,6 +165,7 @@ def train_command(
         "optim": {"steps": steps},
         "max_minutes": max_minutes,
         "device": device,
+        "precision": precision,
     }
     try:
         report = train(store, out, TrainConfig.from_file(config, overrides))
@@ -211,6 +226,7 @@ def query_command(
     max_answer_tokens: MaxAnswerTokens = None,
     num_beams: NumBeams = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    precision: PrecisionFlag = "auto",
     verify: Verify = True,
 ) -> None:
     """Answer one question from the memory: the answer, the passages read and the time per stage."""
@@ -223,7 +239,7 @@ def query_command(
     try:
         options = QueryOptions(top_k=top_k, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, num_beams=num_beams)
         start = time.perf_counter()
-        rag = RAGPipeline.load(store, model, device=device, verify=verify)
+        rag = RAGPipeline.load(store, model, device=device, verify=verify, precision=precision)
         load_ms = (time.perf_counter() - start) * 1000
         [result] = rag.answer([question], options)
     except (ArtifactError, FileNotFoundError, IncompatibleModelError, ValueError) as error:
@@ -272,6 +288,7 @@ def eval_command(
         ),
     ] = None,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="auto: the GPU when there is one")] = "auto",
+    precision: PrecisionFlag = "auto",
     batch_size: Annotated[int, typer.Option(help="questions per batch (and per flush of the predictions)")] = 16,
     top_k: TopK = None,
     rerank_k: RerankK = None,
@@ -322,12 +339,12 @@ def eval_command(
         except (KiltFormatError, ValueError) as error:
             raise _fail(error) from error
     else:
-        from encoders.reader import default_reader_path
+        from encoders.embedded import default_reader_path
         from pipelines.rag import RAGPipeline
 
         try:
             model_path = model if model is not None else default_reader_path()
-            pipeline = RAGPipeline.load(store, model_path, device=device, verify=verify)
+            pipeline = RAGPipeline.load(store, model_path, device=device, verify=verify, precision=precision)
         except (FileNotFoundError, ArtifactError, ValueError, RuntimeError) as error:
             raise _fail(error) from error
         try:
@@ -354,6 +371,7 @@ def serve_command(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8000,
     device: Annotated[str, typer.Option(help="auto (the GPU when there is one), cpu, cuda, cuda:N")] = "auto",
+    precision: PrecisionFlag = "auto",
     max_batch_size: Annotated[int, typer.Option(min=1, help="questions per model call; 1: no batching")] = 16,
     max_wait_ms: Annotated[float, typer.Option(min=0.0, help="longest wait for a batch to fill, ms")] = 10.0,
     api_key: Annotated[
@@ -386,13 +404,15 @@ def serve_command(
     ] = None,
 ) -> None:
     """Serve the RAG query API over HTTP (FastAPI): /v1/answer, /v1/answer:batch, /v1/retrieve, /metrics."""
-    from encoders.reader import default_reader_path
+    from encoders.embedded import default_reader_path
     from memory.artifact import ArtifactError
     from pipelines.rag import RAGPipeline
     from pipelines.serve import ServeSettings, create_app, serve
 
     if ray_address is not None and replicas is None:
         raise typer.BadParameter("--ray-address needs --replicas", param_hint="--ray-address")
+    if logging.getLogger().level > logging.INFO:  # a server's log: where it listens, what it loaded, each request
+        logging.getLogger().setLevel(logging.INFO)
     try:
         settings = ServeSettings(
             max_batch_size=max_batch_size,
@@ -420,9 +440,12 @@ def serve_command(
                 device=device,
                 verify=verify,
                 settings=settings,
+                precision=precision,
             )
             return
-        pipeline = RAGPipeline.load(store, model or default_reader_path(), device=device, verify=verify)
+        pipeline = RAGPipeline.load(
+            store, model or default_reader_path(), device=device, verify=verify, precision=precision
+        )
     except (FileNotFoundError, ArtifactError, ValueError, RuntimeError) as error:
         raise _fail(error) from error
     logging.getLogger(__name__).info(

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data.tasks import TaskConfig
 from encoders.config import ReaderConfig
+from encoders.hardware import PRECISION_HELP, Precision
 from memory.codecs import CodecConfig
 from memory.index import IndexConfig
 
@@ -56,6 +57,11 @@ class EncoderConfig(_Frozen):
     max_passage_tokens: int = Field(192, ge=8)
     batch_size: int = Field(64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Precision = Field(
+        "auto",
+        description=f"{PRECISION_HELP}. The memory's bytes depend on it: a build records what auto resolved to "
+        "and refuses to resume with another",
+    )
     memory_from: str | None = Field(
         None,
         description="a reader trained with train_memory_layers: its memory layers make the memory (the dense "
@@ -72,6 +78,12 @@ class BuildConfig(FileConfig):
     codec: CodecConfig = CodecConfig()
     index: IndexConfig = IndexConfig()
     shard_size: int = Field(256, ge=1, description="passages per shard (one Ray task each)")
+    codec_source: Literal["auto", "fit"] = Field(
+        "auto",
+        description="auto: the codec shipped for the embedded encoder's memory (encoders.embedded) when it fits "
+        "this build (the embedded encoder at its default split, this `codec` config), saving the fit; else, and "
+        "with fit, a codec fitted on this corpus (codec_sample_passages, codec_train_vectors). --codec-from wins",
+    )
     codec_sample_passages: int = Field(1024, ge=1, description="passages encoded to train the codec")
     codec_train_vectors: int = Field(100_000, ge=256, description="token vectors the codec is fitted on")
     num_workers: int | None = Field(
@@ -117,7 +129,9 @@ class TrainConfig(FileConfig):
     optim: OptimConfig = OptimConfig()
     eval_every: int = Field(100, ge=1, description="steps between dev evaluations (and checkpoints)")
     max_minutes: float | None = Field(None, gt=0.0, description="stop (and save) after this wall-clock budget")
-    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    precision: Precision = Field(
+        "auto", description=f"{PRECISION_HELP}. A run records what auto resolved to and resumes only with it"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     finetune_codec: bool = Field(

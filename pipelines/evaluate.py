@@ -444,7 +444,7 @@ def store_summary(store: MemoryStore) -> dict[str, Any]:
 
 
 def model_summary(pipeline: RAGPipeline, model_path: str | Path | None = None) -> dict[str, Any]:
-    """The reader: path (if known), sha256 of its weights file, config and backbone."""
+    """The reader: path (if known), sha256 of its weights file, the precision it runs in, config and backbone."""
     from encoders.reader_io import WEIGHTS_FILE
 
     weights = Path(model_path) / WEIGHTS_FILE if model_path is not None else None
@@ -453,6 +453,7 @@ def model_summary(pipeline: RAGPipeline, model_path: str | Path | None = None) -
             "path": str(model_path) if model_path is not None else None,
             "weights_sha256": sha256_file(weights) if weights is not None and weights.is_file() else None,
             "mode": pipeline.reader.config.mode,
+            "precision": pipeline.precision,
             "config": pipeline.reader.config.model_dump(mode="json"),
             "backbone": asdict(pipeline.reader.backbone.info),
         }
@@ -462,7 +463,7 @@ def model_summary(pipeline: RAGPipeline, model_path: str | Path | None = None) -
 def _check_run_config(out: Path, store: dict[str, Any], model: dict[str, Any], settings: EvalSettings) -> None:
     config = {
         "store_manifest_sha256": store["manifest_sha256"],
-        "model": {k: model[k] for k in ("weights_sha256", "config", "backbone")},
+        "model": {k: model[k] for k in ("weights_sha256", "config", "backbone", "precision")},
         "settings": settings.model_dump(mode="json", include=set(_PREDICTION_SETTINGS)),
     }
     config = _jsonable(config)
@@ -586,7 +587,8 @@ def _header(report: Mapping[str, Any]) -> list[str]:
     if model:
         config = model.get("config") or {}
         lines.append(
-            f"- model: `{model.get('path') or '(given as a pipeline)'}`: {model.get('mode')}, top_k "
+            f"- model: `{model.get('path') or '(given as a pipeline)'}`: {model.get('mode')} in "
+            f"{model.get('precision')}, top_k "
             f"{config.get('top_k')}, rerank_k {config.get('rerank_k')}, max_answer_tokens "
             f"{config.get('max_answer_tokens')}, num_beams {config.get('num_beams')}"
         )

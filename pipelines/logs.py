@@ -10,15 +10,25 @@ import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+# Below `verbose`, these libraries' loggers say only this much: httpx's request lines, faiss's report of which of
+# its builds it loaded, Ray's notice that a local cluster uses token authentication.
+QUIET_LOGGERS = {
+    "httpx": logging.WARNING,
+    "faiss.loader": logging.WARNING,
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+}
+
 
 def configure_logging(level: int = logging.INFO, *, verbose: bool = False) -> None:
     """Log at `level` (DEBUG with `verbose`) in one format. Below `verbose`, transformers says only errors and
     shows no progress bars (set through its environment variables when it is not imported yet, so that neither
-    this process nor its children import it just to be quiet; a value the user set wins), httpx only warnings."""
+    this process nor its children import it just to be quiet; a value the user set wins), the `QUIET_LOGGERS` no
+    more than their level."""
     logging.basicConfig(level=logging.DEBUG if verbose else level, format=FORMAT)
     if verbose:
         return
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name, quiet in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(quiet)
     if "transformers" in sys.modules:
         from transformers.utils import logging as transformers_logging
 

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from encoders.backbone import resolve_device
 from encoders.config import ReaderConfig
+from encoders.embedded import default_reader_path
+from encoders.hardware import Precision, Resolved, autocast, resolve_device, resolve_precision
 from encoders.inputs import PassageOffsets, ReaderInputs
 from encoders.options import QueryOptions
-from encoders.reader import Reader, Stopwatch, default_reader_path
+from encoders.reader import Reader, Stopwatch
 from encoders.spans import AnswerSpan, passage_token_offsets
 from memory.store import MemoryStore
 from retrieval.retriever import RetrievedPassage, Retriever
@@ -184,7 +185,12 @@ class RAGPipeline:
     which does not read the store's memory, so the memory layers need not be the store's)."""
 
     def __init__(
-        self, store: MemoryStore, reader: Reader, retriever: Retriever, inputs: InputsFn = reader_inputs
+        self,
+        store: MemoryStore,
+        reader: Reader,
+        retriever: Retriever,
+        inputs: InputsFn = reader_inputs,
+        precision: Resolved = "fp32",
     ) -> None:
         check_compatible(store, reader, stored_memory=inputs is reader_inputs)
         self.store = store
@@ -192,6 +198,7 @@ class RAGPipeline:
         self.retriever = retriever
         self.inputs = inputs
         self.device = reader.device
+        self.precision = precision
 
     @classmethod
     def load(
@@ -200,19 +207,23 @@ class RAGPipeline:
         model: str | Path | None = None,
         device: str | torch.device = "auto",
         verify: bool = True,
+        precision: Precision = "auto",
     ) -> RAGPipeline:
-        """Open a store (sha256-verified unless `verify=False`) and a saved reader (None: the embedded default)."""
+        """Open a store (sha256-verified unless `verify=False`) and a saved reader (None: the embedded default), to
+        run on `device` in `precision` (`encoders.hardware`)."""
         device = resolve_device(device)
+        resolved = resolve_precision(precision, device)
         opened = MemoryStore.open(store, verify=verify)
         reader = Reader.load(model or default_reader_path(), device=device)
-        pipeline = cls(opened, reader, Retriever.for_store(opened, device))
+        pipeline = cls(opened, reader, Retriever.for_store(opened, device, resolved), precision=resolved)
         opened.codec.to(device)
         logger.info(
-            "pipeline ready: store %s (%d passages), reader %s on %s",
+            "pipeline ready: store %s (%d passages), reader %s on %s in %s",
             store,
             opened.num_passages,
             reader.config.mode,
             device,
+            resolved,
         )
         return pipeline
 
@@ -259,7 +270,7 @@ class RAGPipeline:
         with timer.stage("memory"):
             inputs = self.inputs(self.store, self.reader, [[p.row for p in passages] for passages in retrieved])
         scores = torch.tensor([[p.score for p in passages] for passages in retrieved])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device, self.precision):
             out = self.reader.answer(questions, replace(inputs, retrieval_scores=scores), options, min_answer_tokens)
         for stage in ("live", "rerank", "decode"):
             timer.ms[stage] += out.timings_ms.get(stage, 0.0)

@@ -2,7 +2,8 @@
 
 `Trainer` steps, each resumable: `prepare_data` (read and split the tasks, write the held-out questions as KILT
 files; top-K store rows of every question, cached) -> `train_step`s (AdamW, warmup then linear decay, gradient
-accumulation, bf16 autocast on GPU, gradient clipping; generation loss + GLIMMER perplexity distillation) with an
+accumulation, the run's precision (`encoders.hardware`: bf16 autocast where the hardware has it), gradient
+clipping; the answer head's loss + GLIMMER perplexity distillation) with an
 `evaluate` (dev EM / F1) and a `save_checkpoint` every `eval_every` steps -> `finalize` (the reader and
 `train.json`). The backbone is split where the store's memory was made (its manifest's memory layers). With
 `finetune_codec` (MEMORY-VQ) the memory is recomputed from the passages' text by the memory layers and
@@ -37,8 +38,9 @@ from tqdm.auto import tqdm
 
 from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
 from data.tasks import QAExample, TaskData, load_task, schedule, write_split_files
-from encoders.backbone import Backbone, memory_layer_count, resolve_device
+from encoders.backbone import Backbone, memory_layer_count
 from encoders.config import ReaderConfig
+from encoders.hardware import Resolved, autocast, resolve_device, resolve_precision
 from encoders.reader import Reader
 from memory.artifact import ArtifactFormat, ManifestError, atomic_write, read_json, write_artifact, write_json
 from memory.codecs import CodebookFinetuner, VQCodec, load_codec
@@ -75,8 +77,12 @@ class TrainReport:
 RUN_ONLY = ("max_minutes", "device")
 
 
-def _check_resume(out: Path, config: TrainConfig, store: Path) -> None:
-    record = {"config": config.model_dump(mode="json", exclude=set(RUN_ONLY)), "store": str(store.resolve())}
+def _check_resume(out: Path, config: TrainConfig, store: Path, precision: Resolved) -> None:
+    record = {
+        "config": config.model_dump(mode="json", exclude={*RUN_ONLY, "precision"}),
+        "precision": precision,  # what it resolved to: a step in bf16 is not a step in fp32
+        "store": str(store.resolve()),
+    }
     path = out / CONFIG_FILE
     if path.is_file():
         if read_json(path, "train config") != record:
@@ -199,11 +205,12 @@ class Trainer:
     `train_step` with an `evaluate` and a `save_checkpoint` every `eval_every` steps, `finalize`; `run` does all."""
 
     def __init__(self, store_path: Path, out: Path, config: TrainConfig) -> None:
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
         out.mkdir(parents=True, exist_ok=True)
-        _check_resume(out, config, store_path)
+        _check_resume(out, config, store_path, self.precision)
         torch.manual_seed(config.seed)
         self.out, self.config = out, config
-        self.device = resolve_device(config.device)
         self.store = store = MemoryStore.open(store_path, verify=True)
         store.codec.to(self.device)
         reader_config, memory_layers = split_for_store(config.reader, store)
@@ -212,16 +219,15 @@ class Trainer:
         self.reader = reader = Reader.from_backbone(backbone.to(self.device), reader_config)
         if config.init_from is not None:
             reader.warm_start(config.init_from)
-        self.retriever = Retriever.for_store(store, self.device)
+        self.retriever = Retriever.for_store(store, self.device, self.precision)
         self.finetuner = _codebook_finetuner(store, config, self.device)
         inputs = reader_inputs
         if self.finetuner is not None:
             inputs = partial(recomputed_inputs, quantize=self.finetuner)
         elif config.reader.train_memory_layers:
             inputs = recomputed_inputs
-        self.pipeline = RAGPipeline(store, reader, self.retriever, inputs=inputs)
+        self.pipeline = RAGPipeline(store, reader, self.retriever, inputs=inputs, precision=self.precision)
         self.optimizer, self.scheduler = _optimizer(reader, config)
-        self.use_amp = config.amp and self.device.type == "cuda"
         self.tasks: list[TaskData] = []
         self.rows: dict[str, np.ndarray] = {}
         self.slots: list[tuple[int, int]] = []
@@ -268,7 +274,7 @@ class Trainer:
     def loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """The reader's losses on a batch ('loss', the one minimised: generation + GLIMMER distillation)."""
         inputs = replace(self.pipeline.inputs(self.store, self.reader, batch.rows), retrieval_scores=batch.scores)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
+        with autocast(self.device, self.precision):
             return self.reader.loss(batch.questions, batch.answers, inputs)
 
     def train_step(self, batches: Sequence[TrainBatch]) -> dict[str, float]:
@@ -350,6 +356,7 @@ class Trainer:
         self.restore_checkpoint()
         self.train_mode(True)
         running: dict[str, float] = {}
+        dev: dict[str, str] = {}  # the last evaluation's EM per task, shown beside the losses
         per_step = optim.batch_size * optim.grad_accum
         with tqdm(total=optim.steps, initial=self.step, desc="train", unit="step") as bar:
             while self.step < optim.steps:
@@ -359,10 +366,11 @@ class Trainer:
                 self.step_seconds.append(time.perf_counter() - start)
                 bar.update(1)
                 postfix = {name.replace("_loss", ""): f"{value:.3f}" for name, value in running.items()}
-                bar.set_postfix({**postfix, "ex/s": f"{per_step / self.step_seconds[-1]:.1f}"})
+                bar.set_postfix({**postfix, "ex/s": f"{per_step / self.step_seconds[-1]:.1f}", **dev})
                 out_of_time = config.max_minutes is not None and self.seconds > config.max_minutes * 60
                 if self.step % config.eval_every == 0 or self.step == optim.steps or out_of_time:
-                    self.evaluate()
+                    scores = self.evaluate()
+                    dev = {f"dev {key}": f"{value:.3f}" for key, value in scores.items() if key.endswith("/em")}
                     self.save_checkpoint()
                 if out_of_time:
                     minutes = config.max_minutes
@@ -385,9 +393,7 @@ class Trainer:
             )
         optim, busy = self.config.optim, sum(self.step_seconds)
         speed = busy and len(self.step_seconds) * optim.batch_size * optim.grad_accum / busy
-        reader_dir = _finalize(
-            self.out, self.reader, self.config, store, self.step, finished, self.history, seconds, codec_dir, speed
-        )
+        reader_dir = _finalize(self, finished, seconds, codec_dir, speed)
         if self.config.reader.train_memory_layers:
             logger.info(
                 "the reader's memory layers were fine-tuned: build its store with them (build-index --config %s "
@@ -416,18 +422,10 @@ def _codebook_finetuner(store: MemoryStore, config: TrainConfig, device: torch.d
 
 
 def _finalize(
-    out: Path,
-    reader: Reader,
-    config: TrainConfig,
-    store: MemoryStore,
-    step: int,
-    finished: bool,
-    history: list[dict[str, Any]],
-    seconds: float,
-    codec_dir: Path | None,
-    examples_per_second: float,
+    trainer: Trainer, finished: bool, seconds: float, codec_dir: Path | None, examples_per_second: float
 ) -> Path:
-    reader_dir = reader.eval().save(out / READER_DIR, fp16=True)
+    out, reader, config, store, step = trainer.out, trainer.reader, trainer.config, trainer.store, trainer.step
+    reader_dir = reader.eval().save(out / READER_DIR, fp16=True, trained_precision=trainer.precision)
     saved = [*reader_dir.iterdir(), *([] if codec_dir is None else codec_dir.iterdir())]
     write_artifact(
         out,
@@ -439,8 +437,9 @@ def _finalize(
             "store": {"path": str(store.layout.root), "backbone": store.manifest["backbone"]},
             "steps": step,
             "finished": finished,
+            "precision": trainer.precision,
             "seconds": round(seconds, 1),
-            "history": history,
+            "history": trainer.history,
             "trainable_parameters": sum(p.numel() for p in reader.parameters() if p.requires_grad),
             "examples_seen": step * config.optim.grad_accum * config.optim.batch_size,
             "examples_per_second": round(examples_per_second, 2),  # in training steps (not evaluation), this run

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from encoders.backbone import Backbone
+from encoders.hardware import Resolved, autocast
 from memory.store import MemoryStore
 
 
@@ -45,22 +46,29 @@ class RetrievedPassage:
 class Retriever:
     """Dense retrieval over a store's FAISS index with the store's encoder."""
 
-    def __init__(self, store: MemoryStore, encoder: Backbone, max_question_tokens: int = 64) -> None:
+    def __init__(
+        self, store: MemoryStore, encoder: Backbone, precision: Resolved = "fp32", max_question_tokens: int = 64
+    ) -> None:
         self.store = store
         self.encoder = encoder
+        self.precision = precision
         self.max_question_tokens = max_question_tokens
 
     @classmethod
-    def for_store(cls, store: MemoryStore, device: str | torch.device = "cpu") -> Retriever:
-        """The retriever of a store, with the encoder named in its manifest."""
+    def for_store(
+        cls, store: MemoryStore, device: str | torch.device = "cpu", precision: Resolved = "fp32"
+    ) -> Retriever:
+        """The retriever of a store, with the encoder named in its manifest, run in `precision`."""
         info = store.manifest["backbone"]
         encoder = Backbone.from_pretrained(info["model_path"], memory_layers=info["memory_layers"])
-        return cls(store, encoder.to(device))
+        return cls(store, encoder.to(device), precision)
 
     @torch.no_grad()
     def embed(self, questions: list[str]) -> np.ndarray:
         """Question embeddings 'b d' float32, L2-normalised (as the passages' are)."""
-        return self.encoder.embed_texts(questions, self.max_question_tokens).float().cpu().numpy()
+        with autocast(self.encoder.device, self.precision):
+            embedded = self.encoder.embed_texts(questions, self.max_question_tokens)
+        return embedded.float().cpu().numpy()
 
     def search(self, questions: list[str], k: int) -> list[list[RetrievedPassage]]:
         """The top-k passages of each question, best first (fewer when the store holds fewer)."""

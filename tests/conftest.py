@@ -122,7 +122,7 @@ def tiny_bert_path(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from encoders.backbone import default_model_path
+    from encoders.embedded import default_model_path
 
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
@@ -185,12 +185,12 @@ def tiny_extract_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_store(mini_corpus, tmp_path_factory) -> Path:
-    """A store of the 40-page mini corpus built with the real embedded MiniLM and the default VQ codec (the
-    embedded reader was trained on such memory), fitted with 10 rotation rounds instead of 80 (quicker)."""
+    """A store of the 40-page mini corpus built as `make demo` builds one: the real embedded MiniLM, the default
+    VQ codec (the one shipped for its memory: no fit), the precision auto resolves to."""
     from pipelines.build import build_index
     from pipelines.config import BuildConfig
 
-    config = BuildConfig.model_validate({"shard_size": 64, "codec": {"rotation_iters": 10}})
+    config = BuildConfig.model_validate({"shard_size": 64})
     out = tmp_path_factory.mktemp("stores") / "minilm"
     build_index(mini_corpus, out, config)
     return out

@@ -201,3 +201,40 @@ def test_minilm_store_retrieves_gold_pages(shared_data, mini_corpus, minilm_stor
     _, rows = store.index.search(queries, k=5)
     hits = [bool(gold & {p["doc_id"] for p in store.passages(r)}) for r, (_, gold) in zip(rows, questions, strict=True)]
     assert np.mean(hits) >= 0.7, f"gold page in top-5 for {np.mean(hits):.2f} of {len(hits)} questions"
+
+
+@pytest.mark.slow
+def test_a_default_build_of_the_embedded_encoder_takes_the_shipped_codec(minilm_store):
+    """No fit: the store's codec is the one shipped for the embedded encoder's memory, and the manifest says so."""
+    from encoders.embedded import SHIPPED_CODECS
+
+    manifest = json.loads((minilm_store / "manifest.json").read_text())
+    assert manifest["codec"]["source"] == "shipped: minilm-codec"
+    assert manifest["report"]["seconds"]["codec"] < 5
+    shipped = SHIPPED_CODECS[("embedded:all-MiniLM-L6-v2", 4)]
+    assert (minilm_store / "codec" / "vq.pt").read_bytes() == (shipped / "vq.pt").read_bytes()
+
+
+def test_the_shipped_codec_is_taken_only_where_it_fits(tiny_store):
+    """Its config is the default one, for the embedded encoder's default split; any other build fits its own."""
+    from types import SimpleNamespace
+
+    from encoders.embedded import SHIPPED_CODECS
+    from memory.codecs import CodecConfig, load_codec
+    from pipelines.build import shipped_codec_for
+    from pipelines.config import BuildConfig
+
+    [(model, layers)] = SHIPPED_CODECS
+    assert load_codec(SHIPPED_CODECS[(model, layers)]).config == CodecConfig()
+    encoders = SimpleNamespace(memory=SimpleNamespace(memory_layers=layers))
+    default = BuildConfig()
+    assert shipped_codec_for(default, encoders) == SHIPPED_CODECS[(model, layers)]
+    assert shipped_codec_for(BuildConfig(codec_source="fit"), encoders) is None
+    assert shipped_codec_for(BuildConfig.model_validate({"codec": {"rotation_iters": 10}}), encoders) is None
+    memory_from = BuildConfig.model_validate({"encoder": {"memory_from": "runs/reader"}})
+    assert shipped_codec_for(memory_from, encoders) is None
+    assert shipped_codec_for(default, SimpleNamespace(memory=SimpleNamespace(memory_layers=3))) is None
+    other_model = BuildConfig.model_validate({"encoder": {"model": str(tiny_store[0])}})
+    assert shipped_codec_for(other_model, encoders) is None
+    manifest = json.loads((tiny_store[0] / "manifest.json").read_text())
+    assert manifest["codec"]["source"] == "fitted"

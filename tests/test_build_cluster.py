@@ -105,7 +105,7 @@ def done_shards(store: Path) -> int:
 def start_cli_build(config, corpus: Path, out: Path, address: str) -> subprocess.Popen:
     path = out.parent / "build.json"
     path.write_text(json.dumps(config.to_json()))
-    command = [sys.executable, "-m", "pipelines.cli", "build-index", "--corpus", str(corpus), "--out", str(out)]
+    command = [sys.executable, "-m", "pipelines.cli", "-v", "build-index", "--corpus", str(corpus), "--out", str(out)]
     command += ["--config", str(path), "--ray-address", address]
     return subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

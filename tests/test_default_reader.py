@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from data.kilt.metrics import exact_match, metric_max_over_ground_truths
-from encoders.backbone import EMBEDDED_MODEL
-from encoders.reader import default_reader_path
+from encoders.embedded import EMBEDDED_MODEL, default_reader_path
 from encoders.reader_io import READER_FILE, WEIGHTS_FILE
 from pipelines.rag import RAGPipeline
 

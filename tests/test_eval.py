@@ -83,6 +83,7 @@ def test_eval_writes_valid_predictions_and_a_report(rag, nq_file, tiny_reader_pa
     assert on_disk["config"]["query"]["top_k"] == 4 and on_disk["config"]["ks"] == [1, 5]
     assert on_disk["store"]["num_passages"] == rag.store.num_passages
     assert on_disk["model"]["path"] == str(tiny_reader_path) and on_disk["model"]["mode"] == "glimmer"
+    assert on_disk["model"]["precision"] == rag.precision
     assert on_disk["device"]["device"] == "cpu"
     assert (on_disk["format"], on_disk["version"], list(on_disk["files"])) == (
         "memvq-eval-report",
@@ -206,9 +207,9 @@ def test_cli_user_errors(tiny_store, nq_file, tmp_path, monkeypatch):
     result = runner.invoke(app, ["eval", "--data", str(tmp_path / "nope.jsonl"), "--predictions", str(nq_file)])
     assert result.exit_code == 2 and "file not found" in result.output
 
-    import encoders.reader
+    import encoders.embedded
 
-    monkeypatch.setattr(encoders.reader, "DEFAULT_READER_DIR", tmp_path / "no-reader")
+    monkeypatch.setattr(encoders.embedded, "DEFAULT_READER_DIR", tmp_path / "no-reader")
     args = ["eval", "--data", str(nq_file), "--out", str(tmp_path / "e"), "--store", str(tiny_store[0])]
     result = runner.invoke(app, [*args, "--device", "cpu", "--no-verify"])  # no --model: the embedded default
     assert result.exit_code == 2 and "embedded default reader is missing" in result.output

@@ -33,6 +33,7 @@ class FakePipeline:
     """Answers every question with ANSWER, a span of the first of PASSAGES; records each model call's questions."""
 
     config = ReaderConfig(mode="fid", head="extract", top_k=2, rerank_k=2)
+    precision = "fp32"
 
     def __init__(self, seconds: float = 0.0, span_passage: int = 0) -> None:
         self.seconds = seconds
@@ -70,7 +71,7 @@ def client(url: str, key: str = KEY, **options) -> openai.OpenAI:
 def test_a_chat_completion_answers_the_last_user_message_with_sources_and_provenance(url, pipeline):
     ai = client(url)
     [model] = ai.models.list().data
-    assert model.id == "memvq-fid-extract" and model.owned_by == "memvq"
+    assert model.id == "memvq-fid-extract" and model.owned_by == "memvq" and model.precision == "fp32"
     messages = [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "an earlier question"},

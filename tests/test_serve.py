@@ -285,6 +285,7 @@ class FlakyPipeline:
     def __init__(self, rag: RAGPipeline) -> None:
         self.rag = rag
         self.config = rag.config
+        self.precision = rag.precision
         self.fail_next = True
 
     def answer(self, questions, **options):
@@ -341,10 +342,10 @@ def test_concurrent_requests_are_batched(rag):
 def test_serve_command_reports_a_missing_reader_and_wires_the_app(tiny_store, tiny_reader_path, monkeypatch, tmp_path):
     import uvicorn
 
-    import encoders.reader
+    import encoders.embedded
     from pipelines.cli import app
 
-    monkeypatch.setattr(encoders.reader, "DEFAULT_READER_DIR", tmp_path / "no-reader")
+    monkeypatch.setattr(encoders.embedded, "DEFAULT_READER_DIR", tmp_path / "no-reader")
     result = CliRunner().invoke(app, ["serve", "--store", str(tiny_store[0])])
     assert result.exit_code == 2 and "embedded default reader is missing" in result.output
     result = CliRunner().invoke(app, ["serve", "--store", str(tmp_path / "nothing"), "--model", str(tiny_reader_path)])

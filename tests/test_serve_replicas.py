@@ -34,6 +34,7 @@ class FakePipeline:
     """Answers `answer to Q`; records each model call; raises on a question containing 'boom'."""
 
     config = SimpleNamespace(mode="fid", top_k=3, rerank_k=2, max_answer_tokens=8, num_beams=1)
+    precision = "fp32"
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []

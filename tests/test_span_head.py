@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, T5Tokenizer
 
-from encoders.backbone import Backbone, default_model_path
+from encoders.backbone import Backbone
+from encoders.embedded import default_model_path
 from encoders.span_head import SpanCandidate, SpanHead, SpanLogits, best_spans, span_loss, token_log_probs
 from encoders.spans import (
     AnswerSpan,

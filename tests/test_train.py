@@ -14,6 +14,7 @@ from conftest import tiny_config
 from data.tasks import TaskConfig, in_dev, iter_squad, load_task, schedule
 from encoders.backbone import Backbone
 from encoders.config import ReaderConfig
+from encoders.hardware import resolve_precision
 from encoders.reader import Reader
 from encoders.reader_io import WEIGHTS_FILE, load_memory_layers
 from memory.artifact import ManifestError
@@ -118,6 +119,14 @@ def test_tiny_run_trains_saves_and_resumes_identically(tiny_store, tiny_bert_pat
     with pytest.raises(ManifestError, match="another config"):
         train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"seed": 1}))
     assert (tmp_path / "resumed" / CONFIG_FILE).is_file()
+
+    # The precision the run resolved to is recorded with the reader and the run; another one is refused.
+    precision = resolve_precision("auto", torch.device("cpu"))
+    assert manifest["precision"] == precision
+    assert json.loads((straight.reader_dir / "reader.json").read_text())["trained_precision"] == precision
+    other = "fp32" if precision == "bf16" else "bf16"
+    with pytest.raises(ManifestError, match="another config"):
+        train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"precision": other}))
 
 
 def test_the_backbone_is_split_where_the_stores_memory_was_made(tiny_store, tiny_bert_path, kilt_task, tmp_path):

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from einops import rearrange
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 from vector_quantize_pytorch import VectorQuantize
 
 from memory.codecs.base import CodecConfig, MemoryCodec, Segment
@@ -414,17 +415,18 @@ class VQCodec(MemoryCodec):
             parts.append(acc)
         return torch.cat(parts, dim=1)
 
-    def _ema_refine(self, z: torch.Tensor, gen: torch.Generator) -> None:
-        """EMA epochs with dead-code reset in vector_quantize_pytorch, starting from our codebooks."""
+    def _ema_refine(self, z: torch.Tensor, gen: torch.Generator, bar: tqdm) -> None:
+        """EMA epochs with dead-code reset in vector_quantize_pytorch, starting from our codebooks (`bar` counts
+        the epochs)."""
         cfg = self.config
         n, bs = z.shape[0], min(cfg.batch_size, z.shape[0])
         vqs = [_ema_quantizer(quant.codebooks, cfg.decay, cfg.threshold_ema_dead_code) for quant in self._quantizers]
         _seed_usage(vqs, self._encode_rotated(z, recon=False)[0], bs)
-        for ep in range(cfg.epochs):
+        for _ in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen)
             for s in range(0, n - bs + 1, bs):  # full batches only
                 _quantize_levels(self._layout(), vqs, z[perm[s : s + bs]])
-            LOG.info("vq: EMA epoch %d/%d", ep + 1, cfg.epochs)
+            bar.update(1)
         self._set_codebooks([vq.codebook for vq in vqs])
 
     def _set_codebooks(self, codebooks: list[torch.Tensor]) -> None:
@@ -461,22 +463,25 @@ class VQCodec(MemoryCodec):
             self._refresh()
             xc = x - self.mean
             z = xc @ self.rotation
-            self._kmeans_init(z, gen)
-            LOG.info("vq: k-means init done")
-            for it in range(cfg.rotation_iters if cfg.rotation == "opq" else 0):
-                targets: list[torch.Tensor] = []
-                codes, zq = self._encode_rotated(z, targets)
-                assert zq is not None
-                err = float((z - zq).square().sum() / xc.square().sum())
-                self._lloyd_update(targets, codes)
-                del targets
-                self.rotation = procrustes(xc, self._lookup_rotated(codes)).float()
-                self._refresh()
-                z = xc @ self.rotation
-                level = logging.INFO if (it + 1) % 10 == 0 or it + 1 == cfg.rotation_iters else logging.DEBUG
-                LOG.log(level, "vq: opq round %d/%d: relative squared error %.4f", it + 1, cfg.rotation_iters, err)
-            if cfg.epochs:
-                self._ema_refine(z.contiguous(), gen)
+            rounds = cfg.rotation_iters if cfg.rotation == "opq" else 0
+            with tqdm(total=1 + rounds + cfg.epochs, desc="codec: fitting", unit=" step", leave=False) as bar:
+                self._kmeans_init(z, gen)
+                bar.update(1)
+                for it in range(rounds):
+                    targets: list[torch.Tensor] = []
+                    codes, zq = self._encode_rotated(z, targets)
+                    assert zq is not None
+                    err = float((z - zq).square().sum() / xc.square().sum())
+                    self._lloyd_update(targets, codes)
+                    del targets
+                    self.rotation = procrustes(xc, self._lookup_rotated(codes)).float()
+                    self._refresh()
+                    z = xc @ self.rotation
+                    LOG.debug("vq: opq round %d/%d: relative squared error %.4f", it + 1, rounds, err)
+                    bar.set_postfix(squared_error=f"{err:.4f}")
+                    bar.update(1)
+                if cfg.epochs:
+                    self._ema_refine(z.contiguous(), gen, bar)
         self._fitted = True
         return self
 

@@ -68,6 +68,8 @@ class QAPipeline(Protocol):
     @property
     def config(self) -> Any: ...
 
+    precision: str  # "fp32" or "bf16": what the reader computes in
+
     def answer(self, questions: list[str], options: QueryOptions | None) -> list[RAGAnswer]: ...
 
     def retrieve(self, questions: list[str], options: QueryOptions | None) -> list[list[RetrievedPassage]]: ...
@@ -280,7 +282,7 @@ def create_app(
         if not server.ready or not server.batcher.running:
             return error_response(503, "unavailable", "not ready", **{"Retry-After": "1"})
         config = server.pipeline.config
-        return {"status": "ready", "reader": config.mode, "top_k": config.top_k}
+        return {"status": "ready", "reader": config.mode, "top_k": config.top_k, "precision": server.pipeline.precision}
 
     @app.get("/metrics", dependencies=security, response_class=Response)
     async def metrics() -> Response:

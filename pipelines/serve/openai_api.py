@@ -123,6 +123,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "memvq"
+    precision: str = Field(description="memvq: what the reader computes in, fp32 or bf16")
 
 
 class ModelList(BaseModel):
@@ -145,10 +146,12 @@ class OpenAIErrorResponse(BaseModel):
 
 
 class Configured(Protocol):
-    """What these routes need of the pipeline: its reader's config (`app.QAPipeline` has it)."""
+    """What these routes need of the pipeline: its reader's config and precision (`app.QAPipeline` has them)."""
 
     @property
     def config(self) -> Any: ...
+
+    precision: str
 
 
 AnswerFn = Callable[[Any], Awaitable[AnswerResponse]]  # the /v1/answer endpoint: AnswerRequest -> AnswerResponse
@@ -212,7 +215,8 @@ def openai_router(
     @router.get("/models", response_model=ModelList)
     async def models() -> ModelList:
         """The one model: the loaded reader."""
-        return ModelList(data=[ModelCard(id=reader_id(pipeline.config), created=created)])
+        card = ModelCard(id=reader_id(pipeline.config), created=created, precision=pipeline.precision)
+        return ModelList(data=[card])
 
     @router.post(
         "/chat/completions",

@@ -40,6 +40,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from encoders.hardware import Precision
 from pipelines.serve.app import create_app
 from pipelines.serve.batcher import (
     BatcherClosedError,
@@ -208,11 +209,13 @@ class ReplicaHeader:
 class MemvqReplica:
     """One replica: a pipeline loaded from the store and reader, and the API over it with Ray Serve's batching."""
 
-    def __init__(self, store: str, model: str, device: str, verify: bool, settings: ServeSettings) -> None:
+    def __init__(
+        self, store: str, model: str, device: str, verify: bool, settings: ServeSettings, precision: Precision
+    ) -> None:
         from pipelines.rag import RAGPipeline
 
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.pipeline = RAGPipeline.load(store, model, device=device, verify=verify)
+        self.pipeline = RAGPipeline.load(store, model, device=device, verify=verify, precision=precision)
         self.settings = settings
         self.server: Any = None
 
@@ -239,6 +242,7 @@ def replica_app(
     device: str = "auto",
     verify: bool = True,
     settings: ServeSettings | None = None,
+    precision: Precision = "auto",
 ) -> Any:
     """The Serve application of `replicas` replicas (Ray must be initialised: each replica's CPUs and GPUs are a
     share of the cluster's, at most one of each)."""
@@ -260,7 +264,8 @@ def replica_app(
         max_queued_requests=settings.max_queue,
         max_constructor_retry_count=3,
     )
-    return deployment.bind(str(Path(store).resolve()), str(Path(model).resolve()), device, verify, settings)
+    store, model = str(Path(store).resolve()), str(Path(model).resolve())
+    return deployment.bind(store, model, device, verify, settings, precision)
 
 
 def _deployment_message() -> str:
@@ -284,6 +289,7 @@ def replicas_running(
     device: str = "auto",
     verify: bool = True,
     settings: ServeSettings | None = None,
+    precision: Precision = "auto",
 ) -> Iterator[DeploymentHandle]:
     """The API on `replicas` Ray Serve replicas at http://HOST:PORT for the body of the block (ready when it starts).
 
@@ -298,7 +304,9 @@ def replicas_running(
     with ray_for_build(ray_address):
         try:
             serve.start(http_options={"host": host, "port": port})
-            app = replica_app(store, model, replicas=replicas, device=device, verify=verify, settings=settings)
+            app = replica_app(
+                store, model, replicas=replicas, device=device, verify=verify, settings=settings, precision=precision
+            )
             try:
                 handle = serve.run(app, name=APP_NAME, route_prefix="/")
             except RuntimeError as error:  # say why (a replica's error is in its log, not in the driver's)
@@ -324,6 +332,7 @@ def serve_replicas(
     device: str = "auto",
     verify: bool = True,
     settings: ServeSettings | None = None,
+    precision: Precision = "auto",
 ) -> None:
     """Serve the API on Ray Serve replicas until interrupted (Ctrl-C, SIGTERM)."""
     with replicas_running(
@@ -336,6 +345,7 @@ def serve_replicas(
         device=device,
         verify=verify,
         settings=settings,
+        precision=precision,
     ):
         logger.info("serving on http://%s:%d with %d Ray Serve replicas (Ctrl-C to stop)", host, port, replicas)
         try:
