@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 import torch
 
 from encoders.backbone import Backbone
+from encoders.hardware import autocast
 from memory.store import MemoryStore
-from pipelines.build import build_index, length_sorted_batches
+from pipelines.build import build_index, length_sorted_batches, resolved_config
 from pipelines.config import BuildConfig
 from pipelines.logs import configure_logging
 
@@ -68,7 +69,8 @@ class PeakMemory:
 
 def raw_forward_throughput(store: Path, config: BuildConfig) -> tuple[float, int]:
     """Passages/s of the bare model forward over the store's passages in the very batches the build makes (each
-    shard's `length_sorted_batches`), tokenised beforehand (not timed), with Ray shut down (nothing else running)."""
+    shard's `length_sorted_batches`), tokenised beforehand (not timed), in the build's precision, with Ray shut down
+    (nothing else running)."""
     import ray
 
     ray.shutdown()
@@ -85,8 +87,9 @@ def raw_forward_throughput(store: Path, config: BuildConfig) -> tuple[float, int
                     [titles[i] for i in chosen], [texts[i] for i in chosen], config.encoder.max_passage_tokens
                 )
             )
+    precision = resolved_config(config).encoder.precision  # the build's
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(backbone.device, precision):
         for batch in batches:
             backbone.model(**batch)
     return count / (time.perf_counter() - start), count

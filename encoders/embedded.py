@@ -12,7 +12,8 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 # The embedded default reader (MiniLM, trained by `memvq train` with configs/train-minilm.toml: `make reader`).
 DEFAULT_READER_DIR = WEIGHTS_DIR / "minilm-default"
 # Codecs fitted for the embedded encoder's memory, by the memory layers that make it: the 16x VQ codec of its 4
-# memory layers (the default split), fitted by `make codec` (configs/build-minilm-codec.toml over the shared mini corpus).
+# memory layers (the default split), fitted by `make codec` (configs/build-minilm-codec.toml, the shared mini
+# corpus).
 SHIPPED_CODECS: dict[tuple[str, int], Path] = {(EMBEDDED_MODEL, 4): WEIGHTS_DIR / "minilm-codec"}
 
 

@@ -54,3 +54,11 @@ def autocast(device: torch.device, precision: Resolved) -> contextlib.AbstractCo
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def attention_kernel(device: torch.device, precision: Resolved, training: bool) -> str:
+    """The attention implementation (transformers' `attn_implementation`) that runs fastest here: sdpa, except
+    eager for bf16 training on a CPU, where sdpa's fused backward in bf16, and its fp32 fallback when attention
+    dropout is on, are slower than eager's bf16 matrix products (bench/bench_precision.py measures it)."""
+    return "eager" if training and precision == "bf16" and device.type == "cpu" else "sdpa"
+

@@ -267,11 +267,12 @@ class RAGPipeline:
         timer = timer or Stopwatch(self.device, STAGES)
         k = min(len(passages) for passages in retrieved)
         retrieved = [passages[:k] for passages in retrieved]
-        with timer.stage("memory"):
-            inputs = self.inputs(self.store, self.reader, [[p.row for p in passages] for passages in retrieved])
-        scores = torch.tensor([[p.score for p in passages] for passages in retrieved])
-        with autocast(self.device, self.precision):
-            out = self.reader.answer(questions, replace(inputs, retrieval_scores=scores), options, min_answer_tokens)
+        with autocast(self.device, self.precision):  # the codec's decode too
+            with timer.stage("memory"):
+                inputs = self.inputs(self.store, self.reader, [[p.row for p in passages] for passages in retrieved])
+            scores = torch.tensor([[p.score for p in passages] for passages in retrieved])
+            inputs = replace(inputs, retrieval_scores=scores)
+            out = self.reader.answer(questions, inputs, options, min_answer_tokens)
         for stage in ("live", "rerank", "decode"):
             timer.ms[stage] += out.timings_ms.get(stage, 0.0)
         kept = out.kept.tolist()

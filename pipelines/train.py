@@ -40,7 +40,7 @@ from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
 from data.tasks import QAExample, TaskData, load_task, schedule, write_split_files
 from encoders.backbone import Backbone, memory_layer_count
 from encoders.config import ReaderConfig
-from encoders.hardware import Resolved, autocast, resolve_device, resolve_precision
+from encoders.hardware import Resolved, attention_kernel, autocast, resolve_device, resolve_precision
 from encoders.reader import Reader
 from memory.artifact import ArtifactFormat, ManifestError, atomic_write, read_json, write_artifact, write_json
 from memory.codecs import CodebookFinetuner, VQCodec, load_codec
@@ -273,9 +273,9 @@ class Trainer:
 
     def loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """The reader's losses on a batch ('loss', the one minimised: generation + GLIMMER distillation)."""
-        inputs = replace(self.pipeline.inputs(self.store, self.reader, batch.rows), retrieval_scores=batch.scores)
-        with autocast(self.device, self.precision):
-            return self.reader.loss(batch.questions, batch.answers, inputs)
+        with autocast(self.device, self.precision):  # recomputed or decoded memory too
+            inputs = self.pipeline.inputs(self.store, self.reader, batch.rows)
+            return self.reader.loss(batch.questions, batch.answers, replace(inputs, retrieval_scores=batch.scores))
 
     def train_step(self, batches: Sequence[TrainBatch]) -> dict[str, float]:
         """One optimizer step over micro-batches (gradients accumulated, then clipped); their mean losses."""
@@ -294,7 +294,9 @@ class Trainer:
         return means
 
     def train_mode(self, on: bool) -> None:
+        """Training (dropout, the attention kernel fastest for the backward pass) or evaluation."""
         self.reader.train(on)
+        self.reader.backbone.model.set_attn_implementation(attention_kernel(self.device, self.precision, on))
         if self.finetuner is not None:
             self.finetuner.train(on)
 
