@@ -23,12 +23,13 @@ import psutil
 import pyarrow.parquet as pq
 import torch
 
-from encoders.backbone import Backbone
-from encoders.hardware import autocast
-from memory.store import MemoryStore
-from pipelines.build import build_index, length_sorted_batches, resolved_config
-from pipelines.config import BuildConfig
-from pipelines.logs import configure_logging
+from memvq.encoders.backbone import Backbone
+from memvq.encoders.hardware import autocast
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.build import build_index
+from memvq.pipelines.config import BuildConfig
+from memvq.pipelines.indexing.encode import length_sorted_batches
+from memvq.pipelines.logs import configure_logging
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle" / "wiki-mini-knowledgesource.jsonl"
 
@@ -87,7 +88,7 @@ def raw_forward_throughput(store: Path, config: BuildConfig) -> tuple[float, int
                     [titles[i] for i in chosen], [texts[i] for i in chosen], config.encoder.max_passage_tokens
                 )
             )
-    precision = resolved_config(config).encoder.precision  # the build's
+    precision = config.resolved().encoder.precision  # the build's
     start = time.perf_counter()
     with torch.inference_mode(), autocast(backbone.device, precision):
         for batch in batches:

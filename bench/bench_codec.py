@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memory.codecs import CodecConfig, Segment, compression_ratio, make_codec
-from memory.quality import nn_agreement, relative_error
-from pipelines.logs import configure_logging
+from memvq.memory.codecs import CodecConfig, Segment, compression_ratio, make_codec
+from memvq.memory.quality import nn_agreement, relative_error
+from memvq.pipelines.logs import configure_logging
 
 LOG = logging.getLogger("bench_codec")
 
@@ -213,7 +213,7 @@ def codec_table(train: torch.Tensor, test: torch.Tensor, specs: list[CodecConfig
 
 def default_specs(which: str = "all") -> list[CodecConfig]:
     """The benchmark rows: faiss PQ / OPQ baselines and VQ variants at 16x and 32x vs bf16."""
-    from memory.codecs.base import DEFAULT_16X, DEFAULT_32X
+    from memvq.memory.codecs.config import DEFAULT_16X, DEFAULT_32X
 
     faiss_rows = [
         CodecConfig(kind="faiss", factory="PQ48x8"),

@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 
 from bench.bench_codec import NN_DEFINITION, NN_K, NN_QUERIES
-from encoders.backbone import Backbone
-from encoders.embedded import SHIPPED_CODECS, portable_model_path
-from encoders.hardware import autocast
-from memory.codecs import load_codec, make_codec
-from memory.quality import nn_agreement, relative_error
-from memory.store import MemoryStore
-from pipelines.build import codec_sample_rows
-from pipelines.config import BuildConfig
-from pipelines.logs import configure_logging
+from memvq.encoders.backbone import Backbone
+from memvq.encoders.embedded import SHIPPED_CODECS, portable_model_path
+from memvq.encoders.hardware import autocast
+from memvq.memory.codecs import load_codec, make_codec
+from memvq.memory.quality import nn_agreement, relative_error
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.config import BuildConfig
+from memvq.pipelines.indexing.codec import codec_sample_rows
+from memvq.pipelines.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

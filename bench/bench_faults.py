@@ -35,9 +35,9 @@ import httpx
 import psutil
 
 from bench.bench_serve import ServerProcess, batch_stats, load_questions
-from memory.artifact import ArtifactError
-from memory.store import MemoryStore
-from pipelines.logs import configure_logging
+from memvq.memory.artifact import ArtifactError
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -101,7 +101,7 @@ def tiny_build_setup(work: Path, docs: int) -> tuple[Path, Path]:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from encoders.embedded import default_model_path
+    from memvq.encoders.embedded import default_model_path
 
     corpus = work / "corpus.jsonl"
     with open(CORPUS) as source:
@@ -125,7 +125,7 @@ def tiny_build_setup(work: Path, docs: int) -> tuple[Path, Path]:
 
 
 def build_command(corpus: Path, out: Path, config: Path) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", "build-index", "--corpus", str(corpus), "--out", str(out),
+    return [sys.executable, "-m", "memvq.cli", "build-index", "--corpus", str(corpus), "--out", str(out),
             "--config", str(config)]  # fmt: skip
 
 

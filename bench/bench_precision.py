@@ -26,21 +26,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
-from data.kilt.records import gold_answer_list, load_kilt, record_input
-from encoders.backbone import Backbone
-from encoders.config import ReaderConfig
-from encoders.embedded import default_reader_path
-from encoders.hardware import Resolved, autocast
-from encoders.reader import Reader
-from memory.quality import relative_error
-from memory.store import MemoryStore
-from pipelines.build import build_index
-from pipelines.config import BuildConfig, TrainConfig
-from pipelines.logs import configure_logging
-from pipelines.rag import RAGPipeline
-from pipelines.train import Trainer, split_for_store
-from retrieval.retriever import Retriever
+from memvq.data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
+from memvq.data.kilt.records import gold_answer_list, load_kilt, record_input
+from memvq.encoders.backbone import Backbone
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.embedded import default_reader_path
+from memvq.encoders.hardware import Resolved, autocast
+from memvq.encoders.reader import Reader
+from memvq.encoders.reader_io import load_reader
+from memvq.memory.quality import relative_error
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.build import build_index
+from memvq.pipelines.config import BuildConfig, TrainConfig
+from memvq.pipelines.logs import configure_logging
+from memvq.pipelines.rag import RAGPipeline
+from memvq.pipelines.train import Trainer, split_for_store
+from memvq.retrieval.retriever import Retriever
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -78,7 +79,7 @@ def glimmer_reader(store: MemoryStore) -> Reader:
 
 def reader_rows(store: MemoryStore, questions: list[str], repeats: int, count: int) -> list[dict[str, Any]]:
     """queries/s of each reader in each precision at batch 1 and 16; every round runs every setting in turn."""
-    readers = {"FiD K=3 (default)": Reader.load(default_reader_path()), "GLIMMER 1/3, K=10 -> 2": glimmer_reader(store)}
+    readers = {"FiD K=3 (default)": load_reader(default_reader_path()), "GLIMMER 1/3, K=10 -> 2": glimmer_reader(store)}
     retriever = Retriever.for_store(store)
     pipelines = {}
     for name, reader in readers.items():
@@ -136,7 +137,7 @@ def training_rows(store: Path, out: Path, steps: int) -> list[dict[str, Any]]:
 
 def quality_rows(store: MemoryStore, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The embedded default's EM / F1 in each precision over `data` (KILT records)."""
-    reader = Reader.load(default_reader_path())
+    reader = load_reader(default_reader_path())
     rows = []
     for precision in PRECISIONS:
         pipeline = RAGPipeline(store, reader, Retriever.for_store(store, precision=precision), precision=precision)

@@ -30,15 +30,16 @@ from typing import Any
 
 import torch
 
-from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
-from data.kilt.records import gold_answer_list, load_kilt, record_input
-from encoders.backbone import Backbone
-from encoders.config import ReaderConfig
-from encoders.options import QueryOptions
-from encoders.reader import Reader
-from memory.store import MemoryStore
-from pipelines.logs import configure_logging
-from pipelines.rag import (
+from memvq.data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
+from memvq.data.kilt.records import gold_answer_list, load_kilt, record_input
+from memvq.encoders.backbone import Backbone
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.options import QueryOptions
+from memvq.encoders.reader import Reader
+from memvq.encoders.reader_io import load_reader
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.logs import configure_logging
+from memvq.pipelines.rag import (
     STAGES,
     IncompatibleModelError,
     RAGPipeline,
@@ -46,8 +47,8 @@ from pipelines.rag import (
     reader_inputs,
     recomputed_inputs,
 )
-from pipelines.train import split_for_store
-from retrieval.retriever import RetrievedPassage, Retriever
+from memvq.pipelines.train import split_for_store
+from memvq.retrieval.retriever import RetrievedPassage, Retriever
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NQ_DEV = SHARED / "nq_open_oracle" / "nq-oracle-dev-kilt.jsonl"
@@ -236,7 +237,7 @@ def main() -> None:
         pq_store = MemoryStore.open(args.pq_store, verify=False) if args.pq_store else None
         for spec in args.reader:
             mode, _, directory = spec.partition("=")
-            reader = Reader.load(directory)
+            reader = load_reader(directory)
             store = store_for(reader, stores)
             retriever = retrievers[store.layout.root]
             if store.layout.root not in retrieved:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from bench.bench_build import CORPUS, PeakMemory, rss_now
-from pipelines.logs import configure_logging
+from memvq.pipelines.logs import configure_logging
 
 log = logging.getLogger("bench_scale")
 
@@ -114,7 +114,7 @@ def make_tiny_bert(path: Path, layers: int) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from encoders.embedded import default_model_path
+    from memvq.encoders.embedded import default_model_path
 
     if (path / "config.json").is_file():
         return path
@@ -188,8 +188,8 @@ def disk_usage(root: Path) -> dict[str, int]:
 def open_times(root: Path, cache: Path) -> dict[str, float]:
     """Seconds to open the store: first (hashes every file, its pages dropped), second (stats), unverified;
     then the index load."""
-    from memory.integrity import CACHE_ENV
-    from memory.store import MemoryStore
+    from memvq.memory.integrity import CACHE_ENV
+    from memvq.memory.store import MemoryStore
 
     os.environ[CACHE_ENV] = str(cache)
     drop_page_cache([path for path in root.rglob("*") if path.is_file()])
@@ -208,7 +208,7 @@ def get_latency(root: Path) -> dict[str, dict[str, float]]:
     """`get()` of 20 random passages, 200 draws. Cold: each draw on a store object just made (no shard mapped yet)
     with the pages of the draw's codes and offsets files dropped from the page cache (not timed). Warm: the same
     draws again on one long-lived store (its LRU keeps 64 shards mapped; the pages are cached by then)."""
-    from memory.store import MemoryStore
+    from memvq.memory.store import MemoryStore
 
     store = MemoryStore.open(root)  # stats only: the open before remembered the checksums
     starts = np.array([shard["row_start"] for shard in store.manifest["shards"]])
@@ -232,7 +232,7 @@ def get_latency(root: Path) -> dict[str, dict[str, float]]:
 
 def shard_embeddings(root: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(row ids, float32 embeddings) shard by shard, from the store's emb.npy files."""
-    from memory.store import MemoryStore
+    from memvq.memory.store import MemoryStore
 
     store = MemoryStore.open(root, verify=False)
     for entry in store.manifest["shards"]:
@@ -242,7 +242,7 @@ def shard_embeddings(root: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 def ivfpq_factory(passages: int, dim: int) -> str:
     """`auto_factory`'s IVF-PQ for `passages` (from 1M it is what auto picks; below it, the same rule at n)."""
-    from memory.index import FLAT_MAX_PASSAGES, auto_factory
+    from memvq.memory.index import FLAT_MAX_PASSAGES, auto_factory
 
     if passages >= FLAT_MAX_PASSAGES:
         return auto_factory(passages, dim)
@@ -254,7 +254,7 @@ def ivfpq_factory(passages: int, dim: int) -> str:
 def build_index_measured(root: Path, factory: str, dim: int, passages: int) -> tuple[Any, dict[str, float]]:
     """Build `factory` over the store's embeddings (streamed by shard; an IVF's training rows gathered as the
     build's finalize step gathers them), with its time and peak RSS over the RSS before."""
-    from memory.index import IndexConfig, PassageIndex, training_rows
+    from memvq.memory.index import IndexConfig, PassageIndex, training_rows
 
     config = IndexConfig(factory=factory)
     before = rss_now()
@@ -297,7 +297,7 @@ def search_latency(index: Any, queries: np.ndarray) -> dict[str, float]:
 def question_embeddings(model: str | None, alpha: float) -> np.ndarray:
     import torch
 
-    from encoders.backbone import Backbone
+    from memvq.encoders.backbone import Backbone
 
     with open(QUESTIONS) as source:
         questions = [json.loads(line)["input"] for line in source]
@@ -331,7 +331,7 @@ def tokenize_rate(model: str | None, root: Path, limit: int = 4096) -> float:
     """Passages/s of the build's tokenisation alone on one thread (the CPU side of a GPU actor)."""
     import pyarrow.parquet as pq
 
-    from encoders.backbone import Backbone
+    from memvq.encoders.backbone import Backbone
 
     backbone = Backbone.from_pretrained(model)
     titles: list[str] = []
@@ -351,10 +351,10 @@ def tokenize_rate(model: str | None, root: Path, limit: int = 4096) -> float:
 
 def run_one(args: argparse.Namespace) -> None:
     """One build and its measurements (the subprocess); writes args.result as JSON."""
-    import pipelines.build as build
-    from memory.index import auto_factory
-    from memory.store import MemoryStore
-    from pipelines.config import BuildConfig
+    from memvq.memory.index import auto_factory
+    from memvq.memory.store import MemoryStore
+    from memvq.pipelines import build
+    from memvq.pipelines.config import BuildConfig
 
     work, out = Path(args.work_dir), Path(args.work_dir) / f"store-{args.name}"
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
@@ -520,7 +520,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
 
 def projection(results: list[dict[str, Any]]) -> str:
     """22M passages for MiniLM (384-d, 48 B/token) and a T5-XXL memory (4096-d, 512 B/token)."""
-    from memory.index import auto_factory
+    from memvq.memory.index import auto_factory
 
     largest = max(results, key=lambda r: r["report"]["passages"])
     minilm = [r for r in results if r["model"] == "MiniLM"]

@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipelines.logs import configure_logging
+from memvq.pipelines.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ROOT.parent / "shared" / "data" / "nq_open_oracle" / "nq-oracle-dev-kilt.jsonl"
@@ -148,7 +148,7 @@ class ServerProcess:
         command = [
             sys.executable,
             "-m",
-            "pipelines.cli",
+            "memvq.cli",
             "serve",
             "--store",
             str(args.store),

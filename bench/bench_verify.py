@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory.artifact import CHECKSUM_KEY, header_checksum
-from memory.integrity import CACHE_ENV
-from memory.store import SHARD_SUFFIXES, MemoryStore
+from memvq.memory.artifact import CHECKSUM_KEY, header_checksum
+from memvq.memory.integrity import CACHE_ENV
+from memvq.memory.store import SHARD_SUFFIXES, MemoryStore
 
 
 def grown_copy(store: Path, out: Path, gigabytes: float) -> Path:

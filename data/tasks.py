@@ -18,8 +18,8 @@ import ijson
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from data.kilt.records import gold_answer_list, iter_kilt, record_id, record_input
-from memory.artifact import atomic_write
+from memvq.data.kilt.records import gold_answer_list, iter_kilt, record_id, record_input
+from memvq.memory.artifact import atomic_write
 
 
 class TaskConfig(BaseModel):

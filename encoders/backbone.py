@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from transformers import (
 )
 from transformers.masking_utils import create_bidirectional_mask
 
-from encoders.embedded import resolve_model_path
+from memvq.encoders.embedded import resolve_model_path
 
 # model_type (from config.json) -> (family, encoder class)
 SUPPORTED_MODEL_TYPES: dict[str, tuple[str, type[PreTrainedModel]]] = {
@@ -53,6 +54,15 @@ def tokenize_passage_pairs(
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture is not one the backbone can split."""
+
+
+_LAYER_KEY = re.compile(r"^encoder\.(?:layer|block)\.(\d+)\.")
+
+
+def layer_index(key: str) -> int | None:
+    """The encoder layer a backbone state_dict key belongs to (None: embeddings, final norm, ...)."""
+    match = _LAYER_KEY.match(key)
+    return None if match is None else int(match.group(1))
 
 
 def memory_layer_count(num_layers: int, alpha: float) -> int:

@@ -48,7 +48,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 
 if TYPE_CHECKING:
-    from encoders.backbone import Backbone
+    from memvq.encoders.backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class FiDDecoder(nn.Module):
         `num_layers` keeps the checkpoint's first layers only (None: all): a shallow decoder is cheap, and for
         short answers most of FiD's cost is in the encoder anyway. `copy`: add a (new) `CopyHead`.
         """
-        from encoders.embedded import resolve_model_path
+        from memvq.encoders.embedded import resolve_model_path
 
         if not backbone.info.model_path:
             raise ValueError("the backbone has no model_path: load it with Backbone.from_pretrained(path)")

@@ -10,9 +10,10 @@ products in bf16, the weights and what autocast keeps in fp32 (norms, softmax) a
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # imported where used: the configs that name a precision load without torch
+    import torch
 
 Precision = Literal["auto", "fp32", "bf16"]
 Resolved = Literal["fp32", "bf16"]
@@ -25,6 +26,8 @@ PRECISION_HELP = (
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """ "auto": the GPU when torch sees one, else the CPU; asking for cuda without a GPU is an error."""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -34,6 +37,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bf16 natively (not by emulation)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
@@ -51,6 +56,8 @@ def resolve_precision(precision: Precision, device: torch.device) -> Resolved:
 
 def autocast(device: torch.device, precision: Resolved) -> contextlib.AbstractContextManager[None]:
     """The context that runs a model on `device` in `precision` (bf16: torch.autocast; fp32: nothing)."""
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -61,4 +68,3 @@ def attention_kernel(device: torch.device, precision: Resolved, training: bool) 
     eager for bf16 training on a CPU, where sdpa's fused backward in bf16, and its fp32 fallback when attention
     dropout is on, are slower than eager's bf16 matrix products (bench/bench_precision.py measures it)."""
     return "eager" if training and precision == "bf16" and device.type == "cpu" else "sdpa"
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from encoders.config import ReaderConfig
+from memvq.encoders.config import ReaderConfig
 
 
 class QueryOptions(BaseModel):

@@ -28,29 +28,34 @@ answer length, beams) as `QueryOptions`, None resolved against the config.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from encoders.backbone import Backbone, memory_layer_count
-from encoders.config import ReaderConfig
-from encoders.decoder import FiDDecoder
-from encoders.inputs import PassageOffsets, PassageText, ReaderInputs
-from encoders.options import QueryOptions
-from encoders.reader_io import layer_index, load_backbone, load_state, read_reader, save_reader
-from encoders.reranker import RerankerHead, perplexity_distillation_loss, perplexity_distillation_target
-from encoders.span_head import SpanHead, answer_log_likelihood, best_spans, span_loss
-from encoders.spans import AnswerSpan, aggregate, fid_pair_tokens, label_positives
+from memvq.encoders.backbone import Backbone, layer_index, memory_layer_count
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.decoder import FiDDecoder
+from memvq.encoders.inputs import PassageOffsets, PassageText, ReaderInputs
+from memvq.encoders.options import QueryOptions
+from memvq.encoders.reranker import RerankerHead, perplexity_distillation_loss, perplexity_distillation_target
+from memvq.encoders.span_head import SpanHead, answer_log_likelihood, best_spans, span_loss
+from memvq.encoders.spans import AnswerSpan, aggregate, fid_pair_tokens, label_positives
 
 logger = logging.getLogger(__name__)
 
 SPAN_CANDIDATES = 20  # extract: the best spans per question whose equal answers are added up
+
+# A clock the caller may give: `stage(name)` times a named part of the reader's work ("live", "rerank", "decode").
+Stage = Callable[[str], AbstractContextManager[None]]
+
+
+def untimed(name: str) -> AbstractContextManager[None]:
+    """The `Stage` of a caller that does not time the reader."""
+    return nullcontext()
 
 
 @dataclass
@@ -91,7 +96,7 @@ class EncoderOutput:
     passage_scores 'b K' (glimmer, else None); kept 'b k' (indices into the K passages, best score first in
     glimmer, 0..K-1 otherwise); live_a 'b K n d' / live_a_mask 'b K n': glimmer's states of all K pairs after
     Live-A (else None), live_a_ids 'b K n' their token ids; spans (extract head): where all K pairs' tokens sit
-    in their passages' text; timings_ms: milliseconds per stage ("live", "rerank").
+    in their passages' text.
     """
 
     hidden: torch.Tensor
@@ -103,7 +108,6 @@ class EncoderOutput:
     live_a_mask: torch.Tensor | None = None
     live_a_ids: torch.Tensor | None = None
     spans: PairSpans | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
 
     def decoder_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The FiD concatenation: states 'b (k n) d', mask 'b (k n)', token ids 'b (k n)'."""
@@ -116,13 +120,12 @@ class EncoderOutput:
 
 @dataclass
 class ReaderOutput:
-    """Answers with the passages read: scores 'b K' (glimmer, else None), kept 'b k', ms per stage; spans (extract
-    head): each answer's place, `AnswerSpan.passage` indexing the question's kept passages (None: no answer)."""
+    """Answers with the passages read: scores 'b K' (glimmer, else None), kept 'b k'; spans (extract head): each
+    answer's place, `AnswerSpan.passage` indexing the question's kept passages (None: no answer)."""
 
     answers: list[str]
     passage_scores: torch.Tensor | None
     kept: torch.Tensor
-    timings_ms: dict[str, float]
     spans: list[AnswerSpan | None] | None = None
 
 
@@ -137,26 +140,6 @@ class _Pairs:
     batch: int
     k: int
     spans: PairSpans | None = None  # 'b k ...' (extract head)
-
-
-class Stopwatch:
-    """Milliseconds per named stage (synchronising CUDA around each stage); `stages` start at 0."""
-
-    def __init__(self, device: torch.device, stages: Sequence[str] = ()) -> None:
-        self.device = device
-        self.ms: dict[str, float] = dict.fromkeys(stages, 0.0)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
-        yield
-        self._sync()
-        self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000.0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def pack(hidden: torch.Tensor, mask: torch.Tensor, *per_token: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -342,15 +325,16 @@ class Reader(nn.Module):
             return hidden  # Live-A ran the last layer and the final norm already
         return self.backbone.run_live(hidden, mask, start=start)
 
-    def encode(self, questions: list[str], inputs: ReaderInputs, options: QueryOptions | None = None) -> EncoderOutput:
+    def encode(
+        self, questions: list[str], inputs: ReaderInputs, options: QueryOptions | None = None, stage: Stage = untimed
+    ) -> EncoderOutput:
         """Questions + their passages (memory, or for fid passage text; a copying decoder needs `memory_ids`)
         -> EncoderOutput.
 
         glimmer keeps `options.rerank_k` passages (None: the config's; at most the K given) by reranker score,
         plus `retrieval_weight` x `inputs.retrieval_scores` when they are given (the retriever as a prior)."""
         rerank_k = (options or QueryOptions()).resolved(self.config).rerank_k
-        watch = Stopwatch(self.device)
-        with watch.stage("live"):
+        with stage("live"):
             if self.config.mode == "fid":
                 if inputs.passage_texts is None:
                     raise ValueError("fid mode reads passage text: give passage_texts")
@@ -379,19 +363,18 @@ class Reader(nn.Module):
                 passage_scores=None,
                 kept=torch.arange(k, device=self.device).expand(batch, k),
                 spans=pairs.spans,
-                timings_ms=watch.ms,
             )
         assert self.reranker is not None
         live_a = rearrange(live_a, "(b k) n d -> b k n d", b=batch)
         mask = rearrange(pairs.mask, "(b k) n -> b k n", b=batch)
         segment = rearrange(pairs.segment, "(b k) n -> b k n", b=batch)
         ids = rearrange(pairs.ids, "(b k) n -> b k n", b=batch)
-        with watch.stage("rerank"):
+        with stage("rerank"):
             scores = self.reranker(live_a, mask & (segment == 0), mask & (segment == 1))
             if inputs.retrieval_scores is not None and self.config.retrieval_weight:
                 scores = scores + self.config.retrieval_weight * inputs.retrieval_scores.to(scores)
             kept = scores.topk(min(rerank_k, k), dim=-1).indices
-        with watch.stage("live"):
+        with stage("live"):
             rows = torch.arange(batch, device=self.device).unsqueeze(1)
             chosen = live_a[rows, kept]  # 'b k n d'
             chosen_mask = mask[rows, kept]
@@ -406,7 +389,6 @@ class Reader(nn.Module):
             live_a_mask=mask,
             live_a_ids=ids,
             spans=pairs.spans,
-            timings_ms=watch.ms,
         )
 
     # -- answers -----------------------------------------------------------------------------------------------
@@ -418,20 +400,20 @@ class Reader(nn.Module):
         inputs: ReaderInputs,
         options: QueryOptions | None = None,
         min_answer_tokens: int = 0,
+        stage: Stage = untimed,
     ) -> ReaderOutput:
         """Answers of a batch of questions from their passages; `options` left None: the config's.
-        `min_answer_tokens` forbids the end token before that many tokens (benchmarks use it to fix the length)."""
+        `min_answer_tokens` forbids the end token before that many tokens (benchmarks use it to fix the length);
+        `stage` times the live, rerank and decode stages."""
         options = (options or QueryOptions()).resolved(self.config)
-        encoded = self.encode(questions, inputs, options)
-        watch = Stopwatch(self.device)
+        encoded = self.encode(questions, inputs, options, stage)
         if self.span_head is not None:
-            with watch.stage("decode"):
+            with stage("decode"):
                 spans = self._extract(encoded, options.max_answer_tokens)
-            timings = {"live": 0.0, "rerank": 0.0, **encoded.timings_ms, **watch.ms}
             answers = [span.answer if span is not None else "" for span in spans]
-            return ReaderOutput(answers, encoded.passage_scores, encoded.kept, timings, spans)
+            return ReaderOutput(answers, encoded.passage_scores, encoded.kept, spans)
         assert self.decoder is not None
-        with watch.stage("decode"):
+        with stage("decode"):
             hidden, mask, token_ids = encoded.decoder_inputs()
             ids = self.decoder.generate(
                 hidden,
@@ -442,8 +424,7 @@ class Reader(nn.Module):
                 encoder_ids=token_ids,
             )
             answers = self.decoder.decode(ids)
-        timings = {"live": 0.0, "rerank": 0.0, **encoded.timings_ms, **watch.ms}
-        return ReaderOutput(answers, encoded.passage_scores, encoded.kept, timings)
+        return ReaderOutput(answers, encoded.passage_scores, encoded.kept)
 
     def _extract(self, encoded: EncoderOutput, max_span_tokens: int) -> list[AnswerSpan | None]:
         """The extract head's answer per question: the best spans of its kept pairs, equal answers added up."""
@@ -564,7 +545,7 @@ class Reader(nn.Module):
         """The training loss (see `loss`)."""
         return self.loss(questions, answers, inputs)
 
-    # -- persistence -------------------------------------------------------------------------------------------
+    # -- what is trained ---------------------------------------------------------------------------------------
 
     def trained_part(self, key: str) -> str | None:
         """The trained part a backbone state_dict key belongs to: "live" (live layers, T5 final norm), "memory"
@@ -602,103 +583,3 @@ class Reader(nn.Module):
         if self.decoder.copy_head is not None:
             state.update({f"copy.{key}": value for key, value in self.decoder.copy_head.state_dict().items()})
         return state
-
-    def save(self, directory: str | Path, fp16: bool = False, trained_precision: str | None = None) -> Path:
-        """Write reader.pt (trained tensors) and reader.json (config, backbone info, the precision it was trained
-        in): `encoders.reader_io`."""
-        return save_reader(
-            directory, self.config.model_dump(), self.backbone.info, self.trained_state(), fp16, trained_precision
-        )
-
-    @classmethod
-    def load(
-        cls, directory: str | Path, backbone_path: str | Path | None = None, device: str | torch.device = "cpu"
-    ) -> Reader:
-        """A saved reader (`encoders.reader_io`) on top of a freshly loaded backbone (its saved path, or
-        `backbone_path`)."""
-        header = read_reader(directory)
-        backbone = load_backbone(header, backbone_path).to(device)
-        reader = cls.from_backbone(backbone, ReaderConfig(**header.config))
-        reader.load_trained_state(load_state(directory))
-        return reader.eval()
-
-    def warm_start(self, directory: str | Path) -> dict[str, int]:
-        """Copy in the tensors of the reader saved in `directory` that this reader trains: its backbone layers that
-        are trained here (a FiD reader's layers start a GLIMMER reader's memory and live layers), and its span head,
-        decoder, copy head or reranker where both readers have one. Both must share the backbone's type, depth and
-        width (the memory split may differ). Returns the number of tensors copied per part; ValueError if none
-        fits."""
-        directory = Path(directory)
-        info = read_reader(directory).extra["backbone"]
-        for name in ("model_type", "num_layers", "hidden_size"):
-            if getattr(self.backbone.info, name) != info[name]:
-                raise ValueError(
-                    f"init_from {directory}: its backbone has {name}={info[name]}, "
-                    f"this run's {getattr(self.backbone.info, name)}"
-                )
-        own = self.trained_state()
-        copied: dict[str, int] = {}
-        backbone: dict[str, torch.Tensor] = {}
-        heads: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in load_state(directory).items():
-            part, _, name = key.partition(".")
-            if part in ("live", "memory"):
-                target = self.trained_part(name)
-                if target is not None and f"{target}.{name}" in own:
-                    backbone[name] = value
-                    copied[target] = copied.get(target, 0) + 1
-            elif key in own and own[key].shape == value.shape:
-                heads.setdefault(part, {})[name] = value
-                copied[part] = copied.get(part, 0) + 1
-        if not copied:
-            raise ValueError(f"init_from {directory}: none of its tensors fits this reader")
-        self.backbone.model.load_state_dict(backbone, strict=False)
-        modules: dict[str, nn.Module | None] = {"span": self.span_head, "reranker": self.reranker}
-        if self.decoder is not None:
-            modules |= {"decoder": self.decoder.model, "copy": self.decoder.copy_head}
-        for part, tensors in heads.items():
-            module = modules.get(part)
-            if module is not None:
-                module.load_state_dict(tensors, strict=False)
-        logger.info("started from %s: %s", directory, ", ".join(f"{n} {p} tensors" for p, n in sorted(copied.items())))
-        return copied
-
-    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load `trained_state()` tensors (any float dtype) into the live (and memory) layers, reranker, and
-        decoder or span head."""
-        parts: dict[str, dict[str, torch.Tensor]] = {
-            p: {} for p in ("live", "memory", "reranker", "decoder", "copy", "span")
-        }
-        for key, value in state.items():
-            part, _, name = key.partition(".")
-            if part not in parts:
-                raise ValueError(f"unexpected tensor {key!r} in a reader state")
-            parts[part][name] = value
-        if parts["memory"] and not self.config.train_memory_layers:
-            raise ValueError("memory layers were saved but the config has train_memory_layers off")
-        missing, unexpected = self.backbone.model.load_state_dict(parts["live"] | parts["memory"], strict=False)
-        trained_missing = [key for key in missing if self.trained_part(key) is not None]
-        if trained_missing or unexpected:
-            raise ValueError(f"backbone layers do not match: missing {trained_missing}, unexpected {unexpected}")
-        if self.reranker is not None:
-            self.reranker.load_state_dict(parts["reranker"])
-        elif parts["reranker"]:
-            raise ValueError(f"a reranker state was saved but mode {self.config.mode!r} has no reranker")
-        if self.span_head is not None:
-            if parts["decoder"] or parts["copy"]:
-                raise ValueError("a decoder was saved but the config's head is extract")
-            self.span_head.load_state_dict(parts["span"])
-            return
-        if parts["span"]:
-            raise ValueError("a span head was saved but the config's head is generate")
-        assert self.decoder is not None
-        missing, unexpected = self.decoder.model.load_state_dict(parts["decoder"], strict=False)
-        frozen = set() if self.config.train_decoder_embeddings else self.decoder.embedding_keys()
-        if set(missing) - frozen or unexpected:
-            raise ValueError(
-                f"decoder does not match: missing {sorted(set(missing) - frozen)}, unexpected {unexpected}"
-            )
-        if self.decoder.copy_head is not None:
-            self.decoder.copy_head.load_state_dict(parts["copy"])
-        elif parts["copy"]:
-            raise ValueError("a copy head was saved but the config has copy_answers off")

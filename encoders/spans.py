@@ -19,9 +19,9 @@ from typing import NamedTuple
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from data.kilt.metrics import normalize_answer
-from encoders.backbone import tokenize_passage_pairs
-from encoders.span_head import SpanCandidate
+from memvq.data.kilt.metrics import normalize_answer
+from memvq.encoders.backbone import tokenize_passage_pairs
+from memvq.encoders.span_head import SpanCandidate
 
 CharSpan = tuple[int, int]  # [start, end) characters of the text
 TokenSpan = tuple[int, int]  # first and last token, inclusive

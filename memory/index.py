@@ -30,7 +30,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from memory.artifact import ArtifactError, ArtifactFormat, atomic_write, read_artifact, save_npy, write_artifact
+from memvq.memory.artifact import ArtifactError, ArtifactFormat, atomic_write, read_artifact, save_npy, write_artifact
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from memory.artifact import FileRecord, sha256_file, write_json
+from memvq.memory.artifact import FileRecord, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 

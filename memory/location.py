@@ -103,7 +103,7 @@ class RemoteStore:
 def fetch_store(uri: str, local: str | Path) -> Path:
     """Copy the store at `uri` into the local directory `local` (open it then with `MemoryStore.open`, which
     verifies every file against the manifest); refused if the store at `uri` has no manifest (is not finished)."""
-    from memory.artifact import MANIFEST_NAME, ManifestError
+    from memvq.memory.artifact import MANIFEST_NAME, ManifestError
 
     remote, local = RemoteStore(uri), Path(local)
     if not remote.exists(MANIFEST_NAME):

@@ -5,6 +5,8 @@ Layout of a store directory::
     manifest.json                       the memvq-store header (memory.artifact), written last: a store is
                                         complete iff it exists; build config, backbone, codec, counts, shards,
                                         the build report and the size and sha256 of every file below
+    build_config.json, corpus.json      the build's config and corpus record (what a resume must match)
+    plan.json                           the build's plan: documents, passages, shard sizes
     codec/                              the codec that made the codes (load with memory.codecs.load_codec) and
                                         source.json, where the build took it from
     index/                              the FAISS passage index (memory.index.PassageIndex)
@@ -12,6 +14,7 @@ Layout of a store directory::
     shards/shard-00000.codes.npy        'tokens m' uint8/uint16 codes of every token of those passages
     shards/shard-00000.offsets.npy      'n+1' int64: passage i's tokens are codes[offsets[i]:offsets[i+1]]
     shards/shard-00000.emb.npy          'n d' float16 dense passage embeddings (the index's input)
+    shards/shard-00000.done.json        the shard's done marker: its counts and the sha256 of its files
 
 Passages are addressed by their global row id (0 .. num_passages - 1), the id the FAISS index returns.
 `get` reads only the rows asked for through memory maps, so it stays fast when the store exceeds RAM.
@@ -36,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from memory.artifact import (
+from memvq.memory.artifact import (
     CHECKSUM_KEY,
     MANIFEST_NAME,
     ArtifactError,
@@ -46,10 +49,10 @@ from memory.artifact import (
     read_artifact,
     sha256_file,
 )
-from memory.codecs import MemoryCodec, load_codec
-from memory.index import PassageIndex
-from memory.integrity import FileWatch, VerifiedFiles
-from memory.location import is_uri
+from memvq.memory.codecs import MemoryCodec, load_codec
+from memvq.memory.index import PassageIndex
+from memvq.memory.integrity import FileWatch, VerifiedFiles
+from memvq.memory.location import is_uri
 
 STORE_FORMAT = ArtifactFormat("memvq-store", 2, remake="rebuild it with `memvq build-index`")
 SHARD_SUFFIXES = ("passages.parquet", "codes.npy", "offsets.npy", "emb.npy")
@@ -70,6 +73,21 @@ class StoreLayout:
     @property
     def manifest(self) -> Path:
         return self.root / MANIFEST_NAME
+
+    @property
+    def build_config(self) -> Path:
+        """The config the build was started with (precision resolved): a resume must bring the same."""
+        return self.root / "build_config.json"
+
+    @property
+    def corpus_record(self) -> Path:
+        """The corpus the store is built from: each file's path, size and sha256 (a resume must read the same)."""
+        return self.root / "corpus.json"
+
+    @property
+    def plan(self) -> Path:
+        """The plan step's marker: document, passage and shard counts (the passages' shards are written)."""
+        return self.root / "plan.json"
 
     @property
     def codec_dir(self) -> Path:

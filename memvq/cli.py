@@ -1,34 +1,46 @@
-"""The `memvq` command line: thin typer commands over the library API."""
+"""The `memvq` command line: thin typer commands over the library API.
+
+Every option that sets a field of a settings model (`BuildConfig`, `TrainConfig`, `LoadOptions`, `QueryOptions`,
+`EvalSettings`, `ServeSettings`) is made by `setting` from that field: its help is the field's description and its
+default the field's (or None: "the config's"), so that each default has one home. Heavy modules are imported inside
+the commands; the settings modules are light.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import BaseModel
 
-from encoders.hardware import PRECISION_HELP
-from pipelines.logs import configure_logging
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.options import QueryOptions
+from memvq.pipelines.config import BuildConfig, EncoderConfig, LoadOptions, OptimConfig, TrainConfig
+from memvq.pipelines.evaluate import EvalSettings
+from memvq.pipelines.logs import configure_logging
+from memvq.serve.settings import ServeSettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="memvq: compressed retrieval-augmented memory.")
 
-# The flags of the query knobs (`encoders.options.QueryOptions`), shared by `query` and `eval`.
-TopK = Annotated[int | None, typer.Option(help="passages retrieved per question; default: the reader's")]
-RerankK = Annotated[int | None, typer.Option(help="glimmer: passages kept after reranking; default: the reader's")]
-MaxAnswerTokens = Annotated[int | None, typer.Option(help="answer length limit; default: the reader's")]
-NumBeams = Annotated[int | None, typer.Option(help="beam size; default: the reader's")]
-PrecisionFlag = Annotated[Literal["auto", "fp32", "bf16"], typer.Option(help=PRECISION_HELP)]
-ConfigPrecision = Annotated[
-    Literal["auto", "fp32", "bf16"] | None, typer.Option(help=f"{PRECISION_HELP}; default: the config's (auto)")
-]
-Verify = Annotated[
-    bool,
-    typer.Option(
-        help="check the store before reading it: its manifest, every file's sha256 (files unchanged since they were "
-        "last verified are not hashed again) and its shard counts"
-    ),
-]
+PrecisionName = Literal["auto", "fp32", "bf16"]
+THE_CONFIGS = "default: the config's"
+THE_READERS = "default: the reader's"
+
+
+def setting(model: type[BaseModel], name: str, *flags: str, default: Any = ..., note: str = "", **options: Any) -> Any:
+    """A typer option for field `name` of a settings model: the field's description as help (with `note`), the
+    field's default unless `default` is given (None: leave the config's / reader's value)."""
+    field = model.model_fields[name]
+    help_text = "; ".join(part for part in (field.description or name.replace("_", " "), note) if part)
+    value = field.get_default(call_default_factory=True) if default is ... else default
+    return typer.Option(value, *flags, help=help_text, **options)
+
+
+def _query_options(top_k: int | None, rerank_k: int | None, max_answer_tokens: int | None, num_beams: int | None):
+    return QueryOptions(top_k=top_k, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, num_beams=num_beams)
 
 
 @app.callback()
@@ -49,25 +61,19 @@ def build_index_command(
             "pyarrow.fs URI (s3://bucket/store, gs://..., hdfs://..., file://...)"
         ),
     ],
-    model: Annotated[str | None, typer.Option(help="local encoder checkpoint; default: embedded MiniLM")] = None,
     config: Annotated[Path | None, typer.Option(help="build config, TOML or JSON (see configs/)")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="corpus format; default: detected")] = None,
+    model: str | None = setting(EncoderConfig, "model", default=None, note=THE_CONFIGS),
+    format: str | None = setting(BuildConfig, "format", "--format", default=None, note=THE_CONFIGS),
+    workers: int | None = setting(BuildConfig, "num_workers", "--workers", default=None, note=THE_CONFIGS),
+    memory_from: str | None = setting(EncoderConfig, "memory_from", default=None, note="TRAIN_RUN/reader"),
+    precision: PrecisionName | None = setting(EncoderConfig, "precision", default=None, note=THE_CONFIGS),
     ray_address: Annotated[
         str | None,
         typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray the build starts and stops"),
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(help="most encoder actors; default: one per GPU, else one per cpus_per_actor CPUs of each node"),
-    ] = None,
     codec_from: Annotated[
         Path | None, typer.Option(help="encode with this fitted codec (e.g. TRAIN_RUN/codec) instead of fitting one")
     ] = None,
-    memory_from: Annotated[
-        Path | None,
-        typer.Option(help="a reader trained with train_memory_layers (TRAIN_RUN/reader): its memory layers encode"),
-    ] = None,
-    precision: ConfigPrecision = None,
     work_dir: Annotated[
         Path | None,
         typer.Option(
@@ -78,55 +84,42 @@ def build_index_command(
     ] = None,
 ) -> None:
     """Build a compressed memory store and its FAISS passage index from a corpus (resumable)."""
-    from data.ingest.corpus import CorpusError
-    from memory.artifact import ArtifactError
-    from memory.location import is_uri
-    from pipelines.build import build_index
-    from pipelines.config import BuildConfig
+    from memvq.data.ingest.corpus import CorpusError
+    from memvq.memory.artifact import ArtifactError
+    from memvq.memory.location import is_uri
+    from memvq.pipelines.build import build_index
 
-    overrides: dict[str, Any] = {
-        "format": format,
-        "num_workers": workers,
-        "encoder": {
-            "model": model,
-            "memory_from": None if memory_from is None else str(memory_from),
-            "precision": precision,
-        },
-    }
+    encoder = {"model": model, "memory_from": memory_from, "precision": precision}
+    overrides = {"format": format, "num_workers": workers, "encoder": encoder}
     try:
         build_config = BuildConfig.from_file(config, overrides)
-        report = build_index(
-            corpus,
-            out if is_uri(out) else Path(out),
-            build_config,
-            ray_address=ray_address,
-            codec_from=codec_from,
-            work_dir=work_dir,
-        )
+        target = out if is_uri(out) else Path(out)
+        report = build_index(corpus, target, build_config, ray_address, codec_from, work_dir)
     except (CorpusError, ArtifactError, OSError, ValueError) as error:  # OSError: a URI's filesystem (pyarrow)
         raise _fail(error) from error
-    rows = [
-        ("documents", f"{report.documents:,}"),
-        ("passages", f"{report.passages:,}"),
-        ("bad records skipped", f"{report.bad_records:,}"),
-        ("  of them duplicate doc ids", f"{report.duplicate_ids:,}"),
-        ("words cut (max_passage_chars)", f"{report.split_words:,}"),
-        ("tokens", f"{report.tokens:,}"),
-        ("shards", f"{report.shards:,}"),
-        ("bytes / token", f"{report.bytes_per_token}"),
-        ("compression vs bf16", f"{report.compression_vs_bf16:.1f}x"),
-        ("codes on disk", f"{report.codes_bytes / 2**20:.1f} MiB"),
-        *((f"time: {stage}", f"{sec:.1f} s") for stage, sec in report.seconds.items()),
-        ("throughput", f"{report.passages_per_second:.1f} passages/s"),
-        ("encode throughput", f"{report.encode_passages_per_second:.1f} passages/s"),
-        *(
-            [("encode throughput (actors busy)", f"{report.encode_busy_passages_per_second:.1f} passages/s")]
-            if report.encode_busy_passages_per_second
-            else []
-        ),
-    ]
     typer.echo(f"\nstore ready at {out}")
-    _echo_rows(rows)
+    _echo_rows(
+        [
+            ("documents", f"{report.documents:,}"),
+            ("passages", f"{report.passages:,}"),
+            ("bad records skipped", f"{report.bad_records:,}"),
+            ("  of them duplicate doc ids", f"{report.duplicate_ids:,}"),
+            ("words cut (max_passage_chars)", f"{report.split_words:,}"),
+            ("tokens", f"{report.tokens:,}"),
+            ("shards", f"{report.shards:,}"),
+            ("bytes / token", f"{report.bytes_per_token}"),
+            ("compression vs bf16", f"{report.compression_vs_bf16:.1f}x"),
+            ("codes on disk", f"{report.codes_bytes / 2**20:.1f} MiB"),
+            *((f"time: {stage}", f"{sec:.1f} s") for stage, sec in report.seconds.items()),
+            ("throughput", f"{report.passages_per_second:.1f} passages/s"),
+            ("encode throughput", f"{report.encode_passages_per_second:.1f} passages/s"),
+            *(
+                [("encode throughput (actors busy)", f"{report.encode_busy_passages_per_second:.1f} passages/s")]
+                if report.encode_busy_passages_per_second
+                else []
+            ),
+        ]
+    )
 
 
 def _echo_rows(rows: list[tuple[str, str]]) -> None:
@@ -147,28 +140,21 @@ def train_command(
     store: Annotated[Path, typer.Option(help="memory store built by build-index")],
     out: Annotated[Path, typer.Option(help="run directory to create (or resume); the reader goes to OUT/reader")],
     config: Annotated[Path, typer.Option(help="train config, TOML or JSON (see configs/train-minilm.toml)")],
-    mode: Annotated[
-        str | None, typer.Option(help="reader mode: glimmer, lumen, fid, memory (overrides the config)")
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides the config)")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="wall-clock budget; stops and saves")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides the config)")] = None,
-    precision: ConfigPrecision = None,
+    mode: str | None = setting(ReaderConfig, "mode", default=None, note=THE_CONFIGS),
+    steps: int | None = setting(OptimConfig, "steps", default=None, note=THE_CONFIGS),
+    max_minutes: float | None = setting(TrainConfig, "max_minutes", default=None, note=THE_CONFIGS),
+    device: str | None = setting(TrainConfig, "device", default=None, note=THE_CONFIGS),
+    precision: PrecisionName | None = setting(TrainConfig, "precision", default=None, note=THE_CONFIGS),
+    verify: bool = setting(LoadOptions, "verify"),
 ) -> None:
-    """Fine-tune a reader (live layers, reranker, decoder) over a store's memory (resumable)."""
-    from memory.artifact import ArtifactError
-    from pipelines.config import TrainConfig
-    from pipelines.train import train
+    """Fine-tune a reader (live layers, reranker, answer head) over a store's memory (resumable)."""
+    from memvq.memory.artifact import ArtifactError
+    from memvq.pipelines.train import train
 
-    overrides: dict[str, Any] = {
-        "reader": {"mode": mode},
-        "optim": {"steps": steps},
-        "max_minutes": max_minutes,
-        "device": device,
-        "precision": precision,
-    }
+    overrides: dict[str, Any] = {"reader": {"mode": mode}, "optim": {"steps": steps}}
+    overrides |= {"max_minutes": max_minutes, "device": device, "precision": precision}
     try:
-        report = train(store, out, TrainConfig.from_file(config, overrides))
+        report = train(store, out, TrainConfig.from_file(config, overrides), verify=verify)
     except (ArtifactError, FileNotFoundError, ValueError) as error:
         raise _fail(error) from error
     last = report.history[-1] if report.history else {}
@@ -188,9 +174,9 @@ def fetch_command(
     out: Annotated[Path, typer.Argument(help="local directory to copy it into")],
 ) -> None:
     """Copy a finished store from a URI to local disk and verify it (query, eval and serve open local stores)."""
-    from memory.artifact import ArtifactError
-    from memory.location import fetch_store
-    from memory.store import MemoryStore
+    from memvq.memory.artifact import ArtifactError
+    from memvq.memory.location import fetch_store
+    from memvq.memory.store import MemoryStore
 
     try:
         store = MemoryStore.open(fetch_store(uri, out))
@@ -205,8 +191,7 @@ def split_command(
     out: Annotated[Path, typer.Option(help="directory for {task}-train.jsonl and {task}-dev.jsonl")],
 ) -> None:
     """Write the train / dev split of a train config's tasks as KILT files (dev = what the reader never saw)."""
-    from data.tasks import load_task, write_split_files
-    from pipelines.config import TrainConfig
+    from memvq.data.tasks import load_task, write_split_files
 
     try:
         tasks = [load_task(task) for task in TrainConfig.from_file(config).tasks]
@@ -221,23 +206,20 @@ def query_command(
     question: Annotated[str, typer.Argument(help="the question")],
     store: Annotated[Path, typer.Option(help="memory store built by build-index")] = Path("runs/minilm-mini"),
     model: Annotated[Path | None, typer.Option(help="trained reader directory; default: the embedded one")] = None,
-    top_k: TopK = None,
-    rerank_k: RerankK = None,
-    max_answer_tokens: MaxAnswerTokens = None,
-    num_beams: NumBeams = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    precision: PrecisionFlag = "auto",
-    verify: Verify = True,
+    top_k: int | None = setting(QueryOptions, "top_k", note=THE_READERS),
+    rerank_k: int | None = setting(QueryOptions, "rerank_k", note=THE_READERS),
+    max_answer_tokens: int | None = setting(QueryOptions, "max_answer_tokens", note=THE_READERS),
+    num_beams: int | None = setting(QueryOptions, "num_beams", note=THE_READERS),
+    device: str = setting(LoadOptions, "device"),
+    precision: PrecisionName = setting(LoadOptions, "precision"),
+    verify: bool = setting(LoadOptions, "verify"),
 ) -> None:
     """Answer one question from the memory: the answer, the passages read and the time per stage."""
-    import time
-
-    from encoders.options import QueryOptions
-    from memory.artifact import ArtifactError
-    from pipelines.rag import IncompatibleModelError, RAGPipeline
+    from memvq.memory.artifact import ArtifactError
+    from memvq.pipelines.rag import IncompatibleModelError, RAGPipeline
 
     try:
-        options = QueryOptions(top_k=top_k, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, num_beams=num_beams)
+        options = _query_options(top_k, rerank_k, max_answer_tokens, num_beams)
         start = time.perf_counter()
         rag = RAGPipeline.load(store, model, device=device, verify=verify, precision=precision)
         load_ms = (time.perf_counter() - start) * 1000
@@ -264,11 +246,17 @@ def marked_span(text: str, start: int, end: int, context: int = 160) -> str:
     return f"{head}[[{text[start:end]}]]{tail}"
 
 
-def _int_list(text: str, option: str) -> list[int]:
+def _listed(text: str, option: str, kind: type = str) -> tuple[Any, ...]:
+    """A comma-separated option's values."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
     except ValueError as error:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from error
+        raise typer.BadParameter(f"expected comma-separated values, got {text!r}", param_hint=option) from error
+
+
+def _joined(model: type[BaseModel], name: str) -> str:
+    """A tuple field's default as the comma-separated text of its option."""
+    return ",".join(str(value) for value in model.model_fields[name].get_default(call_default_factory=True))
 
 
 @app.command("eval")
@@ -287,28 +275,24 @@ def eval_command(
             "task name (nq-predictions.jsonl -> nq), else in the order given"
         ),
     ] = None,
-    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="auto: the GPU when there is one")] = "auto",
-    precision: PrecisionFlag = "auto",
-    batch_size: Annotated[int, typer.Option(help="questions per batch (and per flush of the predictions)")] = 16,
-    top_k: TopK = None,
-    rerank_k: RerankK = None,
-    max_answer_tokens: MaxAnswerTokens = None,
-    num_beams: NumBeams = None,
-    limit: Annotated[int | None, typer.Option(help="only the first N questions of each file")] = None,
-    ks: Annotated[str, typer.Option(help="k of the retrieval metrics @k, comma-separated")] = "1,5",
-    rank_keys: Annotated[
-        str, typer.Option(help="provenance fields that identify a page, comma-separated")
-    ] = "wikipedia_id",
-    passage_text: Annotated[
-        bool, typer.Option(help="write passage text in the provenance (answer_in_context@k needs it)")
-    ] = True,
-    verify: Verify = True,
+    device: str = setting(LoadOptions, "device"),
+    precision: PrecisionName = setting(LoadOptions, "precision"),
+    verify: bool = setting(LoadOptions, "verify"),
+    batch_size: int = setting(EvalSettings, "batch_size"),
+    top_k: int | None = setting(QueryOptions, "top_k", note=THE_READERS),
+    rerank_k: int | None = setting(QueryOptions, "rerank_k", note=THE_READERS),
+    max_answer_tokens: int | None = setting(QueryOptions, "max_answer_tokens", note=THE_READERS),
+    num_beams: int | None = setting(QueryOptions, "num_beams", note=THE_READERS),
+    limit: int | None = setting(EvalSettings, "limit"),
+    ks: str = setting(EvalSettings, "ks", default=_joined(EvalSettings, "ks"), note="comma-separated"),
+    rank_keys: str = setting(
+        EvalSettings, "rank_keys", default=_joined(EvalSettings, "rank_keys"), note="comma-separated"
+    ),
+    passage_text: bool = setting(EvalSettings, "passage_text"),
 ) -> None:
     """Answer KILT-format questions with the store and reader, write KILT predictions and a metrics report."""
-    from data.kilt.records import KiltFormatError
-    from encoders.options import QueryOptions
-    from memory.artifact import ArtifactError
-    from pipelines.evaluate import EvalSettings, evaluate, evaluate_predictions, summary_table
+    from memvq.data.kilt.records import KiltFormatError
+    from memvq.pipelines.evaluate import evaluate_run, summary_table
 
     if predictions is None and store is None:
         raise _fail("--store is required to run the model (or give --predictions to score existing predictions)")
@@ -318,40 +302,17 @@ def eval_command(
         if not path.is_file():
             raise _fail(f"file not found: {path}")
     try:
+        query = _query_options(top_k, rerank_k, max_answer_tokens, num_beams)
+        ks_values, keys = _listed(ks, "--ks", int), _listed(rank_keys, "--rank-keys")
         settings = EvalSettings(
-            batch_size=batch_size,
-            query=QueryOptions(
-                top_k=top_k, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, num_beams=num_beams
-            ),
-            limit=limit,
-            ks=tuple(_int_list(ks, "--ks")),
-            rank_keys=tuple(key.strip() for key in rank_keys.split(",") if key.strip()),
-            passage_text=passage_text,
+            batch_size=batch_size, query=query, limit=limit, ks=ks_values, rank_keys=keys, passage_text=passage_text
         )
-    except ValueError as error:  # pydantic's ValidationError is a ValueError
-        raise _fail(error) from error
-
-    if predictions is not None:
-        if store is not None or model is not None:
+        load = LoadOptions(device=device, precision=precision, verify=verify)
+        if predictions is not None and (store is not None or model is not None):
             typer.echo("note: --predictions given, so --store/--model are not used (no model is run)")
-        try:
-            report = evaluate_predictions(data, predictions, out, settings)
-        except (KiltFormatError, ValueError) as error:
-            raise _fail(error) from error
-    else:
-        from encoders.embedded import default_reader_path
-        from pipelines.rag import RAGPipeline
-
-        try:
-            model_path = model if model is not None else default_reader_path()
-            pipeline = RAGPipeline.load(store, model_path, device=device, verify=verify, precision=precision)
-        except (FileNotFoundError, ArtifactError, ValueError, RuntimeError) as error:
-            raise _fail(error) from error
-        try:
-            report = evaluate(pipeline, data, out, settings, model_path=model_path)
-        except (FileNotFoundError, KiltFormatError, ValueError) as error:
-            raise _fail(error) from error
-
+        report = evaluate_run(data, out, settings, store=store, model=model, load=load, predictions=predictions)
+    except (FileNotFoundError, KiltFormatError, ValueError, RuntimeError) as error:
+        raise _fail(error) from error
     typer.echo("")
     typer.echo(summary_table(report))
     for name, task in report["tasks"].items():
@@ -370,27 +331,16 @@ def serve_command(
     model: Annotated[Path | None, typer.Option(help="saved reader directory; default: the embedded reader")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8000,
-    device: Annotated[str, typer.Option(help="auto (the GPU when there is one), cpu, cuda, cuda:N")] = "auto",
-    precision: PrecisionFlag = "auto",
-    max_batch_size: Annotated[int, typer.Option(min=1, help="questions per model call; 1: no batching")] = 16,
-    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="longest wait for a batch to fill, ms")] = 10.0,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            envvar="MEMVQ_API_KEY", show_default=False, help="require this key on all but /, /healthz, /readyz"
-        ),
-    ] = None,
-    verify: Verify = True,
+    device: str = setting(LoadOptions, "device"),
+    precision: PrecisionName = setting(LoadOptions, "precision"),
+    verify: bool = setting(LoadOptions, "verify"),
+    max_batch_size: int = setting(ServeSettings, "max_batch_size"),
+    max_wait_ms: float = setting(ServeSettings, "max_wait_ms"),
+    api_key: str | None = setting(ServeSettings, "api_key", envvar="MEMVQ_API_KEY", show_default=False),
     access_log: Annotated[bool, typer.Option(help="log every request (uvicorn access log)")] = True,
-    header_timeout: Annotated[
-        float, typer.Option(min=0.001, help="seconds for a request line and headers; slower connections are closed")
-    ] = 10.0,
-    body_timeout: Annotated[
-        float, typer.Option(min=0.001, help="seconds for a request body after its headers; slower bodies get 408")
-    ] = 30.0,
-    watch_interval: Annotated[
-        float, typer.Option(min=0.1, help="seconds between checks that the store's files did not change")
-    ] = 5.0,
+    header_timeout: float = setting(ServeSettings, "header_timeout_s", "--header-timeout"),
+    body_timeout: float = setting(ServeSettings, "body_timeout_s", "--body-timeout"),
+    watch_interval: float = setting(ServeSettings, "watch_interval_s", "--watch-interval"),
     replicas: Annotated[
         int | None,
         typer.Option(min=1, show_default=False, help="serve on N Ray Serve replicas (Ray Serve's proxy and batching)"),
@@ -404,10 +354,8 @@ def serve_command(
     ] = None,
 ) -> None:
     """Serve the RAG query API over HTTP (FastAPI): /v1/answer, /v1/answer:batch, /v1/retrieve, /metrics."""
-    from encoders.embedded import default_reader_path
-    from memory.artifact import ArtifactError
-    from pipelines.rag import RAGPipeline
-    from pipelines.serve import ServeSettings, create_app, serve
+    from memvq.encoders.embedded import default_reader_path
+    from memvq.memory.artifact import ArtifactError
 
     if ray_address is not None and replicas is None:
         raise typer.BadParameter("--ray-address needs --replicas", param_hint="--ray-address")
@@ -422,32 +370,46 @@ def serve_command(
             body_timeout_s=body_timeout,
             watch_interval_s=watch_interval,
         )
-        if replicas is not None:  # each replica loads the pipeline; here the store is checked once, up front
-            from memory.store import MemoryStore
-            from pipelines.serve.replicas import serve_replicas
-
-            reader = model or default_reader_path()
-            if not Path(reader).is_dir():
-                raise FileNotFoundError(f"reader directory not found: {reader}")
-            MemoryStore.open(store, verify=verify)
-            serve_replicas(
-                store,
-                reader,
-                replicas=replicas,
-                host=host,
-                port=port,
-                ray_address=ray_address,
-                device=device,
-                verify=verify,
-                settings=settings,
-                precision=precision,
-            )
-            return
-        pipeline = RAGPipeline.load(
-            store, model or default_reader_path(), device=device, verify=verify, precision=precision
-        )
+        load = LoadOptions(device=device, precision=precision, verify=verify)
+        reader = model or default_reader_path()
+        if replicas is not None:
+            _serve_replicas(store, reader, replicas, host, port, ray_address, load, settings)
+        else:
+            _serve_here(store, reader, host, port, load, settings, access_log)
     except (FileNotFoundError, ArtifactError, ValueError, RuntimeError) as error:
         raise _fail(error) from error
+
+
+def _serve_replicas(
+    store: Path,
+    reader: Path,
+    replicas: int,
+    host: str,
+    port: int,
+    ray_address: str | None,
+    load: LoadOptions,
+    settings: ServeSettings,
+) -> None:
+    """`serve --replicas`: each replica loads the pipeline; here the store is checked once, up front."""
+    from memvq.memory.store import MemoryStore
+    from memvq.serve.replicas import serve_replicas
+
+    if not Path(reader).is_dir():
+        raise FileNotFoundError(f"reader directory not found: {reader}")
+    MemoryStore.open(store, verify=load.verify)
+    serve_replicas(
+        store, reader, replicas=replicas, host=host, port=port, ray_address=ray_address, load=load, settings=settings
+    )
+
+
+def _serve_here(
+    store: Path, reader: Path, host: str, port: int, load: LoadOptions, settings: ServeSettings, access_log: bool
+) -> None:
+    """The single-process server: one pipeline, the in-process batcher, uvicorn."""
+    from memvq.pipelines.rag import RAGPipeline
+    from memvq.serve import create_app, serve
+
+    pipeline = RAGPipeline.load(store, reader, **load.model_dump())
     logging.getLogger(__name__).info(
         "serving on http://%s:%d (max batch size %d, max wait %.1f ms, API key %s)",
         host,
@@ -456,8 +418,7 @@ def serve_command(
         settings.max_wait_ms,
         "required" if settings.api_key else "off",
     )
-    api = create_app(pipeline, settings, watch=pipeline.store.watch)
-    serve(api, host=host, port=port, access_log=access_log)
+    serve(create_app(pipeline, settings, watch=pipeline.store.watch), host=host, port=port, access_log=access_log)
 
 
 if __name__ == "__main__":

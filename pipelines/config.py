@@ -1,4 +1,5 @@
-"""Typed configuration of the jobs (build-index, train), read from TOML/JSON files and saved with what they make."""
+"""Typed configuration of the jobs (build-index, train), read from TOML/JSON files and saved with what they make, and
+of loading a query pipeline (`LoadOptions`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from data.tasks import TaskConfig
-from encoders.config import ReaderConfig
-from encoders.hardware import PRECISION_HELP, Precision
-from memory.codecs import CodecConfig
-from memory.index import IndexConfig
+from memvq.data.tasks import TaskConfig
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.hardware import PRECISION_HELP, Precision, Resolved, resolve_device, resolve_precision
+from memvq.memory.codecs.config import CodecConfig
+from memvq.memory.index import IndexConfig
 
 
 class _Frozen(BaseModel):
@@ -68,6 +69,13 @@ class EncoderConfig(_Frozen):
         "index keeps the pretrained encoder, as the retriever does)",
     )
 
+    @property
+    def resolved_precision(self) -> Resolved:
+        """The precision of a resolved config (`BuildConfig.resolved`)."""
+        if self.precision == "auto":
+            raise ValueError("the build config's precision is not resolved (BuildConfig.resolved)")
+        return self.precision
+
 
 class BuildConfig(FileConfig):
     """Everything that decides the bytes of a store (where the corpus and Ray live are run arguments)."""
@@ -97,6 +105,12 @@ class BuildConfig(FileConfig):
         "other bits with another thread count",
     )
     seed: int = 0
+
+    def resolved(self) -> Self:
+        """This config with `encoder.precision` "auto" resolved for the device this machine encodes on: what a
+        store records (its bytes depend on it), so that a resume elsewhere or in another precision is refused."""
+        precision = resolve_precision(self.encoder.precision, resolve_device(self.encoder.device))
+        return self.model_copy(update={"encoder": self.encoder.model_copy(update={"precision": precision})})
 
 
 class OptimConfig(_Frozen):
@@ -147,6 +161,18 @@ class TrainConfig(FileConfig):
         if self.finetune_codec and self.reader.mode == "fid":
             raise ValueError("finetune_codec needs a reader that reads memory; a fid reader reads passage text")
         return self
+
+
+class LoadOptions(_Frozen):
+    """How a pipeline is loaded: where it runs, in what precision, and whether the store is checked first."""
+
+    device: str = Field("auto", description="auto (the GPU when there is one), cpu, cuda, cuda:N")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+    verify: bool = Field(
+        True,
+        description="check the store before reading it: its manifest, every file's sha256 (files unchanged since "
+        "they were last verified are not hashed again) and its shard counts",
+    )
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
-from data.kilt import metrics as kilt_metrics
-from data.kilt.records import (
+from memvq.data.kilt import metrics as kilt_metrics
+from memvq.data.kilt.records import (
     KiltFormatError,
     Record,
     gold_answers,
@@ -50,12 +50,14 @@ from data.kilt.records import (
     record_input,
     task_of,
 )
-from encoders.options import QueryOptions
-from memory.artifact import MANIFEST_NAME, ArtifactFormat, ArtifactHeader, atomic_write, sha256_file, write_json
+from memvq.encoders.options import QueryOptions
+from memvq.memory.artifact import MANIFEST_NAME, ArtifactFormat, ArtifactHeader, atomic_write, sha256_file, write_json
+from memvq.pipelines.config import LoadOptions
+from memvq.pipelines.resume import check_or_record
 
 if TYPE_CHECKING:
-    from memory.store import MemoryStore
-    from pipelines.rag import RAGAnswer, RAGPipeline
+    from memvq.memory.store import MemoryStore
+    from memvq.pipelines.rag import RAGAnswer, RAGPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -352,6 +354,30 @@ def pair_predictions(
     return list(zip(data_names, data, preds, strict=True))
 
 
+def evaluate_run(
+    data_files: Sequence[str | Path],
+    out_dir: str | Path | None,
+    settings: EvalSettings,
+    *,
+    store: str | Path | None = None,
+    model: str | Path | None = None,
+    load: LoadOptions | None = None,
+    predictions: Sequence[str | Path] | None = None,
+) -> dict[str, Any]:
+    """What `memvq eval` runs: score `predictions` against the data files when given, else load the pipeline (the
+    store and the reader, None: the embedded default) and `evaluate` it."""
+    if predictions is not None:
+        return evaluate_predictions(data_files, predictions, out_dir, settings)
+    if store is None or out_dir is None:
+        raise ValueError("running a model needs a store and an output directory")
+    from memvq.encoders.embedded import default_reader_path
+    from memvq.pipelines.rag import RAGPipeline
+
+    model_path = model if model is not None else default_reader_path()
+    pipeline = RAGPipeline.load(store, model_path, **(load or LoadOptions()).model_dump())
+    return evaluate(pipeline, data_files, out_dir, settings, model_path=model_path)
+
+
 def evaluate_predictions(
     data_files: Sequence[str | Path],
     prediction_files: Sequence[str | Path],
@@ -445,7 +471,7 @@ def store_summary(store: MemoryStore) -> dict[str, Any]:
 
 def model_summary(pipeline: RAGPipeline, model_path: str | Path | None = None) -> dict[str, Any]:
     """The reader: path (if known), sha256 of its weights file, the precision it runs in, config and backbone."""
-    from encoders.reader_io import WEIGHTS_FILE
+    from memvq.encoders.reader_io import WEIGHTS_FILE
 
     weights = Path(model_path) / WEIGHTS_FILE if model_path is not None else None
     return _jsonable(
@@ -466,18 +492,7 @@ def _check_run_config(out: Path, store: dict[str, Any], model: dict[str, Any], s
         "model": {k: model[k] for k in ("weights_sha256", "config", "backbone", "precision")},
         "settings": settings.model_dump(mode="json", include=set(_PREDICTION_SETTINGS)),
     }
-    config = _jsonable(config)
-    path = out / CONFIG_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != config:
-            differ = [k for k in config if previous.get(k) != config[k]]
-            raise EvalConfigError(
-                f"{out} holds predictions made with another {' and '.join(differ)} "
-                f"(see {path}); use another --out, or delete it to start over"
-            )
-        return
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    check_or_record(out / CONFIG_FILE, _jsonable(config), "evaluation", EvalConfigError)
 
 
 def _device_summary(pipeline: RAGPipeline) -> dict[str, Any]:

@@ -22,15 +22,18 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from encoders.config import ReaderConfig
-from encoders.embedded import default_reader_path
-from encoders.hardware import Precision, Resolved, autocast, resolve_device, resolve_precision
-from encoders.inputs import PassageOffsets, ReaderInputs
-from encoders.options import QueryOptions
-from encoders.reader import Reader, Stopwatch
-from encoders.spans import AnswerSpan, passage_token_offsets
-from memory.store import MemoryStore
-from retrieval.retriever import RetrievedPassage, Retriever
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.embedded import default_reader_path
+from memvq.encoders.hardware import Resolved, autocast, resolve_device, resolve_precision
+from memvq.encoders.inputs import PassageOffsets, ReaderInputs
+from memvq.encoders.options import QueryOptions
+from memvq.encoders.reader import Reader
+from memvq.encoders.reader_io import load_reader
+from memvq.encoders.spans import AnswerSpan, passage_token_offsets
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.config import LoadOptions
+from memvq.pipelines.timing import Stopwatch
+from memvq.retrieval.retriever import RetrievedPassage, Retriever
 
 logger = logging.getLogger(__name__)
 
@@ -201,20 +204,14 @@ class RAGPipeline:
         self.precision = precision
 
     @classmethod
-    def load(
-        cls,
-        store: str | Path,
-        model: str | Path | None = None,
-        device: str | torch.device = "auto",
-        verify: bool = True,
-        precision: Precision = "auto",
-    ) -> RAGPipeline:
-        """Open a store (sha256-verified unless `verify=False`) and a saved reader (None: the embedded default), to
-        run on `device` in `precision` (`encoders.hardware`)."""
-        device = resolve_device(device)
-        resolved = resolve_precision(precision, device)
-        opened = MemoryStore.open(store, verify=verify)
-        reader = Reader.load(model or default_reader_path(), device=device)
+    def load(cls, store: str | Path, model: str | Path | None = None, **options: Any) -> RAGPipeline:
+        """Open a store and a saved reader (None: the embedded default); `options`: `LoadOptions` fields (device,
+        precision, verify: the store sha256-verified unless False)."""
+        settings = LoadOptions(**options)
+        device = resolve_device(settings.device)
+        resolved = resolve_precision(settings.precision, device)
+        opened = MemoryStore.open(store, verify=settings.verify)
+        reader = load_reader(model or default_reader_path(), device=device)
         pipeline = cls(opened, reader, Retriever.for_store(opened, device, resolved), precision=resolved)
         opened.codec.to(device)
         logger.info(
@@ -272,9 +269,7 @@ class RAGPipeline:
                 inputs = self.inputs(self.store, self.reader, [[p.row for p in passages] for passages in retrieved])
             scores = torch.tensor([[p.score for p in passages] for passages in retrieved])
             inputs = replace(inputs, retrieval_scores=scores)
-            out = self.reader.answer(questions, inputs, options, min_answer_tokens)
-        for stage in ("live", "rerank", "decode"):
-            timer.ms[stage] += out.timings_ms.get(stage, 0.0)
+            out = self.reader.answer(questions, inputs, options, min_answer_tokens, timer.stage)
         kept = out.kept.tolist()
         scores = out.passage_scores.float().cpu().tolist() if out.passage_scores is not None else None
         results = []

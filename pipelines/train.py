@@ -36,19 +36,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
-from data.tasks import QAExample, TaskData, load_task, schedule, write_split_files
-from encoders.backbone import Backbone, memory_layer_count
-from encoders.config import ReaderConfig
-from encoders.hardware import Resolved, attention_kernel, autocast, resolve_device, resolve_precision
-from encoders.reader import Reader
-from memory.artifact import ArtifactFormat, ManifestError, atomic_write, read_json, write_artifact, write_json
-from memory.codecs import CodebookFinetuner, VQCodec, load_codec
-from memory.store import MemoryStore
-from pipelines.build import CONFIG_NAME as BUILD_CONFIG
-from pipelines.config import TrainConfig
-from pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
-from retrieval.retriever import Retriever, passage_from_record
+from memvq.data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
+from memvq.data.tasks import QAExample, TaskData, load_task, schedule, write_split_files
+from memvq.encoders.backbone import Backbone, memory_layer_count
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.hardware import Resolved, attention_kernel, autocast, resolve_device, resolve_precision
+from memvq.encoders.reader import Reader
+from memvq.encoders.reader_io import load_trained_state, save_reader, warm_start
+from memvq.memory.artifact import ArtifactFormat, atomic_write, write_artifact
+from memvq.memory.codecs import CodebookFinetuner, VQCodec, load_codec
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.config import TrainConfig
+from memvq.pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
+from memvq.pipelines.resume import check_or_record
+from memvq.retrieval.retriever import Retriever, passage_from_record
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +84,7 @@ def _check_resume(out: Path, config: TrainConfig, store: Path, precision: Resolv
         "precision": precision,  # what it resolved to: a step in bf16 is not a step in fp32
         "store": str(store.resolve()),
     }
-    path = out / CONFIG_FILE
-    if path.is_file():
-        if read_json(path, "train config") != record:
-            raise ManifestError(f"{out} holds a training run with another config or store; use a new --out")
-        return
-    write_json(path, record)
+    check_or_record(out / CONFIG_FILE, record, "training run")
 
 
 def _retrieve_all(out: Path, tasks: Sequence[TaskData], retriever: Retriever, k: int) -> dict[str, np.ndarray]:
@@ -204,21 +200,21 @@ class Trainer:
     """One training run over a store, in named steps: `prepare_data`, `restore_checkpoint`, `train_step` after
     `train_step` with an `evaluate` and a `save_checkpoint` every `eval_every` steps, `finalize`; `run` does all."""
 
-    def __init__(self, store_path: Path, out: Path, config: TrainConfig) -> None:
+    def __init__(self, store_path: Path, out: Path, config: TrainConfig, verify: bool = True) -> None:
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         out.mkdir(parents=True, exist_ok=True)
         _check_resume(out, config, store_path, self.precision)
         torch.manual_seed(config.seed)
         self.out, self.config = out, config
-        self.store = store = MemoryStore.open(store_path, verify=True)
+        self.store = store = MemoryStore.open(store_path, verify=verify)
         store.codec.to(self.device)
         reader_config, memory_layers = split_for_store(config.reader, store)
         model = config.model or store.manifest["backbone"]["model_path"]
         backbone = Backbone.from_pretrained(model, memory_layers=memory_layers)
         self.reader = reader = Reader.from_backbone(backbone.to(self.device), reader_config)
         if config.init_from is not None:
-            reader.warm_start(config.init_from)
+            warm_start(reader, config.init_from)
         self.retriever = Retriever.for_store(store, self.device, self.precision)
         self.finetuner = _codebook_finetuner(store, config, self.device)
         inputs = reader_inputs
@@ -339,7 +335,7 @@ class Trainer:
         if not path.is_file():
             return False
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.reader.load_trained_state(state["reader"])
+        load_trained_state(self.reader, state["reader"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.finetuner is not None:
@@ -390,7 +386,7 @@ class Trainer:
             logger.info(
                 "fine-tuned codec in %s: re-encode the store with it (build-index --config %s --codec-from %s)",
                 codec_dir,
-                store.layout.root / BUILD_CONFIG,
+                store.layout.build_config,
                 codec_dir,
             )
         optim, busy = self.config.optim, sum(self.step_seconds)
@@ -400,16 +396,17 @@ class Trainer:
             logger.info(
                 "the reader's memory layers were fine-tuned: build its store with them (build-index --config %s "
                 "--memory-from %s%s)",
-                store.layout.root / BUILD_CONFIG,
+                store.layout.build_config,
                 reader_dir,
                 "" if codec_dir is None else f" --codec-from {codec_dir}",
             )
         return TrainReport(self.step, finished, self.history, seconds, reader_dir, codec_dir)
 
 
-def train(store_path: str | Path, out: str | Path, config: TrainConfig) -> TrainReport:
-    """Run (or resume) a training job; returns its report. The reader ends up in OUT/reader."""
-    return Trainer(Path(store_path), Path(out), config).run()
+def train(store_path: str | Path, out: str | Path, config: TrainConfig, verify: bool = True) -> TrainReport:
+    """Run (or resume) a training job; returns its report. The reader ends up in OUT/reader. `verify`: check the
+    store's files first (`LoadOptions.verify`)."""
+    return Trainer(Path(store_path), Path(out), config, verify).run()
 
 
 def _codebook_finetuner(store: MemoryStore, config: TrainConfig, device: torch.device) -> CodebookFinetuner | None:
@@ -427,7 +424,7 @@ def _finalize(
     trainer: Trainer, finished: bool, seconds: float, codec_dir: Path | None, examples_per_second: float
 ) -> Path:
     out, reader, config, store, step = trainer.out, trainer.reader, trainer.config, trainer.store, trainer.step
-    reader_dir = reader.eval().save(out / READER_DIR, fp16=True, trained_precision=trainer.precision)
+    reader_dir = save_reader(reader.eval(), out / READER_DIR, fp16=True, trained_precision=trainer.precision)
     saved = [*reader_dir.iterdir(), *([] if codec_dir is None else codec_dir.iterdir())]
     write_artifact(
         out,

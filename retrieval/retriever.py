@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from encoders.backbone import Backbone
-from encoders.hardware import Resolved, autocast
-from memory.store import MemoryStore
+from memvq.encoders.backbone import Backbone
+from memvq.encoders.hardware import Resolved, autocast
+from memvq.memory.store import MemoryStore
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ TINY_CODEC = {
 
 def tiny_config(model: Path, **extra):
     """A build config for the tiny BERT: a small codec, 16-passage shards."""
-    from pipelines.config import BuildConfig
+    from memvq.pipelines.config import BuildConfig
 
     return BuildConfig.model_validate(
         {
@@ -44,7 +44,7 @@ def verified_cache(tmp_path_factory) -> Path:
     """Stores opened by the tests remember their verified checksums in a temporary cache, not the user's."""
     import os
 
-    from memory.integrity import CACHE_ENV
+    from memvq.memory.integrity import CACHE_ENV
 
     path = tmp_path_factory.mktemp("memvq-cache")
     os.environ[CACHE_ENV] = str(path)
@@ -81,8 +81,8 @@ def two_node_cluster(staging: bool = False) -> Iterator[Any]:
     raylet's environment: `cluster.staging`). At the end every process of theirs must be gone."""
     from ray.cluster_utils import Cluster
 
-    from memory.location import STAGING_ENV
-    from pipelines import local_ray
+    from memvq.memory.location import STAGING_ENV
+    from memvq.pipelines import local_ray
 
     temp_dir = Path(tempfile.mkdtemp(prefix="memvq-cluster-"))
     args: dict[str, Any] = {"num_cpus": 1, "temp_dir": str(temp_dir)}
@@ -122,7 +122,7 @@ def tiny_bert_path(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from encoders.embedded import default_model_path
+    from memvq.encoders.embedded import default_model_path
 
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def mini_corpus(shared_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_bert_path, mini_corpus, tmp_path_factory) -> tuple[Path, object]:
     """A finished store of the 40-page mini corpus built with the tiny BERT (memory = 2 of 3 layers): (path, report)."""
-    from pipelines.build import build_index
+    from memvq.pipelines.build import build_index
 
     out = tmp_path_factory.mktemp("stores") / "tiny"
     report = build_index(mini_corpus, out, tiny_config(tiny_bert_path))
@@ -158,14 +158,15 @@ def tiny_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
     """An untrained copying glimmer reader on the tiny BERT (fits `tiny_store`), saved as `memvq train` saves one."""
     import torch
 
-    from encoders.backbone import Backbone
-    from encoders.config import ReaderConfig
-    from encoders.reader import Reader
+    from memvq.encoders.backbone import Backbone
+    from memvq.encoders.config import ReaderConfig
+    from memvq.encoders.reader import Reader
+    from memvq.encoders.reader_io import save_reader
 
     config = ReaderConfig(mode="glimmer", top_k=6, rerank_k=3, max_answer_tokens=4, decoder_layers=1, copy_answers=True)
     torch.manual_seed(0)
     reader = Reader.from_backbone(Backbone.from_pretrained(tiny_bert_path, alpha=config.live_fraction), config)
-    return reader.save(tmp_path_factory.mktemp("readers") / "tiny-glimmer")
+    return save_reader(reader, tmp_path_factory.mktemp("readers") / "tiny-glimmer")
 
 
 @pytest.fixture(scope="session")
@@ -173,22 +174,23 @@ def tiny_extract_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
     """An untrained glimmer reader with the extract head on the tiny BERT (fits `tiny_store`)."""
     import torch
 
-    from encoders.backbone import Backbone
-    from encoders.config import ReaderConfig
-    from encoders.reader import Reader
+    from memvq.encoders.backbone import Backbone
+    from memvq.encoders.config import ReaderConfig
+    from memvq.encoders.reader import Reader
+    from memvq.encoders.reader_io import save_reader
 
     config = ReaderConfig(mode="glimmer", top_k=6, rerank_k=3, max_answer_tokens=4, head="extract")
     torch.manual_seed(0)
     reader = Reader.from_backbone(Backbone.from_pretrained(tiny_bert_path, alpha=config.live_fraction), config)
-    return reader.save(tmp_path_factory.mktemp("readers") / "tiny-extract")
+    return save_reader(reader, tmp_path_factory.mktemp("readers") / "tiny-extract")
 
 
 @pytest.fixture(scope="session")
 def minilm_store(mini_corpus, tmp_path_factory) -> Path:
     """A store of the 40-page mini corpus built as `make demo` builds one: the real embedded MiniLM, the default
     VQ codec (the one shipped for its memory: no fit), the precision auto resolves to."""
-    from pipelines.build import build_index
-    from pipelines.config import BuildConfig
+    from memvq.pipelines.build import build_index
+    from memvq.pipelines.config import BuildConfig
 
     config = BuildConfig.model_validate({"shard_size": 64})
     out = tmp_path_factory.mktemp("stores") / "minilm"

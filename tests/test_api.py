@@ -29,7 +29,10 @@ def test_face_exports_the_api():
     for name in ("BuildConfig", "TrainConfig", "ReaderConfig"):
         assert name in memvq.__all__
     assert all(getattr(memvq, name) is not None for name in memvq.__all__)
-    assert memvq.evaluate.__module__ == "pipelines.evaluate" and memvq.build_index.__module__ == "pipelines.build"
+    assert (
+        memvq.evaluate.__module__ == "memvq.pipelines.evaluate"
+        and memvq.build_index.__module__ == "memvq.pipelines.build"
+    )
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from encoders.reader import Reader
-from memory.artifact import (
+from memvq.encoders.reader_io import load_reader
+from memvq.memory.artifact import (
     CHECKSUM_KEY,
     ArtifactError,
     ArtifactFormat,
@@ -18,9 +18,9 @@ from memory.artifact import (
     read_artifact,
     write_artifact,
 )
-from memory.codecs import CodecLoadError, load_codec
-from memory.index import IndexFileNotFoundError, PassageIndex
-from memory.store import MemoryStore
+from memvq.memory.codecs import CodecLoadError, load_codec
+from memvq.memory.index import IndexFileNotFoundError, PassageIndex
+from memvq.memory.store import MemoryStore
 
 INDEX = ArtifactFormat("memvq-index", 2, remake="rebuild the store with `memvq build-index`")
 READER = ArtifactFormat("memvq-reader", 2, remake="retrain it with `memvq train`")
@@ -143,7 +143,7 @@ def test_each_loader_refuses_another_format(tmp_path: Path) -> None:
     cases = [
         ("codec.json", "memvq-codec", load_codec, CodecLoadError),
         ("index.json", "memvq-index", PassageIndex.load, ArtifactError),
-        ("reader.json", "memvq-reader", Reader.load, ArtifactError),
+        ("reader.json", "memvq-reader", load_reader, ArtifactError),
         ("manifest.json", "memvq-store", MemoryStore.open, ManifestError),
     ]
     for name, expected, load, error in cases:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast, T5Config, T5EncoderModel
 
-from encoders.backbone import Backbone, UnsupportedModelError, memory_layer_count
+from memvq.encoders.backbone import Backbone, UnsupportedModelError, memory_layer_count
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(95)]]
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from data.ingest.corpus import CorpusError
-from memory.artifact import ManifestError
-from memory.store import MemoryStore
-from pipelines.build import build_index
+from memvq.data.ingest.corpus import CorpusError
+from memvq.memory.artifact import ManifestError
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.build import build_index
 
 
 def test_report_and_manifest(tiny_store):
@@ -66,7 +66,7 @@ def test_passage_metadata_keeps_kilt_provenance(tiny_store):
 
 
 def test_decoded_memory_approximates_the_encoder(tiny_store, tiny_bert_path):
-    from encoders.backbone import Backbone
+    from memvq.encoders.backbone import Backbone
 
     store = MemoryStore.open(tiny_store[0])
     memory, mask = store.get_memory([3])
@@ -129,7 +129,7 @@ def shard_checksums(store: Path) -> dict[str, str]:
 
 
 def run_cli(*args: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipelines.cli", *args]
+    command = [sys.executable, "-m", "memvq.cli", *args]
     return subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -184,7 +184,7 @@ def test_trained_index_from_config(tiny_bert_path, mini_corpus, tmp_path):
 @pytest.mark.slow
 def test_minilm_store_retrieves_gold_pages(shared_data, mini_corpus, minilm_store):
     """NQ dev questions whose gold page is in the corpus find it among the top-5 passages (real MiniLM)."""
-    from encoders.backbone import Backbone
+    from memvq.encoders.backbone import Backbone
 
     store = MemoryStore.open(minilm_store)
     pages = {json.loads(line)["wikipedia_id"] for line in mini_corpus.read_text().splitlines()}
@@ -206,7 +206,7 @@ def test_minilm_store_retrieves_gold_pages(shared_data, mini_corpus, minilm_stor
 @pytest.mark.slow
 def test_a_default_build_of_the_embedded_encoder_takes_the_shipped_codec(minilm_store):
     """No fit: the store's codec is the one shipped for the embedded encoder's memory, and the manifest says so."""
-    from encoders.embedded import SHIPPED_CODECS
+    from memvq.encoders.embedded import SHIPPED_CODECS
 
     manifest = json.loads((minilm_store / "manifest.json").read_text())
     assert manifest["codec"]["source"] == "shipped: minilm-codec"
@@ -219,10 +219,10 @@ def test_the_shipped_codec_is_taken_only_where_it_fits(tiny_store):
     """Its config is the default one, for the embedded encoder's default split; any other build fits its own."""
     from types import SimpleNamespace
 
-    from encoders.embedded import SHIPPED_CODECS
-    from memory.codecs import CodecConfig, load_codec
-    from pipelines.build import shipped_codec_for
-    from pipelines.config import BuildConfig
+    from memvq.encoders.embedded import SHIPPED_CODECS
+    from memvq.memory.codecs import CodecConfig, load_codec
+    from memvq.pipelines.config import BuildConfig
+    from memvq.pipelines.indexing.codec import shipped_codec_for
 
     [(model, layers)] = SHIPPED_CODECS
     assert load_codec(SHIPPED_CODECS[(model, layers)]).config == CodecConfig()

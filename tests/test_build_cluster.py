@@ -18,8 +18,9 @@ import psutil
 import pytest
 from conftest import assert_same_store, tiny_config, two_node_cluster
 
-from pipelines import local_ray
-from pipelines.build import EncoderActorsError, build_index, plan_actors
+from memvq.pipelines import local_ray
+from memvq.pipelines.build import build_index
+from memvq.pipelines.indexing.actors import EncoderActorsError, plan_actors
 
 # -- sizing (no Ray) ---------------------------------------------------------------------------------------------
 
@@ -64,7 +65,7 @@ def test_a_request_no_node_holds_is_refused_at_once(tmp_path):
 
 
 def test_an_actor_that_cannot_see_the_store_says_so(tmp_path):
-    from pipelines.build import ShardEncoder
+    from memvq.pipelines.indexing.actors import ShardEncoder
 
     with pytest.raises(FileNotFoundError, match="needs --out on a filesystem all its nodes share"):
         ShardEncoder(str(tmp_path / "elsewhere"), tiny_config(tmp_path).to_json())
@@ -105,7 +106,17 @@ def done_shards(store: Path) -> int:
 def start_cli_build(config, corpus: Path, out: Path, address: str) -> subprocess.Popen:
     path = out.parent / "build.json"
     path.write_text(json.dumps(config.to_json()))
-    command = [sys.executable, "-m", "pipelines.cli", "-v", "build-index", "--corpus", str(corpus), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "memvq.cli",
+        "-v",
+        "build-index",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+    ]
     command += ["--config", str(path), "--ray-address", address]
     return subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -150,7 +161,7 @@ def test_cluster_build_runs_on_both_nodes_and_matches_a_local_build(
 ):
     import ray
 
-    caplog.set_level(logging.INFO, logger="pipelines.build")
+    caplog.set_level(logging.INFO, logger="memvq.pipelines")
     out = tmp_path / "store"
     build_index(mini_corpus, out, config, ray_address=cluster.address)
     assert not ray.is_initialized()  # only connected to, and disconnected from

@@ -18,13 +18,13 @@ import pytest
 from conftest import tiny_config
 from typer.testing import CliRunner
 
-from data.ingest.corpus import Document, IngestReport, iter_documents
-from data.ingest.passages import ChunkReport, chunk_document
-from memory.artifact import ManifestError
-from memory.store import MemoryStore
-from pipelines import local_ray
-from pipelines.build import build_index
-from pipelines.cli import app
+from memvq.cli import app
+from memvq.data.ingest.corpus import Document, IngestReport, iter_documents
+from memvq.data.ingest.passages import ChunkReport, chunk_document
+from memvq.memory.artifact import ManifestError
+from memvq.memory.store import MemoryStore
+from memvq.pipelines import local_ray
+from memvq.pipelines.build import build_index
 
 
 def kilt_line(wid: str, paragraphs: list[str]) -> str:
@@ -61,7 +61,7 @@ def test_finished_store_refuses_another_corpus(tiny_store, mini_corpus, tmp_path
 
 
 def test_interrupted_build_resumes_only_from_the_same_bytes(tiny_bert_path, mini_corpus, tmp_path, monkeypatch):
-    from pipelines import build
+    from memvq.pipelines import build
 
     out, config = tmp_path / "store", tiny_config(tiny_bert_path)
 
@@ -192,7 +192,7 @@ def test_text_without_spaces_and_long_words_stay_under_the_character_cap():
 
 
 def start_cli_build(config: Path, corpus: Path, out: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipelines.cli", "build-index", "--corpus", str(corpus), "--out", str(out)]
+    command = [sys.executable, "-m", "memvq.cli", "build-index", "--corpus", str(corpus), "--out", str(out)]
     return subprocess.Popen([*command, "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

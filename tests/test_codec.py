@@ -14,8 +14,8 @@ import pydantic
 import pytest
 import torch
 
-from memory.artifact import CHECKSUM_KEY, header_checksum
-from memory.codecs import (
+from memvq.memory.artifact import CHECKSUM_KEY, header_checksum
+from memvq.memory.codecs import (
     CODEC_FILE,
     CodebookFinetuner,
     CodecConfig,
@@ -28,12 +28,17 @@ from memory.codecs import (
     make_codec,
     preset,
 )
-from memory.codecs.base import DEFAULT_16X, DEFAULT_32X
-from memory.codecs.vq import _Quantizer, procrustes
-from memory.quality import nn_agreement, relative_error
+from memvq.memory.codecs.config import DEFAULT_16X, DEFAULT_32X
+from memvq.memory.codecs.vq import _Quantizer, procrustes
+from memvq.memory.quality import nn_agreement, relative_error
 
 DIM = 32
 REPO = Path(__file__).resolve().parents[1]
+
+
+def roundtrip(codec, x):
+    """decode(encode(x)): what the store gives back of x."""
+    return codec.decode(codec.encode(x))
 
 
 def structured(n: int, dim: int = DIM, rank: int = 6, noise: float = 0.05, seed: int = 0) -> torch.Tensor:
@@ -176,7 +181,7 @@ def test_fit_is_deterministic_across_fresh_processes(tmp_path: Path) -> None:
         sys.path.insert(0, {str(REPO)!r})
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_codec import small_cfg, structured
-        from memory.codecs import make_codec
+        from memvq.memory.codecs import make_codec
         x = structured(2000, seed=0)
         codes = make_codec(small_cfg()).fit(x).encode(x)
         print(hashlib.sha256(codes.tobytes()).hexdigest())
@@ -247,7 +252,7 @@ def test_codebook_points_round_trip_exactly(fitted: VQCodec) -> None:
 
 def test_vq_beats_random_codes_and_the_mean(fitted: VQCodec, data: tuple[torch.Tensor, torch.Tensor]) -> None:
     train, test = data
-    err = relative_error(test, fitted.reconstruct(test))
+    err = relative_error(test, roundtrip(fitted, test))
     g = torch.Generator().manual_seed(0)
     random_codes = torch.randint(0, 16, (len(test), fitted.code_width), generator=g)
     err_random = relative_error(test, fitted.decode(random_codes))
@@ -260,7 +265,7 @@ def test_more_bits_and_rotation_help(data: tuple[torch.Tensor, torch.Tensor]) ->
     train, test = data
 
     def err(**kw: object) -> float:
-        return relative_error(test, make_codec(small_cfg(**kw)).fit(train).reconstruct(test))
+        return relative_error(test, roundtrip(make_codec(small_cfg(**kw)).fit(train), test))
 
     plain = err(rotation="none", epochs=0)
     opq = err(rotation="opq", epochs=0)
@@ -274,7 +279,7 @@ def test_ema_epochs_update_the_codebooks(data: tuple[torch.Tensor, torch.Tensor]
     b = make_codec(small_cfg(epochs=2)).fit(data[0])
     assert isinstance(a, VQCodec) and isinstance(b, VQCodec)
     assert any(not torch.equal(x, y) for x, y in zip(a.codebooks, b.codebooks, strict=True))
-    assert relative_error(data[1], b.reconstruct(data[1])) < 1.1 * relative_error(data[1], a.reconstruct(data[1]))
+    assert relative_error(data[1], roundtrip(b, data[1])) < 1.1 * relative_error(data[1], roundtrip(a, data[1]))
 
 
 def test_codebook_finetuner_reads_like_the_codec_and_passes_gradients(
@@ -300,7 +305,7 @@ def test_codebook_finetuner_follows_the_data_it_is_trained_on(
         for start in range(0, len(train), 250):
             tuner(train[start : start + 250])
     tuned = tuner.codec()
-    assert relative_error(test, tuned.reconstruct(test)) < 0.8 * relative_error(test, fitted.reconstruct(test))
+    assert relative_error(test, roundtrip(tuned, test)) < 0.8 * relative_error(test, roundtrip(fitted, test))
     assert all(torch.equal(a, b) for a, b in zip(fitted.codebooks, before, strict=True))  # the base is untouched
     resumed = CodebookFinetuner(fitted)
     resumed.load_state_dict(tuner.state_dict())

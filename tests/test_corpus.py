@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.ingest import corpus
-from data.ingest.corpus import (
+from memvq.data.ingest import corpus
+from memvq.data.ingest.corpus import (
     FORMATS,
     CorpusError,
     Document,
@@ -21,7 +21,7 @@ from data.ingest.corpus import (
     detect_format,
     iter_documents,
 )
-from data.ingest.passages import Passage, chunk_document, iter_passages
+from memvq.data.ingest.passages import Passage, chunk_document, iter_passages
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -241,7 +241,7 @@ def test_malformed_lines_are_skipped_and_reported_with_line_numbers(tmp_path, ca
         + "\n",
         encoding="utf-8",
     )
-    with caplog.at_level(logging.WARNING, logger="data.ingest.corpus"):
+    with caplog.at_level(logging.WARNING, logger="memvq.data.ingest.corpus"):
         docs, report = read(path)
     assert [d.doc_id for d in docs] == ["1", "2", "4", "8"]
     assert [b.line for b in report.bad_records] == [3, 5, 7, 8]

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from data.kilt.metrics import exact_match, metric_max_over_ground_truths
-from encoders.embedded import EMBEDDED_MODEL, default_reader_path
-from encoders.reader_io import READER_FILE, WEIGHTS_FILE
-from pipelines.rag import RAGPipeline
+from memvq.data.kilt.metrics import exact_match, metric_max_over_ground_truths
+from memvq.encoders.embedded import EMBEDDED_MODEL, default_reader_path
+from memvq.encoders.reader_io import READER_FILE, WEIGHTS_FILE
+from memvq.pipelines.rag import RAGPipeline
 
 
 def test_weights_are_small_fp16_and_name_the_embedded_encoder():

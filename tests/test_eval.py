@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from data.kilt import records as kilt_data
-from encoders.options import QueryOptions
-from pipelines.cli import app
-from pipelines.evaluate import (
+from memvq.cli import app
+from memvq.data.kilt import records as kilt_data
+from memvq.encoders.options import QueryOptions
+from memvq.pipelines.evaluate import (
     EvalConfigError,
     EvalSettings,
     evaluate,
@@ -20,7 +20,7 @@ from pipelines.evaluate import (
     score_predictions,
     task_names,
 )
-from pipelines.rag import STAGES, RAGPipeline
+from memvq.pipelines.rag import STAGES, RAGPipeline
 
 NUM_QUESTIONS = 6
 DOWNSTREAM = {"accuracy", "em", "f1", "rougel"}
@@ -207,9 +207,9 @@ def test_cli_user_errors(tiny_store, nq_file, tmp_path, monkeypatch):
     result = runner.invoke(app, ["eval", "--data", str(tmp_path / "nope.jsonl"), "--predictions", str(nq_file)])
     assert result.exit_code == 2 and "file not found" in result.output
 
-    import encoders.embedded
+    from memvq.encoders import embedded
 
-    monkeypatch.setattr(encoders.embedded, "DEFAULT_READER_DIR", tmp_path / "no-reader")
+    monkeypatch.setattr(embedded, "DEFAULT_READER_DIR", tmp_path / "no-reader")
     args = ["eval", "--data", str(nq_file), "--out", str(tmp_path / "e"), "--store", str(tiny_store[0])]
     result = runner.invoke(app, [*args, "--device", "cpu", "--no-verify"])  # no --model: the embedded default
     assert result.exit_code == 2 and "embedded default reader is missing" in result.output

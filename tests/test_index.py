@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import pytest
 
-from memory.index import (
+from memvq.memory.index import (
     IndexConfig,
     IndexFileNotFoundError,
     PassageIndex,

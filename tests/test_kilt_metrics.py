@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data.kilt.metrics import (
+from memvq.data.kilt.metrics import (
     evaluate,
     evaluate_downstream,
     evaluate_retrieval,
@@ -19,7 +19,7 @@ from data.kilt.metrics import (
     rouge_l,
     rprecision,
 )
-from data.kilt.records import (
+from memvq.data.kilt.records import (
     KILT_TASKS,
     KiltFormatError,
     KiltWarning,

@@ -12,11 +12,11 @@ import openai
 import pytest
 from test_serve_hardening import live
 
-from encoders.config import ReaderConfig
-from encoders.spans import AnswerSpan
-from pipelines.rag import RAGAnswer
-from pipelines.serve import ServeSettings, create_app
-from retrieval.retriever import RetrievedPassage
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.spans import AnswerSpan
+from memvq.pipelines.rag import RAGAnswer
+from memvq.retrieval.retriever import RetrievedPassage
+from memvq.serve import ServeSettings, create_app
 
 QUESTION = "who got the first nobel prize in physics"
 TEXT = "The first Nobel Prize in Physics was awarded in 1901 to Wilhelm Conrad Röntgen, of Germany."

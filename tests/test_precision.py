@@ -10,13 +10,13 @@ import torch
 from conftest import assert_same_store, store_bytes, tiny_config
 from typer.testing import CliRunner
 
-from encoders import hardware
-from encoders.backbone import Backbone
-from encoders.hardware import autocast, native_bf16, resolve_precision
-from memory.artifact import ManifestError
-from pipelines.build import build_index
-from pipelines.cli import app
-from pipelines.rag import RAGPipeline
+from memvq.cli import app
+from memvq.encoders import hardware
+from memvq.encoders.backbone import Backbone
+from memvq.encoders.hardware import autocast, native_bf16, resolve_precision
+from memvq.memory.artifact import ManifestError
+from memvq.pipelines.build import build_index
+from memvq.pipelines.rag import RAGPipeline
 
 CPU = torch.device("cpu")
 

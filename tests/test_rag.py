@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from encoders.backbone import Backbone
-from encoders.config import ReaderConfig
-from encoders.options import QueryOptions
-from encoders.reader import Reader
-from pipelines.rag import STAGES, IncompatibleModelError, RAGPipeline, reader_inputs
+from memvq.encoders.backbone import Backbone
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.options import QueryOptions
+from memvq.encoders.reader import Reader
+from memvq.pipelines.rag import STAGES, IncompatibleModelError, RAGPipeline, reader_inputs
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_retrieve_returns_store_passages_best_first(rag):
 
 
 def test_a_reader_of_another_split_is_refused(tiny_store, tiny_bert_path):
-    from memory.store import MemoryStore
+    from memvq.memory.store import MemoryStore
 
     config = ReaderConfig(mode="lumen", alpha=2 / 3)  # 1 memory layer, the store has 2
     reader = Reader.from_backbone(Backbone.from_pretrained(tiny_bert_path, alpha=2 / 3), config)
@@ -54,7 +54,7 @@ def test_a_reader_of_another_split_is_refused(tiny_store, tiny_bert_path):
 def test_query_command_prints_answer_passages_and_stage_times(tiny_store, tiny_reader_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from memvq.cli import app
 
     args = ["query", "first nobel prize in physics", "--store", str(tiny_store[0]), "--model", str(tiny_reader_path)]
     result = CliRunner().invoke(app, [*args, "--top-k", "4", "--rerank-k", "2", "--device", "cpu"])
@@ -69,7 +69,7 @@ def test_query_command_prints_answer_passages_and_stage_times(tiny_store, tiny_r
 def test_query_command_marks_the_extracted_answer_in_its_passage(tiny_store, tiny_extract_reader_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from memvq.cli import app
 
     question = "first nobel prize in physics"
     args = ["query", question, "--store", str(tiny_store[0]), "--model", str(tiny_extract_reader_path)]

@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from pipelines.rag import RAGPipeline
-from pipelines.serve import ServeSettings, create_app
-from pipelines.serve.batcher import BatcherClosedError, DynamicBatcher
+from memvq.pipelines.rag import RAGPipeline
+from memvq.serve import ServeSettings, create_app
+from memvq.serve.batcher import BatcherClosedError, DynamicBatcher
 
 QUESTION = "who got the first nobel prize in physics"
 
@@ -342,10 +342,10 @@ def test_concurrent_requests_are_batched(rag):
 def test_serve_command_reports_a_missing_reader_and_wires_the_app(tiny_store, tiny_reader_path, monkeypatch, tmp_path):
     import uvicorn
 
-    import encoders.embedded
-    from pipelines.cli import app
+    from memvq.cli import app
+    from memvq.encoders import embedded
 
-    monkeypatch.setattr(encoders.embedded, "DEFAULT_READER_DIR", tmp_path / "no-reader")
+    monkeypatch.setattr(embedded, "DEFAULT_READER_DIR", tmp_path / "no-reader")
     result = CliRunner().invoke(app, ["serve", "--store", str(tiny_store[0])])
     assert result.exit_code == 2 and "embedded default reader is missing" in result.output
     result = CliRunner().invoke(app, ["serve", "--store", str(tmp_path / "nothing"), "--model", str(tiny_reader_path)])

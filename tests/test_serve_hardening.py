@@ -22,10 +22,10 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from pipelines.rag import RAGAnswer
-from pipelines.serve import ServeSettings, create_app, serve
-from pipelines.serve.batcher import DynamicBatcher, QueueFullError
-from pipelines.serve.runner import HeaderDeadlineProtocol, StripQueryString, uvicorn_options
+from memvq.pipelines.rag import RAGAnswer
+from memvq.serve import ServeSettings, create_app, serve
+from memvq.serve.batcher import DynamicBatcher, QueueFullError
+from memvq.serve.runner import HeaderDeadlineProtocol, StripQueryString, uvicorn_options
 
 
 class FakePipeline:

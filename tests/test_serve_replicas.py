@@ -19,9 +19,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from pipelines.rag import RAGAnswer, RAGPipeline
-from pipelines.serve import ServeSettings, create_app
-from pipelines.serve.replicas import REPLICA_HEADER, ServeBatcher
+from memvq.pipelines.config import LoadOptions
+from memvq.pipelines.rag import RAGAnswer, RAGPipeline
+from memvq.serve import ServeSettings, create_app
+from memvq.serve.replicas import REPLICA_HEADER, ServeBatcher
 
 QUESTION = "who got the first nobel prize in physics"
 KEY = "s3cret"
@@ -84,19 +85,19 @@ def test_serve_batching_groups_by_options_and_fails_only_the_failing_call(monkey
 
 
 def test_serve_command_deploys_replicas_only_when_asked(tiny_store, tiny_reader_path, monkeypatch):
-    import pipelines.serve.replicas
-    from pipelines.cli import app
+    from memvq.cli import app
+    from memvq.serve import replicas
 
     result = CliRunner().invoke(app, ["serve", "--store", str(tiny_store[0]), "--ray-address", "auto"])
     assert result.exit_code == 2 and "--ray-address needs --replicas" in result.output
     calls = []
-    monkeypatch.setattr(pipelines.serve.replicas, "serve_replicas", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(replicas, "serve_replicas", lambda *args, **kwargs: calls.append(kwargs))
     args = ["serve", "--store", str(tiny_store[0]), "--model", str(tiny_reader_path), "--replicas", "2"]
     result = CliRunner().invoke(app, [*args, "--port", "8124", "--ray-address", "ray://head:10001", "--no-verify"])
     assert result.exit_code == 0, result.output
     [options] = calls
     assert options["replicas"] == 2 and options["port"] == 8124 and options["ray_address"] == "ray://head:10001"
-    assert options["verify"] is False and options["settings"].max_batch_size == 16
+    assert options["load"].verify is False and options["settings"].max_batch_size == 16
 
 
 # -- two replicas on a local Ray, behind Serve's proxy -------------------------------------------------------------
@@ -118,7 +119,7 @@ def ray_children() -> list:
 def cluster(tiny_store, tiny_reader_path):
     """Two replicas of the tiny store and reader (API key on) on a local Ray this fixture starts and stops: the
     proxy's URL. Afterwards no Ray process of the test's is left."""
-    from pipelines.serve.replicas import replicas_running
+    from memvq.serve.replicas import replicas_running
 
     address = os.environ.pop("RAY_ADDRESS", None)  # always a local Ray of the test's own
     port = free_port()
@@ -129,7 +130,7 @@ def cluster(tiny_store, tiny_reader_path):
             replicas=2,
             host="127.0.0.1",
             port=port,
-            device="cpu",
+            load=LoadOptions(device="cpu"),
             settings=ServeSettings(**SETTINGS),
         ):
             yield f"http://127.0.0.1:{port}"

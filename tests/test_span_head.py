@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, T5Tokenizer
 
-from encoders.backbone import Backbone
-from encoders.embedded import default_model_path
-from encoders.span_head import SpanCandidate, SpanHead, SpanLogits, best_spans, span_loss, token_log_probs
-from encoders.spans import (
+from memvq.encoders.backbone import Backbone
+from memvq.encoders.embedded import default_model_path
+from memvq.encoders.span_head import SpanCandidate, SpanHead, SpanLogits, best_spans, span_loss, token_log_probs
+from memvq.encoders.spans import (
     AnswerSpan,
     aggregate,
     answer_char_spans,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from memory.artifact import CHECKSUM_KEY, ManifestError, header_checksum, read_artifact
-from memory.integrity import VerifiedFiles
-from memory.store import STORE_FORMAT, MemoryStore, StoreReadError
+from memvq.memory.artifact import CHECKSUM_KEY, ManifestError, header_checksum, read_artifact
+from memvq.memory.integrity import VerifiedFiles
+from memvq.memory.store import STORE_FORMAT, MemoryStore, StoreReadError
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_the_watch_names_files_changed_under_an_open_store(store_copy):
 
 
 def query(store: Path, reader: Path, *flags: str):
-    from pipelines.cli import app
+    from memvq.cli import app
 
     return CliRunner().invoke(
         app,
@@ -163,8 +163,8 @@ def test_a_server_stops_answering_when_its_store_changes(store_copy, tiny_reader
 
     from fastapi.testclient import TestClient
 
-    from pipelines.rag import RAGPipeline
-    from pipelines.serve import ServeSettings, create_app
+    from memvq.pipelines.rag import RAGPipeline
+    from memvq.serve import ServeSettings, create_app
 
     pipeline = RAGPipeline.load(store_copy, tiny_reader_path, device="cpu")
     api = create_app(pipeline, ServeSettings(watch_interval_s=0.05), watch=pipeline.store.watch)

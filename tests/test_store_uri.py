@@ -10,10 +10,10 @@ import os
 import pytest
 from conftest import assert_same_store, tiny_config, two_node_cluster
 
-from memory.artifact import ManifestError
-from memory.location import RemoteStore, fetch_store
-from memory.store import MemoryStore
-from pipelines.build import build_index
+from memvq.memory.artifact import ManifestError
+from memvq.memory.location import RemoteStore, fetch_store
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.build import build_index
 
 
 def test_a_file_uri_build_matches_a_local_build(tiny_store, tiny_bert_path, mini_corpus, tmp_path):
@@ -34,7 +34,7 @@ def test_a_file_uri_build_matches_a_local_build(tiny_store, tiny_bert_path, mini
         MemoryStore.open(uri)
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from memvq.cli import app
 
     fetched = CliRunner().invoke(app, ["fetch", uri, str(tmp_path / "fetched")])
     assert fetched.exit_code == 0 and f"{report.passages:,} passages" in fetched.output, fetched.output
@@ -120,7 +120,7 @@ def test_a_cluster_build_to_s3_uses_no_shared_directory(
 ):
     """Each encoder actor stages its shards in a directory of its own, under its node's MEMVQ_STAGING_DIR, uploads
     them and leaves the directory empty; the driver's staging ends empty too."""
-    caplog.set_level(logging.INFO, logger="pipelines.build")
+    caplog.set_level(logging.INFO, logger="memvq.pipelines")
     uri = s3.format("cluster-store")
     build_index(mini_corpus, uri, tiny_config(tiny_bert_path), ray_address=cluster.address, work_dir=tmp_path)
     assert "2 actors (1 CPU each) on 2 nodes" in caplog.text  # which of them encoded how many shards is timing

@@ -11,19 +11,19 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from data.tasks import TaskConfig, in_dev, iter_squad, load_task, schedule
-from encoders.backbone import Backbone
-from encoders.config import ReaderConfig
-from encoders.hardware import resolve_precision
-from encoders.reader import Reader
-from encoders.reader_io import WEIGHTS_FILE, load_memory_layers
-from memory.artifact import ManifestError
-from memory.codecs import CodebookFinetuner, load_codec
-from memory.store import MemoryStore
-from pipelines.build import build_index
-from pipelines.config import BuildConfig, TrainConfig
-from pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
-from pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, split_for_store, train
+from memvq.data.tasks import TaskConfig, in_dev, iter_squad, load_task, schedule
+from memvq.encoders.backbone import Backbone
+from memvq.encoders.config import ReaderConfig
+from memvq.encoders.hardware import resolve_precision
+from memvq.encoders.reader import Reader
+from memvq.encoders.reader_io import WEIGHTS_FILE, load_memory_layers, load_reader
+from memvq.memory.artifact import ManifestError
+from memvq.memory.codecs import CodebookFinetuner, load_codec
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.build import build_index
+from memvq.pipelines.config import BuildConfig, TrainConfig
+from memvq.pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
+from memvq.pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, split_for_store, train
 
 
 def test_squad_is_split_by_article(shared_data):
@@ -100,7 +100,7 @@ def test_tiny_run_trains_saves_and_resumes_identically(tiny_store, tiny_bert_pat
     assert manifest["steps"] == 4 and set(manifest["files"]) == {"reader/reader.json", f"reader/{WEIGHTS_FILE}"}
     dev = (tmp_path / "straight" / "data" / "nq-dev.jsonl").read_text().splitlines()
     assert dev and all(json.loads(line)["output"][0]["answer"] for line in dev)
-    reader = Reader.load(straight.reader_dir)
+    reader = load_reader(straight.reader_dir)
     assert reader.config.mode == "glimmer" and reader.decoder.num_layers == 1
 
     # Stopped by its time budget after the first step, then resumed: the same weights as the straight run.
@@ -116,7 +116,7 @@ def test_tiny_run_trains_saves_and_resumes_identically(tiny_store, tiny_bert_pat
     initial = Reader.from_backbone(reader.backbone, reader.config).trained_state()
     assert not torch.equal(moved.float(), initial["decoder.bert.encoder.layer.0.crossattention.self.query.weight"])
 
-    with pytest.raises(ManifestError, match="another config"):
+    with pytest.raises(ManifestError, match="different config"):
         train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"seed": 1}))
     assert (tmp_path / "resumed" / CONFIG_FILE).is_file()
 
@@ -125,7 +125,7 @@ def test_tiny_run_trains_saves_and_resumes_identically(tiny_store, tiny_bert_pat
     assert manifest["precision"] == precision
     assert json.loads((straight.reader_dir / "reader.json").read_text())["trained_precision"] == precision
     other = "fp32" if precision == "bf16" else "bf16"
-    with pytest.raises(ManifestError, match="another config"):
+    with pytest.raises(ManifestError, match="different config"):
         train(tiny_store[0], tmp_path / "resumed", config.model_copy(update={"precision": other}))
 
 
@@ -165,7 +165,7 @@ def test_codebook_finetuning_trains_the_codec_and_a_rebuild_encodes_with_it(
     # The store rebuilt with the fine-tuned codec holds what training read in eval mode.
     build_index(mini_corpus, tmp_path / "rebuilt", tiny_config(tiny_bert_path), codec_from=straight.codec_dir)
     rebuilt = MemoryStore.open(tmp_path / "rebuilt")
-    reader = Reader.load(straight.reader_dir)
+    reader = load_reader(straight.reader_dir)
     rows = [[0, 1, 2], [3, 4, 5]]
     stored = reader_inputs(rebuilt, reader, rows)
     trained_on = recomputed_inputs(store, reader, rows, quantize=CodebookFinetuner(tuned).eval())
@@ -185,7 +185,7 @@ def test_memory_layer_finetuning_trains_them_and_a_store_rebuilt_with_them_serve
     config = tiny_train_config(kilt_task, model=str(tiny_bert_path))
     config = config.model_copy(update={"reader": config.reader.model_copy(update={"train_memory_layers": True})})
     run = train(tiny_store[0], tmp_path / "run", config)
-    reader = Reader.load(run.reader_dir)
+    reader = load_reader(run.reader_dir)
     pretrained = Backbone.from_pretrained(tiny_bert_path, alpha=config.reader.live_fraction)
     saved = trained_tensors(tmp_path / "run")
     memory_keys = [key for key in saved if key.startswith("memory.")]
@@ -232,7 +232,7 @@ def test_memory_layer_finetuning_trains_them_and_a_store_rebuilt_with_them_serve
 def test_split_command_writes_disjoint_kilt_files(shared_data, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from memvq.cli import app
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the recipe's data paths are relative to the checkout
     result = CliRunner().invoke(app, ["split", "--config", "configs/train-minilm.toml", "--out", str(tmp_path)])

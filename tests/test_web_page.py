@@ -24,8 +24,8 @@ import pytest
 from fastapi.testclient import TestClient
 from test_serve_hardening import FakePipeline, live
 
-from pipelines.rag import RAGPipeline
-from pipelines.serve import ServeSettings, create_app
+from memvq.pipelines.rag import RAGPipeline
+from memvq.serve import ServeSettings, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "who got the first nobel prize in physics"

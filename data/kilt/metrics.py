@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from data.kilt.records import (
+from memvq.data.kilt.records import (
     CheckMode,
     KiltFormatError,
     align_predictions,

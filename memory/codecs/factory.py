@@ -7,10 +7,11 @@ from pathlib import Path
 import pydantic
 import torch
 
-from memory.artifact import ArtifactError, read_artifact
-from memory.codecs.base import CODEC_FILE, CODEC_FORMAT, CodecConfig, CodecLoadError, MemoryCodec
-from memory.codecs.faiss_codec import FaissCodec
-from memory.codecs.vq import VQCodec
+from memvq.memory.artifact import ArtifactError, read_artifact
+from memvq.memory.codecs.base import CODEC_FILE, CODEC_FORMAT, CodecLoadError, MemoryCodec
+from memvq.memory.codecs.config import CodecConfig
+from memvq.memory.codecs.faiss_codec import FaissCodec
+from memvq.memory.codecs.vq import VQCodec
 
 CODECS: dict[str, type[MemoryCodec]] = {"vq": VQCodec, "faiss": FaissCodec}
 

@@ -21,7 +21,8 @@ import faiss
 import numpy as np
 import torch
 
-from memory.codecs.base import CodecConfig, MemoryCodec
+from memvq.memory.codecs.base import MemoryCodec
+from memvq.memory.codecs.config import CodecConfig
 
 __all__ = ["FaissCodec"]
 

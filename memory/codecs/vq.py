@@ -51,7 +51,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from vector_quantize_pytorch import VectorQuantize
 
-from memory.codecs.base import CodecConfig, MemoryCodec, Segment
+from memvq.memory.codecs.base import MemoryCodec
+from memvq.memory.codecs.config import CodecConfig, Segment
 
 __all__ = ["CodebookFinetuner", "VQCodec", "balanced_pca_rotation", "procrustes"]
 

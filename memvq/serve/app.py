@@ -26,10 +26,11 @@ from fastapi import APIRouter, FastAPI, Security
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from encoders.options import QueryOptions
-from memory.integrity import FileWatch
-from pipelines.rag import RAGAnswer
-from pipelines.serve.batcher import (
+from memvq.encoders.options import QueryOptions
+from memvq.memory.integrity import FileWatch
+from memvq.pipelines.rag import RAGAnswer
+from memvq.retrieval.retriever import RetrievedPassage
+from memvq.serve.batcher import (
     Batcher,
     BatcherClosedError,
     BatchFn,
@@ -38,11 +39,11 @@ from pipelines.serve.batcher import (
     DynamicBatcher,
     QueueFullError,
 )
-from pipelines.serve.guards import ApiKeyGuard, BodyGuard
-from pipelines.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
-from pipelines.serve.openai_api import OpenAIErrors, openai_router
-from pipelines.serve.page import page_router
-from pipelines.serve.schema import (
+from memvq.serve.guards import ApiKeyGuard, BodyGuard
+from memvq.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
+from memvq.serve.openai_api import OpenAIErrors, openai_router
+from memvq.serve.page import page_router
+from memvq.serve.schema import (
     AnswerResponse,
     AnswerSpanModel,
     ApiError,
@@ -55,9 +56,8 @@ from pipelines.serve.schema import (
     query_options,
     request_models,
 )
-from pipelines.serve.settings import ServeSettings
-from pipelines.serve.watch import StoreWatcher
-from retrieval.retriever import RetrievedPassage
+from memvq.serve.settings import ServeSettings
+from memvq.serve.watch import StoreWatcher
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import secrets
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.serve.page import PAGE_PATHS
-from pipelines.serve.schema import error_response
+from memvq.serve.page import PAGE_PATHS
+from memvq.serve.schema import error_response
 
 logger = logging.getLogger(__name__)
 

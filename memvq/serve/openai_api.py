@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.serve.schema import AnswerResponse, ApiError, ErrorDetail, ErrorResponse, error_response
+from memvq.serve.schema import AnswerResponse, ApiError, ErrorDetail, ErrorResponse, error_response
 
 logger = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from encoders.hardware import Precision
-from pipelines.serve.app import create_app
-from pipelines.serve.batcher import (
+from memvq.pipelines.config import LoadOptions
+from memvq.serve.app import create_app
+from memvq.serve.batcher import (
     BatcherClosedError,
     BatchFn,
     BatchObserver,
@@ -51,7 +51,7 @@ from pipelines.serve.batcher import (
     call_model,
     notify,
 )
-from pipelines.serve.settings import ServeSettings
+from memvq.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -209,13 +209,11 @@ class ReplicaHeader:
 class MemvqReplica:
     """One replica: a pipeline loaded from the store and reader, and the API over it with Ray Serve's batching."""
 
-    def __init__(
-        self, store: str, model: str, device: str, verify: bool, settings: ServeSettings, precision: Precision
-    ) -> None:
-        from pipelines.rag import RAGPipeline
+    def __init__(self, store: str, model: str, load: LoadOptions, settings: ServeSettings) -> None:
+        from memvq.pipelines.rag import RAGPipeline
 
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.pipeline = RAGPipeline.load(store, model, device=device, verify=verify, precision=precision)
+        self.pipeline = RAGPipeline.load(store, model, **load.model_dump())
         self.settings = settings
         self.server: Any = None
 
@@ -239,10 +237,8 @@ def replica_app(
     model: str | Path,
     *,
     replicas: int,
-    device: str = "auto",
-    verify: bool = True,
+    load: LoadOptions | None = None,
     settings: ServeSettings | None = None,
-    precision: Precision = "auto",
 ) -> Any:
     """The Serve application of `replicas` replicas (Ray must be initialised: each replica's CPUs and GPUs are a
     share of the cluster's, at most one of each)."""
@@ -250,9 +246,9 @@ def replica_app(
 
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
-    settings = settings or ServeSettings()
+    settings, load = settings or ServeSettings(), load or LoadOptions()
     resources = ray.cluster_resources()
-    gpus = 0.0 if device == "cpu" else resources.get("GPU", 0.0)
+    gpus = 0.0 if load.device == "cpu" else resources.get("GPU", 0.0)
     actor_options = {
         "num_cpus": min(1.0, resources.get("CPU", 1.0) / replicas),
         "num_gpus": min(1.0, gpus / replicas),
@@ -265,7 +261,7 @@ def replica_app(
         max_constructor_retry_count=3,
     )
     store, model = str(Path(store).resolve()), str(Path(model).resolve())
-    return deployment.bind(store, model, device, verify, settings, precision)
+    return deployment.bind(store, model, load, settings)
 
 
 def _deployment_message() -> str:
@@ -286,10 +282,8 @@ def replicas_running(
     host: str = "127.0.0.1",
     port: int = 8000,
     ray_address: str | None = None,
-    device: str = "auto",
-    verify: bool = True,
+    load: LoadOptions | None = None,
     settings: ServeSettings | None = None,
-    precision: Precision = "auto",
 ) -> Iterator[DeploymentHandle]:
     """The API on `replicas` Ray Serve replicas at http://HOST:PORT for the body of the block (ready when it starts).
 
@@ -298,15 +292,13 @@ def replicas_running(
     deleted (Serve and the cluster go on)."""
     import ray
 
-    from pipelines.local_ray import ray_for_build
+    from memvq.pipelines.local_ray import ray_for_build
 
     owns_ray = not ray.is_initialized() and (ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local"
     with ray_for_build(ray_address):
         try:
             serve.start(http_options={"host": host, "port": port})
-            app = replica_app(
-                store, model, replicas=replicas, device=device, verify=verify, settings=settings, precision=precision
-            )
+            app = replica_app(store, model, replicas=replicas, load=load, settings=settings)
             try:
                 handle = serve.run(app, name=APP_NAME, route_prefix="/")
             except RuntimeError as error:  # say why (a replica's error is in its log, not in the driver's)
@@ -321,33 +313,16 @@ def replicas_running(
                     serve.delete(APP_NAME)
 
 
-def serve_replicas(
-    store: str | Path,
-    model: str | Path,
-    *,
-    replicas: int,
-    host: str,
-    port: int,
-    ray_address: str | None = None,
-    device: str = "auto",
-    verify: bool = True,
-    settings: ServeSettings | None = None,
-    precision: Precision = "auto",
-) -> None:
-    """Serve the API on Ray Serve replicas until interrupted (Ctrl-C, SIGTERM)."""
-    with replicas_running(
-        store,
-        model,
-        replicas=replicas,
-        host=host,
-        port=port,
-        ray_address=ray_address,
-        device=device,
-        verify=verify,
-        settings=settings,
-        precision=precision,
-    ):
-        logger.info("serving on http://%s:%d with %d Ray Serve replicas (Ctrl-C to stop)", host, port, replicas)
+def serve_replicas(store: str | Path, model: str | Path, **deployment: Any) -> None:
+    """Serve the API on Ray Serve replicas until interrupted (Ctrl-C, SIGTERM); `deployment`: the keywords of
+    `replicas_running` (replicas, host, port, ray_address, load, settings)."""
+    with replicas_running(store, model, **deployment):
+        logger.info(
+            "serving on http://%s:%d with %d Ray Serve replicas (Ctrl-C to stop)",
+            deployment.get("host", "127.0.0.1"),
+            deployment.get("port", 8000),
+            deployment["replicas"],
+        )
         try:
             while True:
                 time.sleep(3600)

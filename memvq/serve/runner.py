@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pipelines.serve.settings import ServeSettings
+from memvq.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from encoders.options import QueryOptions
-from pipelines.serve.settings import ServeSettings
+from memvq.encoders.options import QueryOptions
+from memvq.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 

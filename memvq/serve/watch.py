@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 
-from memory.integrity import FileWatch
+from memvq.memory.integrity import FileWatch
 
 logger = logging.getLogger(__name__)
 

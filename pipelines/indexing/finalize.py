@@ -1,0 +1,158 @@
+"""Step 4 of a build, finalize: the FAISS passage index from the shards' embeddings (streamed shard by shard), the
+build report, and the manifest, written last: it names every file of the store with its sha256."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from memvq.memory.artifact import MANIFEST_NAME, write_artifact
+from memvq.memory.codecs import MemoryCodec, compression_ratio
+from memvq.memory.index import PassageIndex, training_rows
+from memvq.memory.location import RemoteStore
+from memvq.memory.store import STORE_FORMAT, StoreLayout
+from memvq.pipelines.config import BuildConfig
+from memvq.pipelines.indexing.plan import Plan
+
+
+class BuildReport(BaseModel):
+    """What a build did, printed at the end and saved in the manifest."""
+
+    documents: int
+    passages: int
+    tokens: int
+    bad_records: int
+    duplicate_ids: int  # of the bad records: documents whose id an earlier one had (the first is kept)
+    split_words: int  # words longer than chunking's character limit, cut into pieces
+    shards: int
+    bytes_per_token: int
+    compression_vs_bf16: float
+    codes_bytes: int
+    seconds: dict[str, float]
+    passages_per_second: float
+    encode_passages_per_second: float
+    encode_busy_passages_per_second: float | None
+
+
+@dataclass(frozen=True)
+class Built:
+    """What the manifest records of a build besides its files: the config, the plan, the corpus record, the
+    backbone, and the codec with where it came from."""
+
+    config: BuildConfig
+    plan: Plan
+    corpus: dict[str, Any]
+    backbone: dict[str, Any]
+    codec: MemoryCodec
+    codec_source: str
+
+
+@contextlib.contextmanager
+def _shard_emb(layout: StoreLayout, remote: RemoteStore | None, shard: int) -> Iterator[Path]:
+    """The path of a shard's emb.npy: in the store, or downloaded from `remote` into staging (removed after)."""
+    path = layout.shard_file(shard, "emb.npy")
+    if remote is None:
+        yield path
+        return
+    try:
+        yield remote.download(layout.relative(path), path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def build_passage_index(
+    layout: StoreLayout, config: BuildConfig, plan: Plan, dim: int, remote: RemoteStore | None = None
+) -> PassageIndex:
+    """FAISS index over the shards' embeddings, streamed shard by shard: memory is one shard's embeddings, the
+    training sample (at most `config.index.train_size` rows) and the index itself, never the whole corpus. With
+    `remote` (a store at a URI), each shard's embeddings are downloaded into staging one at a time."""
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for shard, start in enumerate(plan.row_starts):
+            with _shard_emb(layout, remote, shard) as path:
+                emb = np.load(path).astype(np.float32)
+            yield np.arange(start, start + len(emb), dtype=np.int64), emb
+
+    sample = None
+    if config.index.factory != "Flat":
+        # only the training rows are read (through memory maps), straight into one preallocated array
+        rows = training_rows(plan.passages, config.index)
+        sample = np.empty((len(rows), dim), dtype=np.float32)
+        for shard, (start, size) in enumerate(zip(plan.row_starts, plan.shard_sizes, strict=True)):
+            lo, hi = np.searchsorted(rows, [start, start + size])
+            if hi > lo:
+                with _shard_emb(layout, remote, shard) as path:
+                    sample[lo:hi] = np.load(path, mmap_mode="r")[rows[lo:hi] - start]
+    index = PassageIndex.build(batches(), dim=dim, config=config.index, train_sample=sample)
+    index.save(layout.index_dir)
+    return index
+
+
+def build_report(
+    plan: Plan, markers: list[dict[str, Any]], codec: MemoryCodec, seconds: dict[str, float], busy: float | None
+) -> BuildReport:
+    """The report of a build from its plan, the shards' done markers and the seconds per step; `busy`: the actors'
+    encoding seconds when this run encoded every shard (else None: a resumed build's rate would mislead)."""
+    tokens = sum(marker["tokens"] for marker in markers)
+    total = sum(seconds.values())
+    return BuildReport(
+        documents=plan.documents,
+        passages=plan.passages,
+        tokens=tokens,
+        bad_records=plan.bad_records,
+        duplicate_ids=plan.duplicate_ids,
+        split_words=plan.split_words,
+        shards=len(plan.shard_sizes),
+        bytes_per_token=codec.bytes_per_token,
+        compression_vs_bf16=compression_ratio(codec),
+        codes_bytes=tokens * codec.bytes_per_token,
+        seconds={key: round(value, 3) for key, value in (seconds | {"total": total}).items()},
+        passages_per_second=plan.passages / total,
+        encode_passages_per_second=plan.passages / max(seconds["encode"], 1e-9),
+        encode_busy_passages_per_second=plan.passages / busy if busy else None,
+    )
+
+
+def write_manifest(
+    layout: StoreLayout, built: Built, markers: list[dict[str, Any]], report: BuildReport
+) -> dict[str, Any]:
+    """The store manifest (its memvq-store header), from what was built, the shards' done markers (in shard order,
+    with the records of the shard files their encoder hashed) and the build report."""
+    plan, codec = built.plan, built.codec
+    shards, files = [], {}
+    for shard, (start, done) in enumerate(zip(plan.row_starts, markers, strict=True)):
+        shards.append({"shard": shard, "row_start": start, "passages": done["passages"], "tokens": done["tokens"]})
+        files.update(done["files"])
+    for path in sorted([*layout.codec_dir.iterdir(), *layout.index_dir.iterdir()]):
+        if path.is_file() and not path.name.startswith("."):
+            files[layout.relative(path)] = path
+    header = write_artifact(
+        layout.root,
+        MANIFEST_NAME,
+        STORE_FORMAT,
+        built.config.to_json(),
+        files=files,
+        extra={
+            "backbone": built.backbone,
+            "codec": {
+                "config": codec.config.model_dump(mode="json"),
+                "code_width": codec.code_width,
+                "code_dtype": np.dtype(codec.code_dtype).name,
+                "bytes_per_token": codec.bytes_per_token,
+                "source": built.codec_source,
+            },
+            "corpus": built.corpus,
+            "num_documents": plan.documents,
+            "num_passages": plan.passages,
+            "num_tokens": report.tokens,
+            "shards": shards,
+            "report": report.model_dump(),
+        },
+    )
+    return header.to_json()
