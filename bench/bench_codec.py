@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.quality import nn_agreement, relative_error
 from memvq.memory.codecs import CodecConfig, Segment, compression_ratio, make_codec
-from memvq.memory.quality import nn_agreement, relative_error
 from memvq.pipelines.logs import configure_logging
 
 LOG = logging.getLogger("bench_codec")

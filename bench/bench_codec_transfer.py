@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from bench.bench_codec import NN_DEFINITION, NN_K, NN_QUERIES
+from bench.quality import nn_agreement, relative_error
 from memvq.encoders.backbone import Backbone
 from memvq.encoders.embedded import SHIPPED_CODECS, portable_model_path
 from memvq.encoders.hardware import autocast
 from memvq.memory.codecs import load_codec, make_codec
-from memvq.memory.quality import nn_agreement, relative_error
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.config import BuildConfig
 from memvq.pipelines.indexing.codec import codec_sample_rows

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from memvq.data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
+from bench.quality import relative_error
+from memvq.data.kilt.metrics import answer_scores
 from memvq.data.kilt.records import gold_answer_list, load_kilt, record_input
 from memvq.encoders.backbone import Backbone
 from memvq.encoders.config import ReaderConfig
@@ -34,13 +35,13 @@ from memvq.encoders.embedded import default_reader_path
 from memvq.encoders.hardware import Resolved, autocast
 from memvq.encoders.reader import Reader
 from memvq.encoders.reader_io import load_reader
-from memvq.memory.quality import relative_error
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.build import build_index
+from memvq.pipelines.compatibility import split_for_store
 from memvq.pipelines.config import BuildConfig, TrainConfig
 from memvq.pipelines.logs import configure_logging
 from memvq.pipelines.rag import RAGPipeline
-from memvq.pipelines.train import Trainer, split_for_store
+from memvq.pipelines.train import Trainer
 from memvq.retrieval.retriever import Retriever
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,13 +142,13 @@ def quality_rows(store: MemoryStore, data: list[dict[str, Any]]) -> list[dict[st
     rows = []
     for precision in PRECISIONS:
         pipeline = RAGPipeline(store, reader, Retriever.for_store(store, precision=precision), precision=precision)
-        em = f1_sum = 0.0
+        answered = []
         for first in range(0, len(data), 16):
             chunk = data[first : first + 16]
             for record, result in zip(chunk, pipeline.answer([record_input(r) or "" for r in chunk]), strict=True):
-                em += metric_max_over_ground_truths(exact_match, result.answer, gold_answer_list(record))
-                f1_sum += metric_max_over_ground_truths(f1, result.answer, gold_answer_list(record))
-        rows.append({"precision": precision, "em": 100 * em / len(data), "f1": 100 * f1_sum / len(data)})
+                answered.append((result.answer, gold_answer_list(record)))
+        scores = answer_scores(answered)
+        rows.append({"precision": precision, "em": 100 * scores["em"], "f1": 100 * scores["f1"]})
     return rows
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from memvq.data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths, rprecision
+from memvq.data.kilt.metrics import answer_scores, rprecision
 from memvq.data.kilt.records import gold_answer_list, load_kilt, record_input
 from memvq.encoders.backbone import Backbone
 from memvq.encoders.config import ReaderConfig
@@ -38,16 +38,10 @@ from memvq.encoders.options import QueryOptions
 from memvq.encoders.reader import Reader
 from memvq.encoders.reader_io import load_reader
 from memvq.memory.store import MemoryStore
+from memvq.pipelines.compatibility import IncompatibleModelError, check_compatible, split_for_store
 from memvq.pipelines.logs import configure_logging
-from memvq.pipelines.rag import (
-    STAGES,
-    IncompatibleModelError,
-    RAGPipeline,
-    check_compatible,
-    reader_inputs,
-    recomputed_inputs,
-)
-from memvq.pipelines.train import split_for_store
+from memvq.pipelines.rag import RAGPipeline, reader_inputs, recomputed_inputs
+from memvq.pipelines.timing import QUERY_STAGES as STAGES
 from memvq.retrieval.retriever import RetrievedPassage, Retriever
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -136,7 +130,7 @@ def quality_row(
     retrieved: list[list[RetrievedPassage]],
     options: QueryOptions,
 ) -> dict[str, float]:
-    em = f1_sum = rprec = 0.0
+    answered, rprec = [], 0.0
     reader = pipeline.reader
     for first in range(0, len(records), 16):
         chunk = records[first : first + 16]
@@ -148,13 +142,11 @@ def quality_row(
         out = reader.answer(questions, replace(inputs, retrieval_scores=prior), options)
         kept = out.kept.tolist()
         for record, answer, order, passages in zip(chunk, out.answers, kept, hits, strict=True):
-            answers = gold_answer_list(record)
-            em += metric_max_over_ground_truths(exact_match, answer, answers)
-            f1_sum += metric_max_over_ground_truths(f1, answer, answers)
+            answered.append((answer, gold_answer_list(record)))
             guess = {"output": [{"provenance": [passages[j].provenance() for j in order]}]}
             rprec += rprecision(guess, record)
-    n = len(records)
-    return {"em": 100 * em / n, "f1": 100 * f1_sum / n, "r_precision": 100 * rprec / n}
+    scores = answer_scores(answered)
+    return {"em": 100 * scores["em"], "f1": 100 * scores["f1"], "r_precision": 100 * rprec / len(records)}
 
 
 def store_for(reader: Reader, stores: list[MemoryStore]) -> MemoryStore:

@@ -13,7 +13,7 @@ that subprocess:
   from the page cache; second open: stats only; open without verification) and the index load time;
 - `get()` of 20 random passages, 200 draws: cold (a store object just made, the draw's shard files dropped from the
   page cache), then warm (the same draws on one long-lived store);
-- an exact Flat index and an IVF-PQ index (`memory.index.auto_factory`'s: IVF{4 sqrt(n) as a power of two},
+- an exact Flat index and an IVF-PQ index (`auto_factory`'s: IVF{4 sqrt(n) as a power of two},
   PQ{dim/8}x8; auto picks it from 1M passages, below that the same rule at n) over the store's embeddings (the one
   the build made is reused): build time, peak RSS over the RSS before (when the bench builds it), search latency
   (one question at a time, and all at once), recall@10 against exact search for the 1,293 NQ dev questions embedded
@@ -57,6 +57,36 @@ PROJECT_PASSAGES = 22_000_000
 
 
 # -- corpora -----------------------------------------------------------------------------------------------------
+
+
+# Below this many passages `auto_factory` picks an exact Flat index.
+FLAT_MAX_PASSAGES = 1_000_000
+
+
+def auto_factory(num_passages: int, dim: int | None = None) -> str:
+    """A sensible FAISS factory string for ``num_passages`` vectors of dimension ``dim``.
+
+    Rule:
+
+    - fewer than :data:`FLAT_MAX_PASSAGES` (1M) passages: ``"Flat"`` (exact search; ``dim`` not needed);
+    - otherwise ``"IVF{nlist},PQ{m}x8"`` with ``nlist`` = the power of two nearest to ``4 * sqrt(n)``
+      (1M -> 4096, 20M -> 16384) and ``m`` = the largest divisor of ``dim`` that is at most ``dim // 8``
+      (about 8 dimensions per one-byte sub-quantizer: 384 -> PQ48x8, 768 -> PQ96x8).
+
+    FAISS k-means wants ~``39 * nlist`` training vectors (160k for nlist 4096); raise
+    ``IndexConfig.train_size`` to match for the best quality, smaller samples work but FAISS warns.
+    """
+    if isinstance(num_passages, bool) or not isinstance(num_passages, int) or num_passages < 0:
+        raise ValueError(f"num_passages must be a non-negative int, got {num_passages!r}")
+    if num_passages < FLAT_MAX_PASSAGES:
+        return "Flat"
+    if dim is None:
+        raise ValueError(f"auto_factory needs dim for {num_passages} passages (an IVF-PQ index is chosen)")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    nlist = 2 ** round(math.log2(4 * math.sqrt(num_passages)))
+    m = max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
+    return f"IVF{nlist},PQ{m}x8"
 
 
 def parse_size(text: str) -> int | None:
@@ -242,7 +272,6 @@ def shard_embeddings(root: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 def ivfpq_factory(passages: int, dim: int) -> str:
     """`auto_factory`'s IVF-PQ for `passages` (from 1M it is what auto picks; below it, the same rule at n)."""
-    from memvq.memory.index import FLAT_MAX_PASSAGES, auto_factory
 
     if passages >= FLAT_MAX_PASSAGES:
         return auto_factory(passages, dim)
@@ -351,7 +380,6 @@ def tokenize_rate(model: str | None, root: Path, limit: int = 4096) -> float:
 
 def run_one(args: argparse.Namespace) -> None:
     """One build and its measurements (the subprocess); writes args.result as JSON."""
-    from memvq.memory.index import auto_factory
     from memvq.memory.store import MemoryStore
     from memvq.pipelines import build
     from memvq.pipelines.config import BuildConfig
@@ -520,7 +548,6 @@ def results_table(results: list[dict[str, Any]]) -> str:
 
 def projection(results: list[dict[str, Any]]) -> str:
     """22M passages for MiniLM (384-d, 48 B/token) and a T5-XXL memory (4096-d, 512 B/token)."""
-    from memvq.memory.index import auto_factory
 
     largest = max(results, key=lambda r: r["report"]["passages"])
     minilm = [r for r in results if r["model"] == "MiniLM"]

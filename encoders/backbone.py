@@ -33,6 +33,7 @@ from transformers import (
 )
 from transformers.masking_utils import create_bidirectional_mask
 
+from memvq.encoders.config import LUMEN_ALPHA
 from memvq.encoders.embedded import resolve_model_path
 
 # model_type (from config.json) -> (family, encoder class)
@@ -66,10 +67,16 @@ def layer_index(key: str) -> int | None:
 
 
 def memory_layer_count(num_layers: int, alpha: float) -> int:
-    """Number of memory layers for a live fraction `alpha` (LUMEN: live = round(alpha * layers))."""
+    """Number of memory layers for a live fraction `alpha` (LUMEN: live = round(alpha * layers)); the one split
+    of a backbone, with its inverse `live_fraction`."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     return num_layers - round(alpha * num_layers)
+
+
+def live_fraction(num_layers: int, memory_layers: int) -> float:
+    """The live fraction of a backbone split after `memory_layers` of `num_layers` (`memory_layer_count`'s inverse)."""
+    return (num_layers - memory_layers) / num_layers
 
 
 class _LayerStack(ABC):
@@ -181,7 +188,7 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, *, alpha: float = 1 / 3, memory_layers: int | None = None
+        cls, path: str | Path | None = None, *, alpha: float = LUMEN_ALPHA, memory_layers: int | None = None
     ) -> Backbone:
         """Load a local checkpoint (None or `EMBEDDED_MODEL`: the embedded MiniLM) and split it; nothing is
         fetched from a hub."""

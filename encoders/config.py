@@ -13,8 +13,11 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 Mode = Literal["fid", "lumen", "glimmer", "memory"]
 Head = Literal["generate", "extract"]
 
-# The live fraction each mode implies when `alpha` is not given (LUMEN's default for lumen and glimmer).
-DEFAULT_ALPHA: dict[str, float] = {"fid": 1.0, "lumen": 1 / 3, "glimmer": 1 / 3, "memory": 0.0}
+# LUMEN's live fraction: the top third of the layers run at query time, the rest make the memory. The one home of
+# the default split (the build's `encoder.alpha`, the backbone's, the memory readers').
+LUMEN_ALPHA = 1 / 3
+# The live fraction each mode implies when `alpha` is not given.
+DEFAULT_ALPHA: dict[str, float] = {"fid": 1.0, "lumen": LUMEN_ALPHA, "glimmer": LUMEN_ALPHA, "memory": 0.0}
 
 
 class ReaderConfig(BaseModel):
@@ -35,8 +38,15 @@ class ReaderConfig(BaseModel):
     retrieval_weight: float = Field(
         default=0.0, ge=0.0, description="glimmer: passages are kept by reranker score + this x retrieval score"
     )
-    max_question_tokens: int = Field(default=32, ge=2)
-    max_passage_tokens: int = Field(default=128, ge=2)
+    max_question_tokens: int = Field(
+        default=32, ge=2, description="question tokens the reader puts before each passage (the retriever embeds more)"
+    )
+    max_passage_tokens: int = Field(
+        default=128,
+        ge=2,
+        description="tokens of each passage the reader reads: the first ones of its stored memory (the build keeps "
+        "`encoder.max_passage_tokens`), or of its text (fid)",
+    )
     max_answer_tokens: int = Field(default=16, ge=2, description="answer length limit (extract: span tokens)")
     head: Head = Field(
         default="generate",

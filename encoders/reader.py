@@ -1,28 +1,26 @@
-"""The query-time reader: backbone (question memory + live layers) + GLIMMER reranker + Fusion-in-Decoder decoder.
+"""The query-time reader: backbone (question memory + live layers) + GLIMMER reranker + an answer head, the span
+head (`head = "extract"`: a span of a passage read) or a Fusion-in-Decoder decoder (`"generate"`).
 
 It owns the forward path from (questions, retrieved passage memory) to answers, the training loss and which parts
 are trained (their files on disk: `encoders.reader_io`). Four modes (`ReaderConfig.mode`):
 
 * lumen:   the question goes through the memory layers once (`Backbone.encode_memory`) and is put in front of
            each of the K passages' memory, `[question tokens; passage memory tokens]`; the live layers
-           [memory_layers, num_layers) run over each pair; the decoder reads all K pairs, 'b (k n) d' (FiD).
+           [memory_layers, num_layers) run over each pair; the answer head reads all K pairs.
 * glimmer: Live-A (the first `rerank_layers` live layers) runs over all K pairs, the reranker scores them, the
-           top `rerank_k` pairs go on through Live-B (the remaining live layers) to the decoder.
+           top `rerank_k` pairs go on through Live-B (the remaining live layers) to the answer head.
 * fid:     no memory: `question [SEP] title [SEP] text` is tokenised and every layer is live (alpha = 1).
-* memory:  no live layers (alpha = 0): the decoder reads [question memory; passage memory] directly (after the
-           T5 final norm, for T5).
+* memory:  no live layers (alpha = 0): the answer head reads [question memory; passage memory] directly (after
+           the T5 final norm, for T5).
 
-Pairs are packed: each pair's real tokens are moved to the front (question, then passage) and the padding to the
-end, so that a pair's states do not depend on how long the other questions / passages of the batch are (this
-matters for T5, whose relative position bias sees gaps). Passages are batched together as (b k) rows.
-
-The memory side (embeddings and memory layers) is frozen by default: the store was built with it. Trainable and
-saved: the live layers (and the T5 final norm), the reranker and the decoder; with `train_memory_layers` the
-memory layers too, and the store must then be rebuilt with them (`build-index --memory-from READER_DIR`):
-`Backbone.memory_digest` names them in the store's manifest and the pipeline refuses a mismatch. The passages
-arrive as `ReaderInputs` (memory 'b k l d', mask 'b k l', as `MemoryStore.get_memory` returns them per question;
-fid: the passage (title, text) pairs) so the reader does not depend on the store; the query knobs (rerank_k,
-answer length, beams) as `QueryOptions`, None resolved against the config.
+The pairs are built and packed by `encoders.pairs`. The memory side (embeddings and memory layers) is frozen by
+default: the store was built with it. Trainable and saved: the live layers (and the T5 final norm), the reranker
+and the answer head; with `train_memory_layers` the memory layers too, and the store must then be rebuilt with
+them (`build-index --memory-from READER_DIR`): `Backbone.memory_digest` names them in the store's manifest and
+the pipeline refuses a mismatch. The passages arrive as `ReaderInputs` (memory 'b k l d', mask 'b k l', as
+`MemoryStore.get_memory` returns them per question; fid: the passage (title, text) pairs) so the reader does not
+depend on the store; the query knobs (rerank_k, answer length, beams) as `QueryOptions`, None resolved against
+the config.
 """
 
 from __future__ import annotations
@@ -33,17 +31,18 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from memvq.encoders.backbone import Backbone, layer_index, memory_layer_count
 from memvq.encoders.config import ReaderConfig
 from memvq.encoders.decoder import FiDDecoder
-from memvq.encoders.inputs import PassageOffsets, PassageText, ReaderInputs
+from memvq.encoders.inputs import ReaderInputs
 from memvq.encoders.options import QueryOptions
+from memvq.encoders.pairs import PairSpans, memory_pairs, text_pairs
 from memvq.encoders.reranker import RerankerHead, perplexity_distillation_loss, perplexity_distillation_target
 from memvq.encoders.span_head import SpanHead, answer_log_likelihood, best_spans, span_loss
-from memvq.encoders.spans import AnswerSpan, aggregate, fid_pair_tokens, label_positives
+from memvq.encoders.spans import AnswerSpan, aggregate
 
 logger = logging.getLogger(__name__)
 
@@ -56,35 +55,6 @@ Stage = Callable[[str], AbstractContextManager[None]]
 def untimed(name: str) -> AbstractContextManager[None]:
     """The `Stage` of a caller that does not time the reader."""
     return nullcontext()
-
-
-@dataclass
-class PairSpans:
-    """Where each pair's tokens sit in its passage's text (extract head): texts 'b k', offsets 'b k n 2'
-    (character offsets into the text at pair positions) and text_mask 'b k n' (the position is a text token)."""
-
-    texts: list[list[str]]
-    offsets: torch.Tensor
-    text_mask: torch.Tensor
-
-    def select(self, kept: torch.Tensor) -> PairSpans:
-        """The pairs `kept` 'b k' (indices into these K)."""
-        rows = torch.arange(kept.shape[0], device=kept.device).unsqueeze(1)
-        texts = [[row[j] for j in chosen] for row, chosen in zip(self.texts, kept.tolist(), strict=True)]
-        return PairSpans(texts, self.offsets[rows, kept], self.text_mask[rows, kept])
-
-    def positives(self, answers: Sequence[Sequence[str]], max_tokens: int) -> list[list[tuple[int, int]]]:
-        """Every occurrence of a question's gold answers in each of its pairs, '(b k)' order, as pair positions
-        (first, last); occurrences longer than `max_tokens` tokens are left out."""
-        k = len(self.texts[0])
-        spans = label_positives(
-            [text for row in self.texts for text in row],
-            [answer for answer in answers for _ in range(k)],
-            rearrange(self.offsets, "b k n two -> (b k) n two"),
-            rearrange(self.text_mask, "b k n -> (b k) n"),
-            [0] * (len(self.texts) * k),
-        )
-        return [[(first, last) for first, last in row if last - first < max_tokens] for row in spans]
 
 
 @dataclass
@@ -127,30 +97,6 @@ class ReaderOutput:
     passage_scores: torch.Tensor | None
     kept: torch.Tensor
     spans: list[AnswerSpan | None] | None = None
-
-
-@dataclass
-class _Pairs:
-    """Packed [question; passage] pairs, (b k) rows: hidden '(b k) n d', mask, segment and token ids '(b k) n'."""
-
-    hidden: torch.Tensor
-    mask: torch.Tensor
-    segment: torch.Tensor  # 0 = question token, 1 = passage token
-    ids: torch.Tensor
-    batch: int
-    k: int
-    spans: PairSpans | None = None  # 'b k ...' (extract head)
-
-
-def pack(hidden: torch.Tensor, mask: torch.Tensor, *per_token: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Move each row's real tokens to the front, keeping their order, and trim the padding to the longest row.
-
-    hidden 'r n d', mask 'r n' (bool), per-token tensors 'r n' -> the same, n = the longest row's token count.
-    """
-    order = torch.argsort((~mask).int(), dim=1, stable=True)
-    order = order[:, : int(mask.sum(dim=1).max())]
-    hidden = hidden.gather(1, repeat(order, "r n -> r n d", d=hidden.shape[-1]))
-    return hidden, mask.gather(1, order), *(values.gather(1, order) for values in per_token)
 
 
 class Reader(nn.Module):
@@ -230,94 +176,6 @@ class Reader(nn.Module):
 
     # -- encoder side ------------------------------------------------------------------------------------------
 
-    def _memory_pairs(
-        self,
-        questions: list[str],
-        memory: torch.Tensor,
-        memory_mask: torch.Tensor,
-        memory_ids: torch.Tensor | None = None,
-        offsets: PassageOffsets | None = None,
-    ) -> _Pairs:
-        """[question memory; passage memory] for every (question, passage): memory 'b k l d', mask 'b k l',
-        memory_ids 'b k l' (the passage tokens' ids; None: unknown, 0), offsets (extract head: where the memory's
-        tokens sit in the passages' text)."""
-        cfg = self.config
-        memory = memory[:, :, : cfg.max_passage_tokens].to(self.device)
-        memory_mask = memory_mask[:, :, : cfg.max_passage_tokens].to(self.device).bool()
-        if memory_ids is None:
-            memory_ids = torch.zeros(memory.shape[:3], dtype=torch.long)
-        memory_ids = memory_ids[:, :, : cfg.max_passage_tokens].to(self.device)
-        if memory_ids.shape != memory_mask.shape:
-            raise ValueError(f"memory_ids {tuple(memory_ids.shape)} do not match the memory {tuple(memory_mask.shape)}")
-        batch, k = memory.shape[:2]
-        if batch != len(questions):
-            raise ValueError(f"{len(questions)} questions but memory for {batch}")
-        tokens = self.backbone.tokenize_questions(questions, cfg.max_question_tokens).to(self.device)
-        question = self.backbone.encode_memory(
-            tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids")
-        )
-        question_mask = tokens["attention_mask"].bool()
-        hidden = torch.cat(
-            [
-                repeat(question, "b q d -> (b k) q d", k=k),
-                rearrange(memory.to(question.dtype), "b k l d -> (b k) l d"),
-            ],
-            dim=1,
-        )
-        mask = torch.cat(
-            [repeat(question_mask, "b q -> (b k) q", k=k), rearrange(memory_mask, "b k l -> (b k) l")], dim=1
-        )
-        segment = torch.cat(
-            [torch.zeros(batch * k, question.shape[1]), torch.ones(batch * k, memory.shape[2])], dim=1
-        ).to(device=self.device, dtype=torch.long)
-        ids = torch.cat(
-            [repeat(tokens["input_ids"], "b q -> (b k) q", k=k), rearrange(memory_ids, "b k l -> (b k) l")], dim=1
-        )
-        if offsets is None:
-            return _Pairs(*pack(hidden, mask, segment, ids), batch=batch, k=k)
-        question_zeros = torch.zeros(batch * k, question.shape[1], dtype=torch.long, device=self.device)
-        cut = memory.shape[2]
-        starts, ends, text_mask = (
-            torch.cat([question_zeros.to(values.dtype), rearrange(values[:, :, :cut], "b k l -> (b k) l")], dim=1)
-            for values in (
-                offsets.offsets[..., 0].to(self.device),
-                offsets.offsets[..., 1].to(self.device),
-                offsets.text_mask.to(self.device).bool(),
-            )
-        )
-        hidden, mask, segment, ids, starts, ends, text_mask = pack(hidden, mask, segment, ids, starts, ends, text_mask)
-        spans = PairSpans(
-            [list(row) for row in offsets.texts],
-            rearrange(torch.stack([starts, ends], dim=-1), "(b k) n two -> b k n two", b=batch),
-            rearrange(text_mask, "(b k) n -> b k n", b=batch),
-        )
-        return _Pairs(hidden, mask, segment, ids, batch=batch, k=k, spans=spans)
-
-    def _text_pairs(self, questions: list[str], passage_texts: Sequence[Sequence[PassageText]]) -> _Pairs:
-        """FiD: `question [SEP] title [SEP] text` for every (question, passage), embedded (no layer run yet)."""
-        cfg = self.config
-        if len(passage_texts) != len(questions):
-            raise ValueError(f"{len(questions)} questions but passages for {len(passage_texts)}")
-        rows = [list(passages) for passages in passage_texts]
-        k = len(rows[0])
-        tokens, offsets, text_mask = fid_pair_tokens(
-            self.backbone.tokenizer,
-            [question for question in questions for _ in range(k)],
-            [title for row in rows for title, _ in row],
-            [text for row in rows for _, text in row],
-            max_length=cfg.max_question_tokens + cfg.max_passage_tokens,
-        )
-        tokens = tokens.to(self.device)
-        hidden = self.backbone.embed(tokens["input_ids"], tokens.get("token_type_ids"))
-        mask = tokens["attention_mask"].bool()
-        spans = PairSpans(
-            [[text for _, text in row] for row in rows],
-            rearrange(offsets.to(self.device), "(b k) n two -> b k n two", k=k),
-            rearrange(text_mask.to(self.device), "(b k) n -> b k n", k=k),
-        )
-        # The reranker (the only reader of segments) is not used in fid: every token is marked as passage.
-        return _Pairs(hidden, mask, torch.ones_like(tokens["input_ids"]), tokens["input_ids"], len(questions), k, spans)
-
     def _live_b(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """glimmer: the live layers after Live-A over '(b k) n d' (nothing left when Live-A reached the top)."""
         start = self.first_live + self.config.rerank_layers
@@ -338,7 +196,7 @@ class Reader(nn.Module):
             if self.config.mode == "fid":
                 if inputs.passage_texts is None:
                     raise ValueError("fid mode reads passage text: give passage_texts")
-                pairs = self._text_pairs(questions, inputs.passage_texts)
+                pairs = text_pairs(self.backbone, self.config, questions, inputs.passage_texts)
             else:
                 if inputs.memory is None or inputs.memory_mask is None:
                     raise ValueError(f"{self.config.mode} mode reads memory: give memory and memory_mask")
@@ -346,9 +204,7 @@ class Reader(nn.Module):
                     raise ValueError("copy_answers reads the passages' token ids: give memory_ids")
                 if self.config.head == "extract" and inputs.passage_offsets is None:
                     raise ValueError("the extract head answers with spans of the passages' text: give passage_offsets")
-                pairs = self._memory_pairs(
-                    questions, inputs.memory, inputs.memory_mask, inputs.memory_ids, inputs.passage_offsets
-                )
+                pairs = memory_pairs(self.backbone, self.config, questions, inputs)
             batch, k = pairs.batch, pairs.k
             if self.config.mode == "glimmer":  # Live-A only; Live-B after reranking
                 stop = self.first_live + self.config.rerank_layers

@@ -132,17 +132,6 @@ def label_positives(
     return positives
 
 
-def span_mask_in_pairs(text_mask: torch.Tensor, shift: torch.Tensor, length: int) -> torch.Tensor:
-    """text_mask 'r l' (memory coordinates) -> 'r n' (pair coordinates, n = length): token i of row r at
-    position shift[r] + i; positions past `length` are dropped."""
-    positions = shift.to(text_mask.device)[:, None] + torch.arange(text_mask.shape[1], device=text_mask.device)
-    keep = text_mask.bool() & (positions < length)
-    mask = torch.zeros(text_mask.shape[0], length, dtype=torch.bool, device=text_mask.device)
-    rows = torch.arange(text_mask.shape[0], device=text_mask.device)[:, None].expand_as(positions)
-    mask[rows[keep], positions[keep]] = True
-    return mask
-
-
 def _logsumexp(scores: Sequence[float]) -> float:
     top = max(scores)
     return top + math.log(sum(math.exp(score - top) for score in scores))

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memvq.memory.artifact import ArtifactError, ArtifactFormat, atomic_write, read_artifact, save_npy, write_artifact
 
@@ -39,8 +38,6 @@ IDS_FILE = "ids.npy"
 META_FILE = "index.json"
 INDEX_FORMAT = ArtifactFormat("memvq-index", 2, remake="rebuild the store with `memvq build-index`")
 
-#: Below this many passages :func:`auto_factory` picks an exact ``Flat`` index.
-FLAT_MAX_PASSAGES = 1_000_000
 #: FAISS k-means wants at least this many training points per centroid (it warns below).
 MIN_POINTS_PER_CENTROID = 39
 
@@ -52,80 +49,35 @@ class IndexFileNotFoundError(FileNotFoundError, ArtifactError):
         super().__init__(errno.ENOENT, message, str(path))
 
 
-@dataclass(frozen=True)
-class IndexConfig:
-    """How to build and search a :class:`PassageIndex`; JSON-serialisable via ``dataclasses.asdict``.
+class IndexConfig(BaseModel):
+    """How to build and search a :class:`PassageIndex` (saved in the index header and the build config)."""
 
-    Attributes:
-        factory: ``faiss.index_factory`` string, e.g. ``"Flat"``, ``"HNSW32"``, ``"IVF1024,PQ32x8"``.
-            The metric is always inner product. ``IDMap`` wrappers are not allowed (ids live in ``ids.npy``).
-        train_size: at most this many vectors of the training sample are used (a deterministic subsample,
-            see :func:`training_rows`) to train index types that need training.
-        nprobe: inverted lists visited per query for IVF types.
-        ef_search: HNSW search breadth (``efSearch``), also used for an HNSW coarse quantizer of an IVF.
-        use_gpu: ``None`` = use GPU faiss when available and the index type supports it, else CPU;
-            ``True`` = require GPU (error otherwise); ``False`` = CPU.
-        seed: seed of the training subsample.
-    """
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    factory: str = "Flat"
-    train_size: int = 100_000
-    nprobe: int = 16
-    ef_search: int = 128
-    use_gpu: bool | None = None
-    seed: int = 0
+    factory: str = Field(
+        "Flat",
+        min_length=1,
+        description="faiss.index_factory string, e.g. Flat, HNSW32, IVF1024,PQ32x8; the metric is always inner "
+        "product, and no IDMap (the row ids live in ids.npy)",
+    )
+    train_size: int = Field(
+        100_000, ge=1, description="vectors of the training sample for index types that train (`training_rows`)"
+    )
+    nprobe: int = Field(16, ge=1, description="inverted lists visited per query (IVF)")
+    ef_search: int = Field(128, ge=1, description="HNSW search breadth (efSearch), also of an IVF's HNSW quantizer")
+    use_gpu: bool | None = Field(
+        None, description="None: GPU faiss when available and the type supports it; True: require it; False: CPU"
+    )
+    seed: int = Field(0, description="seed of the training subsample")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.factory, str) or not self.factory.strip():
-            raise ValueError(f"IndexConfig.factory must be a non-empty faiss factory string, got {self.factory!r}")
-        if "IDMap" in self.factory:
-            raise ValueError(
-                f"IndexConfig.factory {self.factory!r}: IDMap is not supported, "
-                "PassageIndex keeps the row ids itself (ids.npy)"
-            )
-        for name in ("train_size", "nprobe", "ef_search"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"IndexConfig.{name} must be a positive int, got {value!r}")
-        if self.use_gpu is not None and not isinstance(self.use_gpu, bool):
-            raise ValueError(f"IndexConfig.use_gpu must be True, False or None, got {self.use_gpu!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"IndexConfig.seed must be an int, got {self.seed!r}")
-
+    @field_validator("factory")
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> IndexConfig:
-        """Inverse of ``dataclasses.asdict``; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown IndexConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-
-def auto_factory(num_passages: int, dim: int | None = None) -> str:
-    """A sensible FAISS factory string for ``num_passages`` vectors of dimension ``dim``.
-
-    Rule:
-
-    - fewer than :data:`FLAT_MAX_PASSAGES` (1M) passages: ``"Flat"`` (exact search; ``dim`` not needed);
-    - otherwise ``"IVF{nlist},PQ{m}x8"`` with ``nlist`` = the power of two nearest to ``4 * sqrt(n)``
-      (1M -> 4096, 20M -> 16384) and ``m`` = the largest divisor of ``dim`` that is at most ``dim // 8``
-      (about 8 dimensions per one-byte sub-quantizer: 384 -> PQ48x8, 768 -> PQ96x8).
-
-    FAISS k-means wants ~``39 * nlist`` training vectors (160k for nlist 4096); raise
-    ``IndexConfig.train_size`` to match for the best quality, smaller samples work but FAISS warns.
-    """
-    if isinstance(num_passages, bool) or not isinstance(num_passages, int) or num_passages < 0:
-        raise ValueError(f"num_passages must be a non-negative int, got {num_passages!r}")
-    if num_passages < FLAT_MAX_PASSAGES:
-        return "Flat"
-    if dim is None:
-        raise ValueError(f"auto_factory needs dim for {num_passages} passages (an IVF-PQ index is chosen)")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
-    nlist = 2 ** round(math.log2(4 * math.sqrt(num_passages)))
-    m = max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
-    return f"IVF{nlist},PQ{m}x8"
+    def _no_id_map(cls, factory: str) -> str:
+        if not factory.strip():
+            raise ValueError("the factory string is empty")
+        if "IDMap" in factory:
+            raise ValueError(f"{factory!r}: IDMap is not supported, PassageIndex keeps the row ids itself (ids.npy)")
+        return factory
 
 
 def training_rows(num_rows: int, config: IndexConfig) -> np.ndarray:
@@ -434,7 +386,7 @@ class PassageIndex:
             directory,
             META_FILE,
             INDEX_FORMAT,
-            asdict(self._config),
+            self._config.model_dump(mode="json"),
             files={name: directory / name for name in (INDEX_FILE, IDS_FILE)},
             extra={"dim": self._dim, "ntotal": self.ntotal, "faiss_version": faiss.__version__},
         )
@@ -462,7 +414,7 @@ class PassageIndex:
         meta_path = directory / META_FILE
         header = read_artifact(meta_path, INDEX_FORMAT, "passage index header")
         try:
-            config = IndexConfig.from_dict(header.config)
+            config = IndexConfig.model_validate(header.config)
             dim, ntotal = int(header.extra["dim"]), int(header.extra["ntotal"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{meta_path}: not a valid passage index description: {exc}") from exc
@@ -485,7 +437,7 @@ class PassageIndex:
                 f"{directory}: {INDEX_FILE} holds {cpu_index.ntotal} vectors, {IDS_FILE} {len(ids)} ids, "
                 f"{META_FILE} says {ntotal}"
             )
-        config = replace(config, use_gpu=use_gpu)
+        config = config.model_copy(update={"use_gpu": use_gpu})
         placed, on_gpu = _place(cpu_index, _search_params(cpu_index, config), use_gpu)
         logger.info("loaded %r index (%d vectors, dim %d) from %s", config.factory, ntotal, dim, directory)
         return cls(placed, ids, dim, config, on_gpu)

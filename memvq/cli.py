@@ -84,7 +84,7 @@ def build_index_command(
     ] = None,
 ) -> None:
     """Build a compressed memory store and its FAISS passage index from a corpus (resumable)."""
-    from memvq.data.ingest.corpus import CorpusError
+    from memvq.data.ingest.sources import CorpusError
     from memvq.memory.artifact import ArtifactError
     from memvq.memory.location import is_uri
     from memvq.pipelines.build import build_index
@@ -98,28 +98,28 @@ def build_index_command(
     except (CorpusError, ArtifactError, OSError, ValueError) as error:  # OSError: a URI's filesystem (pyarrow)
         raise _fail(error) from error
     typer.echo(f"\nstore ready at {out}")
-    _echo_rows(
-        [
-            ("documents", f"{report.documents:,}"),
-            ("passages", f"{report.passages:,}"),
-            ("bad records skipped", f"{report.bad_records:,}"),
-            ("  of them duplicate doc ids", f"{report.duplicate_ids:,}"),
-            ("words cut (max_passage_chars)", f"{report.split_words:,}"),
-            ("tokens", f"{report.tokens:,}"),
-            ("shards", f"{report.shards:,}"),
-            ("bytes / token", f"{report.bytes_per_token}"),
-            ("compression vs bf16", f"{report.compression_vs_bf16:.1f}x"),
-            ("codes on disk", f"{report.codes_bytes / 2**20:.1f} MiB"),
-            *((f"time: {stage}", f"{sec:.1f} s") for stage, sec in report.seconds.items()),
-            ("throughput", f"{report.passages_per_second:.1f} passages/s"),
-            ("encode throughput", f"{report.encode_passages_per_second:.1f} passages/s"),
-            *(
-                [("encode throughput (actors busy)", f"{report.encode_busy_passages_per_second:.1f} passages/s")]
-                if report.encode_busy_passages_per_second
-                else []
-            ),
-        ]
-    )
+    _echo_rows(_build_rows(report))
+
+
+def _build_rows(report: Any) -> list[tuple[str, str]]:
+    """A build report as name / value rows."""
+    busy = report.encode_busy_passages_per_second
+    return [
+        ("documents", f"{report.documents:,}"),
+        ("passages", f"{report.passages:,}"),
+        ("bad records skipped", f"{report.bad_records:,}"),
+        ("  of them duplicate doc ids", f"{report.duplicate_ids:,}"),
+        ("words cut (max_passage_chars)", f"{report.split_words:,}"),
+        ("tokens", f"{report.tokens:,}"),
+        ("shards", f"{report.shards:,}"),
+        ("bytes / token", f"{report.bytes_per_token}"),
+        ("compression vs bf16", f"{report.compression_vs_bf16:.1f}x"),
+        ("codes on disk", f"{report.codes_bytes / 2**20:.1f} MiB"),
+        *((f"time: {stage}", f"{sec:.1f} s") for stage, sec in report.seconds.items()),
+        ("throughput", f"{report.passages_per_second:.1f} passages/s"),
+        ("encode throughput", f"{report.encode_passages_per_second:.1f} passages/s"),
+        *([("encode throughput (actors busy)", f"{busy:.1f} passages/s")] if busy else []),
+    ]
 
 
 def _echo_rows(rows: list[tuple[str, str]]) -> None:
@@ -216,7 +216,8 @@ def query_command(
 ) -> None:
     """Answer one question from the memory: the answer, the passages read and the time per stage."""
     from memvq.memory.artifact import ArtifactError
-    from memvq.pipelines.rag import IncompatibleModelError, RAGPipeline
+    from memvq.pipelines.compatibility import IncompatibleModelError
+    from memvq.pipelines.rag import RAGPipeline
 
     try:
         options = _query_options(top_k, rerank_k, max_answer_tokens, num_beams)
@@ -292,7 +293,8 @@ def eval_command(
 ) -> None:
     """Answer KILT-format questions with the store and reader, write KILT predictions and a metrics report."""
     from memvq.data.kilt.records import KiltFormatError
-    from memvq.pipelines.evaluate import evaluate_run, summary_table
+    from memvq.pipelines.eval_report import summary_table
+    from memvq.pipelines.evaluate import run_eval
 
     if predictions is None and store is None:
         raise _fail("--store is required to run the model (or give --predictions to score existing predictions)")
@@ -310,7 +312,7 @@ def eval_command(
         load = LoadOptions(device=device, precision=precision, verify=verify)
         if predictions is not None and (store is not None or model is not None):
             typer.echo("note: --predictions given, so --store/--model are not used (no model is run)")
-        report = evaluate_run(data, out, settings, store=store, model=model, load=load, predictions=predictions)
+        report = run_eval(data, out, settings, store=store, model=model, load=load, predictions=predictions)
     except (FileNotFoundError, KiltFormatError, ValueError, RuntimeError) as error:
         raise _fail(error) from error
     typer.echo("")
@@ -407,7 +409,8 @@ def _serve_here(
 ) -> None:
     """The single-process server: one pipeline, the in-process batcher, uvicorn."""
     from memvq.pipelines.rag import RAGPipeline
-    from memvq.serve import create_app, serve
+    from memvq.serve.app import create_app
+    from memvq.serve.runner import serve
 
     pipeline = RAGPipeline.load(store, reader, **load.model_dump())
     logging.getLogger(__name__).info(

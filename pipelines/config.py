@@ -11,7 +11,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from memvq.data.tasks import TaskConfig
-from memvq.encoders.config import ReaderConfig
+from memvq.encoders.config import LUMEN_ALPHA, ReaderConfig
 from memvq.encoders.hardware import PRECISION_HELP, Precision, Resolved, resolve_device, resolve_precision
 from memvq.memory.codecs.config import CodecConfig
 from memvq.memory.index import IndexConfig
@@ -54,8 +54,10 @@ class EncoderConfig(_Frozen):
     """Which backbone encodes the memory, and how it is split."""
 
     model: str | None = Field(None, description="local checkpoint path; None = the embedded all-MiniLM-L6-v2")
-    alpha: float = Field(1 / 3, ge=0.0, le=1.0, description="fraction of layers that stay live")
-    max_passage_tokens: int = Field(192, ge=8)
+    alpha: float = Field(LUMEN_ALPHA, ge=0.0, le=1.0, description="fraction of layers that stay live")
+    max_passage_tokens: int = Field(
+        192, ge=8, description="tokens of a passage (title and text) the memory keeps; readers read up to this many"
+    )
     batch_size: int = Field(64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Precision = Field(

@@ -3,7 +3,7 @@
 It owns running a pipeline over KILT-format question files (batched, with a progress bar, resumable), scoring
 prediction files (ours or anyone's) against gold, and the report: ``report.json`` and ``report.md`` with the
 metrics, queries/s and time per stage of each task, and the settings, model and store it ran with. The metrics
-themselves are :func:`data.kilt.metrics.evaluate`; reading and validating KILT records is
+themselves are :func:`memvq.data.kilt.metrics.score_all`; reading and validating KILT records is
 :mod:`data.kilt.records`.
 
 Layout of an eval directory (``task``: :func:`data.kilt.records.task_of` of the data file, or its stem)::
@@ -29,10 +29,8 @@ import logging
 import os
 import platform
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,19 +39,22 @@ from tqdm import tqdm
 
 from memvq.data.kilt import metrics as kilt_metrics
 from memvq.data.kilt.records import (
-    KiltFormatError,
+    KiltFile,
     Record,
     gold_answers,
     load_kilt,
     parse_record,
+    read_kilt_file,
     record_id,
     record_input,
-    task_of,
+    task_names,
 )
 from memvq.encoders.options import QueryOptions
-from memvq.memory.artifact import MANIFEST_NAME, ArtifactFormat, ArtifactHeader, atomic_write, sha256_file, write_json
+from memvq.memory.artifact import MANIFEST_NAME, atomic_write, sha256_file
 from memvq.pipelines.config import LoadOptions
+from memvq.pipelines.eval_report import bad_summary, jsonable, make_report, write_report
 from memvq.pipelines.resume import check_or_record
+from memvq.pipelines.timing import QUERY_STAGES
 
 if TYPE_CHECKING:
     from memvq.memory.store import MemoryStore
@@ -61,12 +62,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPORT_FORMAT = ArtifactFormat("memvq-eval-report", 2, remake="run `memvq eval` again")
 CONFIG_FILE = "eval_config.json"
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-TIMED_STAGES = ("retrieve", "memory", "live", "rerank", "decode", "total")
-_MAX_BAD_IN_REPORT = 20
+TIMED_STAGES = (*QUERY_STAGES, "total")
 
 # Settings that change what is predicted: a resume with other values would mix predictions, so it is refused.
 _PREDICTION_SETTINGS = ("query", "passage_text")
@@ -101,76 +98,6 @@ class EvalSettings(BaseModel):
         if not keys or any(not k for k in keys):
             raise ValueError(f"rank_keys must be non-empty field names, got {list(keys)}")
         return keys
-
-
-# ----------------------------------------------------------------------------------------------
-# reading question / gold files
-
-
-@dataclass
-class KiltFile:
-    """The usable records of one KILT file (file order, first occurrence of each id) and the bad ones skipped."""
-
-    path: Path
-    records: list[Record]
-    bad: list[str] = field(default_factory=list)
-
-
-def read_kilt_file(path: str | Path, limit: int | None = None, need_input: bool = False) -> KiltFile:
-    """Read a KILT jsonl file, reporting bad records with their line number and skipping them.
-
-    Bad: malformed JSON or a record of the wrong shape, a repeated id, and (``need_input``) a record without
-    an ``input`` string (nothing to ask). Each is logged as a warning and listed in ``bad`` as
-    ``"file:line: why"``. ``limit`` keeps the first N usable records (reading stops there).
-    """
-    path = Path(path)
-    records: list[Record] = []
-    bad: list[str] = []
-    seen: set[str] = set()
-
-    def skip(message: str) -> None:
-        bad.append(message)
-        logger.warning("skipped bad record: %s", message)
-
-    with path.open(encoding="utf-8") as fin:
-        for lineno, line in enumerate(fin, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = parse_record(line, where)
-            except KiltFormatError as error:
-                skip(str(error))
-                continue
-            rid = record_id(record)
-            text = record_input(record)
-            if need_input and not (text and text.strip()):
-                skip(f"{where}: id {rid!r} has no 'input' string (no question to ask)")
-            elif rid in seen:
-                skip(f"{where}: id {rid!r} repeats an earlier record")
-            else:
-                seen.add(rid)
-                records.append(record)
-    return KiltFile(path, records, bad)
-
-
-def task_names(paths: Sequence[str | Path]) -> list[str]:
-    """One task name per file: :func:`~data.kilt.records.task_of` (``nq-dev-kilt.jsonl`` -> ``nq``), else the
-    file stem; files that would share a name get their stems. Two files with the same stem are an error."""
-    paths = [Path(p) for p in paths]
-    names = [task_of(p) or _stem(p) for p in paths]
-    counts = Counter(names)
-    names = [_stem(p) if counts[name] > 1 else name for p, name in zip(paths, names, strict=True)]
-    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
-    if repeated:
-        raise ValueError(f"several data files have the task name {', '.join(map(repr, repeated))}: rename one")
-    return names
-
-
-def _stem(path: Path) -> str:
-    return path.name.removesuffix(".jsonl").removesuffix(".json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +213,7 @@ def score_records(
     ks: Sequence[int] = (1, 5),
     rank_keys: Sequence[str] = ("wikipedia_id",),
 ) -> dict[str, Any]:
-    """:func:`kilt_metrics.evaluate` over the gold records that have an answer.
+    """:func:`kilt_metrics.score_all` over the gold records that have an answer.
 
     Gold records without any answer (a test file without answers, some ELI5 records) cannot be scored and
     are counted as ``unscored``; guesses for ids outside ``gold`` (e.g. beyond ``--limit``) are ignored and
@@ -297,7 +224,7 @@ def score_records(
     all_ids = {record_id(r) for r in gold}
     kept = [g for g in guess if record_id(g) in ids]
     extra = sum(1 for g in guess if record_id(g) not in all_ids)
-    metrics = kilt_metrics.evaluate(scorable, kept, ks, rank_keys) if scorable else None
+    metrics = kilt_metrics.score_all(scorable, kept, ks, rank_keys) if scorable else None
     return {
         "scored": len(scorable),
         "unscored": len(gold) - len(scorable),
@@ -324,7 +251,7 @@ def score_predictions(
         "data": str(gold_file),
         "predictions": str(predictions_file),
         "questions": len(gold.records),
-        **_bad_summary(gold),
+        **bad_summary(gold),
         **score_records(gold.records, guess, ks, rank_keys),
     }
 
@@ -354,7 +281,7 @@ def pair_predictions(
     return list(zip(data_names, data, preds, strict=True))
 
 
-def evaluate_run(
+def run_eval(
     data_files: Sequence[str | Path],
     out_dir: str | Path | None,
     settings: EvalSettings,
@@ -367,7 +294,7 @@ def evaluate_run(
     """What `memvq eval` runs: score `predictions` against the data files when given, else load the pipeline (the
     store and the reader, None: the embedded default) and `evaluate` it."""
     if predictions is not None:
-        return evaluate_predictions(data_files, predictions, out_dir, settings)
+        return score_prediction_files(data_files, predictions, out_dir, settings)
     if store is None or out_dir is None:
         raise ValueError("running a model needs a store and an output directory")
     from memvq.encoders.embedded import default_reader_path
@@ -378,7 +305,7 @@ def evaluate_run(
     return evaluate(pipeline, data_files, out_dir, settings, model_path=model_path)
 
 
-def evaluate_predictions(
+def score_prediction_files(
     data_files: Sequence[str | Path],
     prediction_files: Sequence[str | Path],
     out_dir: str | Path | None = None,
@@ -389,7 +316,7 @@ def evaluate_predictions(
     tasks: dict[str, Any] = {}
     for name, gold_file, pred_file in pair_predictions(data_files, prediction_files):
         tasks[name] = score_predictions(gold_file, pred_file, settings.ks, settings.rank_keys, settings.limit)
-    report = _report("score", settings, tasks, out_dir)
+    report = make_report("score", settings.model_dump(mode="json"), tasks, out_dir)
     if out_dir is not None:
         write_report(report, out_dir)
     return report
@@ -439,11 +366,12 @@ def evaluate(
             "predictions": str(predictions_path),
             "questions": len(questions.records),
             "predicted_this_run": predicted,
-            **_bad_summary(questions),
+            **bad_summary(questions),
             **score_records(questions.records, guess, settings.ks, settings.rank_keys),
             "timing": TaskTiming.load(timings_path).summary(),
         }
-    report = _report("run", settings, tasks, out, store=store, model=model, device=_device_summary(pipeline))
+    summaries = {"store": store, "model": model, "device": _device_summary(pipeline)}
+    report = make_report("run", settings.model_dump(mode="json"), tasks, out, **summaries)
     write_report(report, out)
     return report
 
@@ -474,7 +402,7 @@ def model_summary(pipeline: RAGPipeline, model_path: str | Path | None = None) -
     from memvq.encoders.reader_io import WEIGHTS_FILE
 
     weights = Path(model_path) / WEIGHTS_FILE if model_path is not None else None
-    return _jsonable(
+    return jsonable(
         {
             "path": str(model_path) if model_path is not None else None,
             "weights_sha256": sha256_file(weights) if weights is not None and weights.is_file() else None,
@@ -492,7 +420,7 @@ def _check_run_config(out: Path, store: dict[str, Any], model: dict[str, Any], s
         "model": {k: model[k] for k in ("weights_sha256", "config", "backbone", "precision")},
         "settings": settings.model_dump(mode="json", include=set(_PREDICTION_SETTINGS)),
     }
-    check_or_record(out / CONFIG_FILE, _jsonable(config), "evaluation", EvalConfigError)
+    check_or_record(out / CONFIG_FILE, jsonable(config), "evaluation", EvalConfigError)
 
 
 def _device_summary(pipeline: RAGPipeline) -> dict[str, Any]:
@@ -506,159 +434,3 @@ def _device_summary(pipeline: RAGPipeline) -> dict[str, Any]:
         summary["cpu"] = platform.processor() or platform.machine()
         summary["cpu_count"] = os.cpu_count()
     return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# report
-
-
-def _bad_summary(kilt_file: KiltFile) -> dict[str, Any]:
-    return {"bad_records": len(kilt_file.bad), "bad_record_examples": kilt_file.bad[:_MAX_BAD_IN_REPORT]}
-
-
-def _report(
-    mode: str, settings: EvalSettings, tasks: dict[str, Any], out_dir: str | Path | None, **extra: Any
-) -> dict[str, Any]:
-    """The report: its memvq-eval-report header (config: the settings; files: the predictions scored, named
-    relative to `out_dir`) with the mode, time, what it ran with (`extra`) and the tasks' results."""
-    predictions = [Path(task["predictions"]) for task in tasks.values()]
-    header = ArtifactHeader.create(
-        REPORT_FORMAT,
-        settings.model_dump(mode="json"),
-        files={os.path.relpath(path, out_dir or os.curdir): path for path in predictions if path.is_file()},
-        extra={"mode": mode, "created": datetime.now(UTC).isoformat(timespec="seconds"), **extra, "tasks": tasks},
-    )
-    return _jsonable(header.to_json())
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.json`` (the report as it is: its header, see :func:`_report`) and ``report.md`` into
-    ``out_dir``; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / REPORT_JSON, out / REPORT_MD
-    write_json(json_path, dict(report))
-    atomic_write(md_path, lambda tmp: tmp.write_text(format_markdown(report)))
-    return json_path, md_path
-
-
-_DOWNSTREAM_NAMES = {"accuracy": "accuracy", "em": "EM", "f1": "F1", "rougel": "ROUGE-L"}
-_KILT_NAMES = {"KILT-accuracy": "KILT-AC", "KILT-em": "KILT-EM", "KILT-f1": "KILT-F1", "KILT-rougel": "KILT-RL"}
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return f"{value:.{digits}f}"
-
-
-def summary_table(report: Mapping[str, Any]) -> str:
-    """One markdown row per task: questions, EM, F1, KILT-EM, R-precision, recall@k (largest k), queries/s."""
-    k = max(report["config"]["ks"])
-    recall = f"recall@{k}" if k > 1 else f"precision@{k}"
-    rows = [
-        f"| task | questions | EM | F1 | KILT-EM | R-prec | {recall} | queries/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, task in report["tasks"].items():
-        metrics = task.get("metrics") or {}
-        down, kilt, retr = metrics.get("downstream", {}), metrics.get("kilt", {}), metrics.get("retrieval", {})
-        qps = (task.get("timing") or {}).get("queries_per_second")
-        cells = [
-            name,
-            _num(task["questions"]),
-            _num(down.get("em")),
-            _num(down.get("f1")),
-            _num(kilt.get("KILT-em")),
-            _num(retr.get("Rprec")),
-            _num(retr.get(recall)),
-            _num(qps, 2),
-        ]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"
-
-
-def _header(report: Mapping[str, Any]) -> list[str]:
-    lines = [f"# memvq eval ({'run' if report['mode'] == 'run' else 'scoring existing predictions'})", ""]
-    lines.append(f"- created: {report['created']}")
-    store = report.get("store")
-    if store:
-        backbone = store.get("backbone") or {}
-        codec = store.get("codec") or {}
-        lines.append(
-            f"- store: `{store['path']}`: {_num(store.get('num_passages'))} passages of "
-            f"{_num(store.get('num_documents'))} documents; {backbone.get('model_path')} "
-            f"({backbone.get('memory_layers')} of {backbone.get('num_layers')} layers in memory); codec "
-            f"{codec.get('kind')}, {codec.get('bytes_per_token')} bytes/token; manifest sha256 "
-            f"{str(store.get('manifest_sha256'))[:12]}"
-        )
-    model = report.get("model")
-    if model:
-        config = model.get("config") or {}
-        lines.append(
-            f"- model: `{model.get('path') or '(given as a pipeline)'}`: {model.get('mode')} in "
-            f"{model.get('precision')}, top_k "
-            f"{config.get('top_k')}, rerank_k {config.get('rerank_k')}, max_answer_tokens "
-            f"{config.get('max_answer_tokens')}, num_beams {config.get('num_beams')}"
-        )
-    device = report.get("device")
-    if device:
-        where = device.get("gpu") or f"{device.get('cpu')}, {device.get('cpu_count')} cores"
-        lines.append(f"- device: {device['device']} ({where})")
-    flat = {**report["config"], **report["config"].get("query", {})}  # the query knobs one by one
-    settings = ", ".join(f"{k}={v}" for k, v in flat.items() if k != "query")
-    lines += [f"- settings (None: the reader config's): {settings}", ""]
-    return lines
-
-
-def _task_section(name: str, task: Mapping[str, Any]) -> list[str]:
-    lines = [f"## {name}", ""]
-    lines.append(
-        f"`{task['data']}` -> `{task['predictions']}`: {_num(task['questions'])} questions, "
-        f"{_num(task['scored'])} scored, {_num(task['unscored'])} without a gold answer, "
-        f"{_num(task['bad_records'])} bad records skipped"
-    )
-    lines.append("")
-    metrics = task.get("metrics")
-    if metrics:
-        lines += ["| metric | value |", "|---|---:|"]
-        lines += [f"| {label} | {_num(metrics['downstream'][key])} |" for key, label in _DOWNSTREAM_NAMES.items()]
-        lines += [f"| {label} | {_num(metrics['kilt'][key])} |" for key, label in _KILT_NAMES.items()]
-        lines += [
-            f"| {'R-precision' if key == 'Rprec' else key} | {_num(value)} |"
-            for key, value in metrics["retrieval"].items()
-        ]
-        lines.append("")
-    else:
-        lines += ["No gold answers: not scored.", ""]
-    timing = task.get("timing")
-    if timing and timing.get("questions_timed"):
-        lines += ["| stage | ms / question |", "|---|---:|"]
-        lines += [f"| {stage} | {_num(ms, 2)} |" for stage, ms in timing["ms_per_question"].items()]
-        lines += [
-            "",
-            f"{_num(timing['queries_per_second'], 2)} queries/s over {_num(timing['questions_timed'])} questions "
-            f"({_num(timing['batches'])} batches; wall clock, writing the predictions included). Stage times: "
-            "the milliseconds of each batch divided by its questions.",
-            "",
-        ]
-    if task["bad_records"]:
-        lines.append(f"Bad records (first {min(task['bad_records'], _MAX_BAD_IN_REPORT)}):")
-        lines += [f"- {message}" for message in task["bad_record_examples"]]
-        lines.append("")
-    return lines
-
-
-def format_markdown(report: Mapping[str, Any]) -> str:
-    """The report as markdown: what it ran with, a summary row per task, then a table per task."""
-    lines = _header(report)
-    lines += ["## Summary", "", summary_table(report)]
-    for name, task in report["tasks"].items():
-        lines += _task_section(name, task)
-    return "\n".join(lines).rstrip() + "\n"

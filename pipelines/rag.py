@@ -31,17 +31,12 @@ from memvq.encoders.reader import Reader
 from memvq.encoders.reader_io import load_reader
 from memvq.encoders.spans import AnswerSpan, passage_token_offsets
 from memvq.memory.store import MemoryStore
+from memvq.pipelines.compatibility import check_compatible
 from memvq.pipelines.config import LoadOptions
-from memvq.pipelines.timing import Stopwatch
+from memvq.pipelines.timing import QUERY_STAGES, Stopwatch
 from memvq.retrieval.retriever import RetrievedPassage, Retriever
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("retrieve", "memory", "live", "rerank", "decode")
-
-
-class IncompatibleModelError(ValueError):
-    """The reader was trained on another backbone (or split) than the store's memory was built with."""
 
 
 @dataclass
@@ -63,35 +58,6 @@ class RAGAnswer:
         if self.span is not None:
             provenance[self.span.passage]["answer_span"] = [self.span.char_start, self.span.char_end]
         return {"answer": self.answer, "provenance": provenance}
-
-
-def check_compatible(store: MemoryStore, reader: Reader, stored_memory: bool = True) -> None:
-    """Refuse a reader whose backbone differs from the store's (type, depth, width, memory split) and, when it
-    reads the store's memory (`stored_memory`), whose memory layers are not the ones the memory was made with."""
-    stored = store.manifest["backbone"]
-    info = reader.backbone.info
-    if reader.config.mode == "fid":
-        names = ("model_type", "hidden_size")  # fid reads passage text: the memory split does not matter
-    else:
-        names = ("model_type", "num_layers", "hidden_size", "memory_layers")
-    wrong = {name: (stored[name], getattr(info, name)) for name in names if stored[name] != getattr(info, name)}
-    if wrong:
-        details = ", ".join(f"{name}: store {a} vs reader {b}" for name, (a, b) in wrong.items())
-        raise IncompatibleModelError(f"the reader does not fit the store's memory ({details})")
-    if not stored_memory or reader.config.mode == "fid":
-        return
-    built_with, reads_with = stored.get("memory_digest"), reader.memory_digest()
-    if built_with == reads_with:
-        return
-    if built_with is None:
-        raise IncompatibleModelError(
-            "the reader fine-tuned its memory layers (train_memory_layers) but the store's memory was made by the "
-            "pretrained ones: build a store for it with `memvq build-index --memory-from READER_DIR`"
-        )
-    raise IncompatibleModelError(
-        f"the store's memory was made by fine-tuned memory layers (sha256 {built_with[:12]}) that the reader does "
-        "not have: use the reader the store was built for (build-index --memory-from), or rebuild the store"
-    )
 
 
 def passage_tokens(store: MemoryStore, reader: Reader, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -241,7 +207,7 @@ class RAGPipeline:
         if not questions:
             return []
         options = (options or QueryOptions()).resolved(self.config)
-        timer = Stopwatch(self.device, STAGES)
+        timer = Stopwatch(self.device, QUERY_STAGES)
         start = time.perf_counter()
         with timer.stage("retrieve"):
             retrieved = self.retrieve(questions, options)
@@ -261,7 +227,7 @@ class RAGPipeline:
         timer: Stopwatch | None = None,
     ) -> list[RAGAnswer]:
         """Answer questions from passages already retrieved (the same number for every question)."""
-        timer = timer or Stopwatch(self.device, STAGES)
+        timer = timer or Stopwatch(self.device, QUERY_STAGES)
         k = min(len(passages) for passages in retrieved)
         retrieved = [passages[:k] for passages in retrieved]
         with autocast(self.device, self.precision):  # the codec's decode too

@@ -6,8 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the eval report names the stages without loading torch
+    import torch
+
+# The stages of answering a batch of questions (`RAGPipeline.answer`), in order; the answer also reports "total".
+QUERY_STAGES = ("retrieve", "memory", "live", "rerank", "decode")
 
 
 class Stopwatch:
@@ -33,4 +38,6 @@ class Stopwatch:
 
     def _sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)

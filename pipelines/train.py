@@ -1,10 +1,10 @@
-"""The training job: fine-tune a reader (live layers, reranker, decoder) on questions over a memory store.
+"""The training job: fine-tune a reader (live layers, reranker, answer head) on questions over a memory store.
 
 `Trainer` steps, each resumable: `prepare_data` (read and split the tasks, write the held-out questions as KILT
 files; top-K store rows of every question, cached) -> `train_step`s (AdamW, warmup then linear decay, gradient
 accumulation, the run's precision (`encoders.hardware`: bf16 autocast where the hardware has it), gradient
 clipping; the answer head's loss + GLIMMER perplexity distillation) with an
-`evaluate` (dev EM / F1) and a `save_checkpoint` every `eval_every` steps -> `finalize` (the reader and
+`score_dev` (dev EM / F1) and a `save_checkpoint` every `eval_every` steps -> `finalize` (the reader and
 `train.json`). The backbone is split where the store's memory was made (its manifest's memory layers). With
 `finetune_codec` (MEMORY-VQ) the memory is recomputed from the passages' text by the memory layers and
 quantized by the store's codebooks, trained by EMA alongside the reader; the codec is saved for a rebuild. With
@@ -36,18 +36,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memvq.data.kilt.metrics import exact_match, f1, metric_max_over_ground_truths
+from memvq.data.kilt.metrics import answer_scores
 from memvq.data.tasks import QAExample, TaskData, load_task, schedule, write_split_files
-from memvq.encoders.backbone import Backbone, memory_layer_count
-from memvq.encoders.config import ReaderConfig
+from memvq.encoders.backbone import Backbone
 from memvq.encoders.hardware import Resolved, attention_kernel, autocast, resolve_device, resolve_precision
 from memvq.encoders.reader import Reader
 from memvq.encoders.reader_io import load_trained_state, save_reader, warm_start
 from memvq.memory.artifact import ArtifactFormat, atomic_write, write_artifact
 from memvq.memory.codecs import CodebookFinetuner, VQCodec, load_codec
 from memvq.memory.store import MemoryStore
+from memvq.pipelines.compatibility import split_for_store
 from memvq.pipelines.config import TrainConfig
-from memvq.pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
+from memvq.pipelines.rag import RAGPipeline, reader_inputs, recomputed_inputs
 from memvq.pipelines.resume import check_or_record
 from memvq.retrieval.retriever import Retriever, passage_from_record
 
@@ -137,7 +137,7 @@ def _optimizer(reader: Reader, config: TrainConfig) -> tuple[torch.optim.Optimiz
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def evaluate_dev(
+def dev_scores(
     pipeline: RAGPipeline,
     examples: Sequence[QAExample],
     rows: np.ndarray,
@@ -148,37 +148,15 @@ def evaluate_dev(
     (rows and scores 'n k': glimmer ranks passages with the retrieval scores as at query time)."""
     if not examples:
         return {}
-    em = f1_sum = 0.0
-    store = pipeline.store
+    store, answered = pipeline.store, []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         chunk_rows, chunk_scores = rows[start : start + len(chunk)], scores[start : start + len(chunk)]
         records = iter(store.passages(chunk_rows.reshape(-1)))
         retrieved = [[passage_from_record(next(records), float(score)) for score in row] for row in chunk_scores]
-        for example, result in zip(chunk, pipeline.read([e.question for e in chunk], retrieved), strict=True):
-            em += metric_max_over_ground_truths(exact_match, result.answer, example.answers)
-            f1_sum += metric_max_over_ground_truths(f1, result.answer, example.answers)
-    return {"em": em / len(examples), "f1": f1_sum / len(examples)}
-
-
-def split_for_store(reader: ReaderConfig, store: MemoryStore) -> tuple[ReaderConfig, int]:
-    """The reader config and backbone memory layer count to train on `store`. lumen, glimmer and memory read the
-    memory the store's lower layers made, so the split is the store's (`backbone.memory_layers` of its manifest):
-    an unset alpha takes it, an explicit one must give the same; fid (every layer live) has no memory layers."""
-    if reader.mode == "fid":
-        return reader, 0
-    info = store.manifest["backbone"]
-    layers, stored = info["num_layers"], info["memory_layers"]
-    if reader.alpha is None and reader.mode != "memory":
-        reader = ReaderConfig.model_validate(reader.model_dump() | {"alpha": (layers - stored) / layers})
-    needed = memory_layer_count(layers, reader.live_fraction)
-    if needed != stored:
-        raise IncompatibleModelError(
-            f"the store {store.layout.root} holds memory made by {stored} memory layers of {layers}, but a "
-            f"{reader.mode} reader with alpha={reader.live_fraction:.4g} reads memory made by {needed}: build a "
-            f"store with that alpha (build-index, encoder.alpha = {reader.live_fraction:.4g}) and train on it"
-        )
-    return reader, stored
+        results = pipeline.read([e.question for e in chunk], retrieved)
+        answered += [(result.answer, example.answers) for example, result in zip(chunk, results, strict=True)]
+    return answer_scores(answered)
 
 
 @dataclass
@@ -198,7 +176,7 @@ class TrainBatch:
 
 class Trainer:
     """One training run over a store, in named steps: `prepare_data`, `restore_checkpoint`, `train_step` after
-    `train_step` with an `evaluate` and a `save_checkpoint` every `eval_every` steps, `finalize`; `run` does all."""
+    `train_step` with a `score_dev` and a `save_checkpoint` every `eval_every` steps, `finalize`; `run` does all."""
 
     def __init__(self, store_path: Path, out: Path, config: TrainConfig, verify: bool = True) -> None:
         self.device = resolve_device(config.device)
@@ -296,14 +274,14 @@ class Trainer:
         if self.finetuner is not None:
             self.finetuner.train(on)
 
-    def evaluate(self) -> dict[str, Any]:
+    def score_dev(self) -> dict[str, Any]:
         """Dev EM / F1 of every task (its first `max_dev` questions) at this step, added to the history."""
         self.train_mode(False)
         scores: dict[str, Any] = {"step": self.step, "seconds": round(self.seconds, 1)}
         for task in self.tasks:
             dev = task.dev[: task.config.max_dev]
             key = f"{task.config.name}/dev"
-            found = evaluate_dev(
+            found = dev_scores(
                 self.pipeline, dev, self.rows[key], self.rows[f"{key}/scores"], self.config.optim.batch_size * 2
             )
             for name, value in found.items():
@@ -367,7 +345,7 @@ class Trainer:
                 bar.set_postfix({**postfix, "ex/s": f"{per_step / self.step_seconds[-1]:.1f}", **dev})
                 out_of_time = config.max_minutes is not None and self.seconds > config.max_minutes * 60
                 if self.step % config.eval_every == 0 or self.step == optim.steps or out_of_time:
-                    scores = self.evaluate()
+                    scores = self.score_dev()
                     dev = {f"dev {key}": f"{value:.3f}" for key, value in scores.items() if key.endswith("/em")}
                     self.save_checkpoint()
                 if out_of_time:

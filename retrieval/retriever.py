@@ -43,11 +43,20 @@ class RetrievedPassage:
         return RetrievedPassage(**{**asdict(self), "score": float(score)})
 
 
+# Question tokens the retriever embeds: the whole question, as the encoder was trained to embed sentences (NQ
+# questions are under 30 tokens); the reader keeps fewer of them beside each passage (`ReaderConfig`).
+QUESTION_TOKENS = 64
+
+
 class Retriever:
     """Dense retrieval over a store's FAISS index with the store's encoder."""
 
     def __init__(
-        self, store: MemoryStore, encoder: Backbone, precision: Resolved = "fp32", max_question_tokens: int = 64
+        self,
+        store: MemoryStore,
+        encoder: Backbone,
+        precision: Resolved = "fp32",
+        max_question_tokens: int = QUESTION_TOKENS,
     ) -> None:
         self.store = store
         self.encoder = encoder

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from memvq.data.ingest.corpus import CorpusError
+from memvq.data.ingest.sources import CorpusError
 from memvq.memory.artifact import ManifestError
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.build import build_index

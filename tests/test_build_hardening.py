@@ -19,8 +19,9 @@ from conftest import tiny_config
 from typer.testing import CliRunner
 
 from memvq.cli import app
-from memvq.data.ingest.corpus import Document, IngestReport, iter_documents
+from memvq.data.ingest.corpus import iter_documents
 from memvq.data.ingest.passages import ChunkReport, chunk_document
+from memvq.data.ingest.sources import Document, IngestReport
 from memvq.memory.artifact import ManifestError
 from memvq.memory.store import MemoryStore
 from memvq.pipelines import local_ray

@@ -14,6 +14,7 @@ import pydantic
 import pytest
 import torch
 
+from bench.quality import nn_agreement, relative_error
 from memvq.memory.artifact import CHECKSUM_KEY, header_checksum
 from memvq.memory.codecs import (
     CODEC_FILE,
@@ -30,7 +31,6 @@ from memvq.memory.codecs import (
 )
 from memvq.memory.codecs.config import DEFAULT_16X, DEFAULT_32X
 from memvq.memory.codecs.vq import _Quantizer, procrustes
-from memvq.memory.quality import nn_agreement, relative_error
 
 DIM = 32
 REPO = Path(__file__).resolve().parents[1]

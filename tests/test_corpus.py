@@ -12,16 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memvq.data.ingest import corpus
-from memvq.data.ingest.corpus import (
-    FORMATS,
-    CorpusError,
-    Document,
-    IngestReport,
-    detect_format,
-    iter_documents,
-)
+from memvq.data.ingest import formats, sources
+from memvq.data.ingest.corpus import FORMATS, detect_format, iter_documents
 from memvq.data.ingest.passages import Passage, chunk_document, iter_passages
+from memvq.data.ingest.sources import CorpusError, Document, IngestReport
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -184,7 +178,7 @@ def test_plain_jsonl_string_or_list_text(tmp_path):
 
 
 def test_parquet_in_batches_with_bad_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "PARQUET_BATCH_ROWS", 2)
+    monkeypatch.setattr(formats, "PARQUET_BATCH_ROWS", 2)
     path = tmp_path / "c.parquet"
     table = pa.table(
         {
@@ -340,7 +334,7 @@ def json_backend(request, monkeypatch):
         backend = ijson.get_backend(request.param)
     except ImportError:
         pytest.skip(f"ijson backend {request.param} is not installed")
-    monkeypatch.setattr(corpus, "_ijson", backend)
+    monkeypatch.setattr(sources, "_ijson", backend)
     return request.param
 
 
@@ -349,7 +343,7 @@ def test_json_documents_use_ijsons_c_backend_when_it_loads():
         ijson.get_backend("yajl2_c")
     except ImportError:
         pytest.skip("ijson's C backend is not installed")
-    assert corpus._ijson.backend_name == "yajl2_c"
+    assert sources._ijson.backend_name == "yajl2_c"
 
 
 def test_json_documents_parse_across_tiny_buffer_chunks(tmp_path, monkeypatch, json_backend):
@@ -359,7 +353,7 @@ def test_json_documents_parse_across_tiny_buffer_chunks(tmp_path, monkeypatch, j
     dpr_path = tmp_path / "dpr.json"
     dpr_path.write_text(json.dumps([{"positive_ctxs": [ctx(i, f"T{i}", f"text {i} é ü")]} for i in range(40)]))
     expected_squad, expected_dpr = read(squad_path)[0], read(dpr_path)[0]
-    monkeypatch.setattr(corpus, "JSON_BUF_BYTES", 3)  # splits the two-byte characters too
+    monkeypatch.setattr(sources, "JSON_BUF_BYTES", 3)  # splits the two-byte characters too
     assert read(squad_path)[0] == expected_squad
     assert read(dpr_path)[0] == expected_dpr
     assert len(expected_dpr) == 40 and expected_dpr[12] == Document("12", "T12", ["text 12 é ü"])

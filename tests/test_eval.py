@@ -10,17 +10,11 @@ from typer.testing import CliRunner
 
 from memvq.cli import app
 from memvq.data.kilt import records as kilt_data
+from memvq.data.kilt.records import read_kilt_file, task_names
 from memvq.encoders.options import QueryOptions
-from memvq.pipelines.evaluate import (
-    EvalConfigError,
-    EvalSettings,
-    evaluate,
-    pair_predictions,
-    read_kilt_file,
-    score_predictions,
-    task_names,
-)
-from memvq.pipelines.rag import STAGES, RAGPipeline
+from memvq.pipelines.evaluate import EvalConfigError, EvalSettings, evaluate, pair_predictions, score_predictions
+from memvq.pipelines.rag import RAGPipeline
+from memvq.pipelines.timing import QUERY_STAGES as STAGES
 
 NUM_QUESTIONS = 6
 DOWNSTREAM = {"accuracy", "em", "f1", "rougel"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import faiss
@@ -15,7 +14,6 @@ from memvq.memory.index import (
     IndexConfig,
     IndexFileNotFoundError,
     PassageIndex,
-    auto_factory,
     training_rows,
 )
 
@@ -155,7 +153,7 @@ def test_save_load_round_trip(factory: str, tmp_path: Path, small: tuple[np.ndar
     index.save(tmp_path / "idx")
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["ids.npy", "index.faiss", "index.json"]
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert meta["config"] == asdict(config)
+    assert meta["config"] == config.model_dump(mode="json")
     assert (meta["dim"], meta["ntotal"], meta["faiss_version"]) == (DIM, len(base), faiss.__version__)
 
     loaded = PassageIndex.load(tmp_path / "idx", use_gpu=False)
@@ -292,31 +290,14 @@ def test_bad_batches_are_rejected(small: tuple[np.ndarray, np.ndarray]) -> None:
 
 def test_config_validation_and_json() -> None:
     config = IndexConfig(factory="HNSW32", use_gpu=None)
-    assert IndexConfig.from_dict(json.loads(json.dumps(asdict(config)))) == config
+    assert IndexConfig.model_validate(json.loads(json.dumps(config.model_dump(mode="json")))) == config
     for kwargs in ({"nprobe": 0}, {"train_size": -1}, {"ef_search": 1.5}, {"factory": ""}, {"factory": "IDMap,Flat"}):
         with pytest.raises(ValueError):
             IndexConfig(**kwargs)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="unknown IndexConfig keys"):
-        IndexConfig.from_dict({"factory": "Flat", "bogus": 1})
+    with pytest.raises(ValueError, match="bogus"):
+        IndexConfig.model_validate({"factory": "Flat", "bogus": 1})
     with pytest.raises(ValueError, match="invalid faiss factory string 'NotAnIndex'"):
         PassageIndex.build([], DIM, IndexConfig(factory="NotAnIndex"))
-
-
-def test_auto_factory() -> None:
-    assert auto_factory(0) == "Flat"
-    assert auto_factory(10_000) == "Flat"
-    assert auto_factory(999_999, 384) == "Flat"
-    assert auto_factory(1_000_000, 384) == "IVF4096,PQ48x8"
-    assert auto_factory(21_000_000, 768) == "IVF16384,PQ96x8"
-    assert auto_factory(2_000_000, 100) == "IVF4096,PQ10x8"  # 100 // 8 = 12 does not divide 100
-    faiss.index_factory(384, auto_factory(5_000_000, 384), faiss.METRIC_INNER_PRODUCT)  # a valid string
-    with pytest.raises(ValueError, match="needs dim"):
-        auto_factory(5_000_000)
-    with pytest.raises(ValueError):
-        auto_factory(-1)
-
-
-# ----------------------------------------------------------------------------- GPU placement (faked)
 
 
 def test_use_gpu_true_without_gpu_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from memvq.data.kilt.metrics import (
-    evaluate,
-    evaluate_downstream,
-    evaluate_retrieval,
     evidence_rank,
     exact_match,
     f1,
     normalize_answer,
     rouge_l,
     rprecision,
+    score_all,
+    score_downstream,
+    score_retrieval,
 )
 from memvq.data.kilt.records import (
     KILT_TASKS,
@@ -118,11 +118,11 @@ def test_expected_md_lists_the_values_we_check(official: Path) -> None:
 @pytest.mark.parametrize("pair", list(DOWNSTREAM_EXPECTED), ids="-vs-".join)
 def test_downstream_parity(official: Path, pair: tuple[str, str]) -> None:
     gold, guess = (_load(official, name) for name in pair)
-    result = evaluate_downstream(gold, guess)
+    result = score_downstream(gold, guess)
     for (section, key), expected in DOWNSTREAM_EXPECTED[pair].items():
         assert result[section][key] == pytest.approx(expected, abs=TOL), (section, key)
     # the combined report agrees on everything the downstream script reports
-    combined = evaluate(gold, guess)
+    combined = score_all(gold, guess)
     assert combined["kilt"] == result["kilt"]
     assert combined["downstream"] == result["downstream"]
     for key in ("Rprec", "recall@5"):
@@ -132,7 +132,7 @@ def test_downstream_parity(official: Path, pair: tuple[str, str]) -> None:
 @pytest.mark.parametrize("rank_keys", RANK_KEYS, ids=",".join)
 @pytest.mark.parametrize("guess_name", list(RETRIEVAL_EXPECTED))
 def test_retrieval_parity(official: Path, guess_name: str, rank_keys: tuple[str, ...]) -> None:
-    result = evaluate_retrieval(_load(official, "gold2"), _load(official, guess_name), ks=(1, 5), rank_keys=rank_keys)
+    result = score_retrieval(_load(official, "gold2"), _load(official, guess_name), ks=(1, 5), rank_keys=rank_keys)
     for key, expected in RETRIEVAL_EXPECTED[guess_name].items():
         assert result[key] == pytest.approx(expected, abs=TOL), key
     assert list(result) == [
@@ -194,7 +194,7 @@ def test_all_sample_files_load(samples: Path) -> None:
 def test_dev_file_self_scores_perfectly(samples: Path, task: str) -> None:
     gold = load_kilt(_dev_file(samples, task))
     guess = [gold_to_guess(r) for r in gold]
-    result = evaluate(gold, guess)
+    result = score_all(gold, guess)
     assert result["downstream"]["em"] == 1
     assert result["downstream"]["accuracy"] == 1
     assert result["downstream"]["f1"] == 1
@@ -203,7 +203,7 @@ def test_dev_file_self_scores_perfectly(samples: Path, task: str) -> None:
     assert with_provenance, task
     for record in with_provenance:
         assert rprecision(gold_to_guess(record), record) == 1
-    sub_result = evaluate(with_provenance, [gold_to_guess(r) for r in with_provenance])
+    sub_result = score_all(with_provenance, [gold_to_guess(r) for r in with_provenance])
     assert sub_result["retrieval"]["Rprec"] == 1
     assert sub_result["kilt"]["KILT-em"] == 1
     assert sub_result["retrieval"]["success_rate@5"] == 1
@@ -244,7 +244,7 @@ def test_task_specific_extraction(samples: Path) -> None:
 
 def test_triviaqa_without_input_scores(samples: Path) -> None:
     gold = load_kilt(_dev_file(samples, "triviaqa"))
-    result = evaluate_retrieval(gold, [gold_to_guess(r) for r in gold])
+    result = score_retrieval(gold, [gold_to_guess(r) for r in gold])
     assert result["entity_in_input"] == 0  # no input: counted 0 (the official script raises KeyError)
 
 
@@ -275,7 +275,7 @@ def test_missing_id_is_named() -> None:
         validate_predictions(GOLD, [_guess("1"), _guess(" 2 ")])
     assert info.value.problems == {"gold ids with no guess": ["q3"]}
     with pytest.raises(KiltFormatError, match="'q3'"):
-        evaluate_downstream(GOLD, [_guess("1"), _guess(" 2 ")])
+        score_downstream(GOLD, [_guess("1"), _guess(" 2 ")])
 
 
 def test_duplicated_id_is_named() -> None:
@@ -291,7 +291,7 @@ def test_more_than_one_output_is_named() -> None:
         validate_predictions(GOLD, guesses)
     assert sorted(i for ids in info.value.problems.values() for i in ids) == ["2", "q3"]
     with pytest.raises(KiltFormatError, match="'q3'"):
-        evaluate_downstream(GOLD, guesses)
+        score_downstream(GOLD, guesses)
     no_answer = [_guess(1), _guess(2), {"id": "q3", "output": [{"provenance": []}]}]
     with pytest.raises(KiltFormatError, match=r"no 'answer': 'q3'"):
         validate_predictions(GOLD, no_answer)
@@ -300,10 +300,10 @@ def test_more_than_one_output_is_named() -> None:
 def test_retrieval_mode_keeps_the_one_output_with_provenance() -> None:
     guess = [_guess(1), _guess(2), {"id": "q3", "output": [{"answer": "c"}, {"provenance": []}]}]
     validate_predictions(GOLD, guess, mode="retrieval")
-    assert evaluate_retrieval(GOLD, guess)["Rprec"] == pytest.approx(1 / 3)
+    assert score_retrieval(GOLD, guess)["Rprec"] == pytest.approx(1 / 3)
     two = [_guess(1), _guess(2), _guess("q3", n_outputs=2)]
     with pytest.raises(KiltFormatError, match=r"exactly one output with 'provenance'.*'q3'"):
-        evaluate_retrieval(GOLD, two)
+        score_retrieval(GOLD, two)
 
 
 def test_extra_guess_ids_are_ignored_with_a_warning() -> None:
@@ -312,7 +312,7 @@ def test_extra_guess_ids_are_ignored_with_a_warning() -> None:
         aligned = align_predictions(GOLD, guesses)
     assert [guess_answer(g) for g in aligned] == ["a", "b", "c"]
     with pytest.warns(KiltWarning):
-        assert evaluate_downstream(GOLD, guesses)["downstream"]["em"] == 1
+        assert score_downstream(GOLD, guesses)["downstream"]["em"] == 1
     with pytest.raises(KiltFormatError, match=r"guess ids not in gold: 'zzz'"):
         validate_predictions(GOLD, guesses, allow_extra=False)
 
@@ -392,7 +392,7 @@ def test_rank_and_rprecision_by_hand() -> None:
     assert (rank, n_sets) == ([False, True, True], 2)  # "2" then "1" complete set 0 at the end
     # R-precision: best over outputs of |first R guess ids in the output's R gold ids| / R
     assert rprecision(guess, gold) == 0.5  # {1, 2}: "2" but not "9" in the top 2; {5}: "2" misses
-    result = evaluate_retrieval([gold], [guess], ks=(1, 3))
+    result = score_retrieval([gold], [guess], ks=(1, 3))
     assert result["precision@1"] == 0
     assert result["precision@3"] == pytest.approx(2 / 3)
     assert result["recall@3"] == 1
@@ -411,7 +411,7 @@ def test_in_context_metrics_use_provenance_text() -> None:
         {"wikipedia_id": "8"},
     ]
     guess = {"id": 1, "output": [{"answer": "Shakespeare", "provenance": prov}]}
-    result = evaluate_retrieval([gold], [guess], ks=(1, 2, 3))
+    result = score_retrieval([gold], [guess], ks=(1, 2, 3))
     assert result["entity_in_input"] == 1
     assert (result["answer_in_context@1"], result["answer_in_context@2"]) == (0, 1)
     assert (result["entity_in_context@1"], result["entity_in_context@2"]) == (0, 1)
@@ -419,8 +419,8 @@ def test_in_context_metrics_use_provenance_text() -> None:
 
     texts = {"8": "William Shakespeare wrote Hamlet"}
     no_text = {"id": 1, "output": [{"answer": "x", "provenance": [{"wikipedia_id": "8"}]}]}
-    assert evaluate_retrieval([gold], [no_text], ks=(1,))["answer_in_context@1"] == 0
-    looked_up = evaluate_retrieval([gold], [no_text], ks=(1,), passage_text=lambda p: texts.get(str(p["wikipedia_id"])))
+    assert score_retrieval([gold], [no_text], ks=(1,))["answer_in_context@1"] == 0
+    looked_up = score_retrieval([gold], [no_text], ks=(1,), passage_text=lambda p: texts.get(str(p["wikipedia_id"])))
     assert looked_up["answer_in_context@1"] == 1
 
 
@@ -435,7 +435,7 @@ def test_kilt_scores_need_page_level_rprec_one_and_empty_answers_count_zero() ->
         {"id": 2, "output": [{"answer": "Rome", "provenance": [{"wikipedia_id": "99"}]}]},
         {"id": 3, "output": [{"answer": "  ", "provenance": [{"wikipedia_id": "30"}]}]},
     ]
-    result = evaluate_downstream(gold, guess)
+    result = score_downstream(gold, guess)
     assert result["downstream"]["accuracy"] == pytest.approx(1 / 3)  # strict: "paris" != "Paris"
     assert result["downstream"]["em"] == pytest.approx(2 / 3)
     assert result["kilt"]["KILT-em"] == pytest.approx(1 / 3)
@@ -445,6 +445,6 @@ def test_kilt_scores_need_page_level_rprec_one_and_empty_answers_count_zero() ->
 
 def test_bad_ks_are_rejected() -> None:
     with pytest.raises(ValueError, match="positive"):
-        evaluate_retrieval(GOLD[:1], [_guess(1)], ks=(0, 5))
+        score_retrieval(GOLD[:1], [_guess(1)], ks=(0, 5))
     with pytest.raises(ValueError, match="repeat"):
-        evaluate_retrieval(GOLD[:1], [_guess(1)], ks=(5, 5))
+        score_retrieval(GOLD[:1], [_guess(1)], ks=(5, 5))

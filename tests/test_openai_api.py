@@ -16,7 +16,8 @@ from memvq.encoders.config import ReaderConfig
 from memvq.encoders.spans import AnswerSpan
 from memvq.pipelines.rag import RAGAnswer
 from memvq.retrieval.retriever import RetrievedPassage
-from memvq.serve import ServeSettings, create_app
+from memvq.serve.app import create_app
+from memvq.serve.settings import ServeSettings
 
 QUESTION = "who got the first nobel prize in physics"
 TEXT = "The first Nobel Prize in Physics was awarded in 1901 to Wilhelm Conrad Röntgen, of Germany."

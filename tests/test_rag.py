@@ -8,7 +8,9 @@ from memvq.encoders.backbone import Backbone
 from memvq.encoders.config import ReaderConfig
 from memvq.encoders.options import QueryOptions
 from memvq.encoders.reader import Reader
-from memvq.pipelines.rag import STAGES, IncompatibleModelError, RAGPipeline, reader_inputs
+from memvq.pipelines.compatibility import IncompatibleModelError
+from memvq.pipelines.rag import RAGPipeline, reader_inputs
+from memvq.pipelines.timing import QUERY_STAGES as STAGES
 
 
 @pytest.fixture(scope="module")

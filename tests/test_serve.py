@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from memvq.pipelines.rag import RAGPipeline
-from memvq.serve import ServeSettings, create_app
+from memvq.serve.app import create_app
 from memvq.serve.batcher import BatcherClosedError, DynamicBatcher
+from memvq.serve.settings import ServeSettings
 
 QUESTION = "who got the first nobel prize in physics"
 

@@ -23,9 +23,10 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from memvq.pipelines.rag import RAGAnswer
-from memvq.serve import ServeSettings, create_app, serve
+from memvq.serve.app import create_app
 from memvq.serve.batcher import DynamicBatcher, QueueFullError
-from memvq.serve.runner import HeaderDeadlineProtocol, StripQueryString, uvicorn_options
+from memvq.serve.runner import HeaderDeadlineProtocol, StripQueryString, serve, uvicorn_options
+from memvq.serve.settings import ServeSettings
 
 
 class FakePipeline:

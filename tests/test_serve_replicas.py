@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 
 from memvq.pipelines.config import LoadOptions
 from memvq.pipelines.rag import RAGAnswer, RAGPipeline
-from memvq.serve import ServeSettings, create_app
+from memvq.serve.app import create_app
 from memvq.serve.replicas import REPLICA_HEADER, ServeBatcher
+from memvq.serve.settings import ServeSettings
 
 QUESTION = "who got the first nobel prize in physics"
 KEY = "s3cret"

@@ -21,7 +21,6 @@ from memvq.encoders.spans import (
     fid_pair_tokens,
     label_positives,
     passage_token_offsets,
-    span_mask_in_pairs,
 )
 
 
@@ -133,15 +132,6 @@ def test_t5_family_tokenizer_offsets():
     positives = label_positives([text], [["Paris", "France"]], offsets, text_mask, [0])
     assert positives[0] == [(2, 2), (7, 7)]
     assert [token_text(text, offsets[0], span) for span in positives[0]] == ["paris", "france"]
-
-
-def test_span_mask_in_pairs():
-    text_mask = torch.tensor([[False, True, True, False], [False, True, False, False]])
-    mask = span_mask_in_pairs(text_mask, torch.tensor([2, 4]), length=6)
-    assert mask.tolist() == [[False, False, False, True, True, False], [False] * 5 + [True]]
-
-
-# -- decoding and aggregation ------------------------------------------------------------------------------------
 
 
 def constructed_logits() -> tuple[SpanLogits, torch.Tensor]:

@@ -164,7 +164,8 @@ def test_a_server_stops_answering_when_its_store_changes(store_copy, tiny_reader
     from fastapi.testclient import TestClient
 
     from memvq.pipelines.rag import RAGPipeline
-    from memvq.serve import ServeSettings, create_app
+    from memvq.serve.app import create_app
+    from memvq.serve.settings import ServeSettings
 
     pipeline = RAGPipeline.load(store_copy, tiny_reader_path, device="cpu")
     api = create_app(pipeline, ServeSettings(watch_interval_s=0.05), watch=pipeline.store.watch)

@@ -21,9 +21,10 @@ from memvq.memory.artifact import ManifestError
 from memvq.memory.codecs import CodebookFinetuner, load_codec
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.build import build_index
+from memvq.pipelines.compatibility import IncompatibleModelError, split_for_store
 from memvq.pipelines.config import BuildConfig, TrainConfig
-from memvq.pipelines.rag import IncompatibleModelError, RAGPipeline, reader_inputs, recomputed_inputs
-from memvq.pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, split_for_store, train
+from memvq.pipelines.rag import RAGPipeline, reader_inputs, recomputed_inputs
+from memvq.pipelines.train import CONFIG_FILE, MANIFEST_FILE, READER_DIR, train
 
 
 def test_squad_is_split_by_article(shared_data):

@@ -25,7 +25,8 @@ from fastapi.testclient import TestClient
 from test_serve_hardening import FakePipeline, live
 
 from memvq.pipelines.rag import RAGPipeline
-from memvq.serve import ServeSettings, create_app
+from memvq.serve.app import create_app
+from memvq.serve.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "who got the first nobel prize in physics"

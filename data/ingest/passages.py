@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-from memvq.data.ingest.corpus import Document
+from memvq.data.ingest.sources import Document
 
 # `\S+` over str is exactly the complement of str.isspace(), i.e. the words of str.split().
 _WORD = re.compile(r"\S+")

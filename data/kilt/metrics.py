@@ -50,7 +50,6 @@ from memvq.data.kilt.records import (
     guess_answer,
     guess_output,
     guess_provenance_ids,
-    load_kilt,
     record_id,
     record_input,
 )
@@ -171,6 +170,17 @@ def metric_max_over_ground_truths(
 
 # ----------------------------------------------------------------------------------------------
 # retrieval metrics (one record)
+
+
+def answer_scores(answers: Iterable[tuple[str, Sequence[str]]]) -> dict[str, float]:
+    """Mean EM and F1 (each the best over a question's gold answers) of (predicted answer, gold answers) pairs: the
+    downstream scores of training's dev evaluation and of the benchmarks, as `score_downstream` gives them."""
+    pairs = list(answers)
+    count = max(1, len(pairs))
+    return {
+        "em": sum(metric_max_over_ground_truths(exact_match, answer, gold) for answer, gold in pairs) / count,
+        "f1": sum(metric_max_over_ground_truths(f1, answer, gold) for answer, gold in pairs) / count,
+    }
 
 
 def rprecision(
@@ -412,7 +422,7 @@ def _downstream_scores(
     }
 
 
-def evaluate_downstream(
+def score_downstream(
     gold: Sequence[Mapping[str, Any]], guess: Sequence[Mapping[str, Any]]
 ) -> dict[str, dict[str, float]]:
     """What the official ``eval_downstream.evaluate`` returns, from parsed records.
@@ -434,7 +444,7 @@ def _provenance_only(guess: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
     return [{**g, "output": [guess_output(g, need="provenance")]} for g in guess]
 
 
-def evaluate_retrieval(
+def score_retrieval(
     gold: Sequence[Mapping[str, Any]],
     guess: Sequence[Mapping[str, Any]],
     ks: Sequence[int] = (1, 5),
@@ -454,7 +464,7 @@ def evaluate_retrieval(
     return _compute_retrieval(gold, _provenance_only(aligned), ks, rank_keys, passage_text)
 
 
-def evaluate(
+def score_all(
     gold: Sequence[Mapping[str, Any]],
     guess: Sequence[Mapping[str, Any]],
     ks: Sequence[int] = (1, 5),
@@ -463,9 +473,9 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Both official reports in one: ``eval_downstream`` + ``eval_retrieval``.
 
-    ``{"kilt": ..., "downstream": ...}`` exactly as :func:`evaluate_downstream` (KILT variants always
+    ``{"kilt": ..., "downstream": ...}`` exactly as :func:`score_downstream` (KILT variants always
     gated on page-level R-precision, as officially), and ``"retrieval"``: the full
-    :func:`evaluate_retrieval` report for ``ks`` and ``rank_keys`` (with the defaults its ``Rprec`` and
+    :func:`score_retrieval` report for ``ks`` and ``rank_keys`` (with the defaults its ``Rprec`` and
     ``recall@5`` equal the downstream script's). Each guess needs exactly one output, with both an
     ``answer`` and ``provenance``.
     """
@@ -473,14 +483,3 @@ def evaluate(
     result = _downstream_scores(gold, aligned)
     result["retrieval"] = _compute_retrieval(gold, aligned, ks, rank_keys, passage_text)
     return result
-
-
-def evaluate_files(
-    gold_path: str,
-    guess_path: str,
-    ks: Sequence[int] = (1, 5),
-    rank_keys: Sequence[str] = ("wikipedia_id",),
-    passage_text: PassageText | None = None,
-) -> dict[str, dict[str, float]]:
-    """:func:`evaluate` on two KILT jsonl files."""
-    return evaluate(load_kilt(gold_path), load_kilt(guess_path), ks, rank_keys, passage_text)

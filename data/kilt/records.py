@@ -24,11 +24,15 @@ number. Task-specific shapes need no special casing:
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 """One parsed KILT record (a JSON object)."""
@@ -123,6 +127,72 @@ def parse_record(line: str, where: str) -> Record:
 def load_kilt(path: str | Path) -> list[Record]:
     """Read a whole KILT jsonl file (see :func:`iter_kilt`)."""
     return list(iter_kilt(path))
+
+
+@dataclass
+class KiltFile:
+    """The usable records of one KILT file (file order, first occurrence of each id) and the bad ones skipped."""
+
+    path: Path
+    records: list[Record]
+    bad: list[str] = field(default_factory=list)
+
+
+def read_kilt_file(path: str | Path, limit: int | None = None, need_input: bool = False) -> KiltFile:
+    """Read a KILT jsonl file, reporting bad records with their line number and skipping them.
+
+    Bad: malformed JSON or a record of the wrong shape, a repeated id, and (``need_input``) a record without
+    an ``input`` string (nothing to ask). Each is logged as a warning and listed in ``bad`` as
+    ``"file:line: why"``. ``limit`` keeps the first N usable records (reading stops there).
+    """
+    path = Path(path)
+    records: list[Record] = []
+    bad: list[str] = []
+    seen: set[str] = set()
+
+    def skip(message: str) -> None:
+        bad.append(message)
+        logger.warning("skipped bad record: %s", message)
+
+    with path.open(encoding="utf-8") as fin:
+        for lineno, line in enumerate(fin, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = parse_record(line, where)
+            except KiltFormatError as error:
+                skip(str(error))
+                continue
+            rid = record_id(record)
+            text = record_input(record)
+            if need_input and not (text and text.strip()):
+                skip(f"{where}: id {rid!r} has no 'input' string (no question to ask)")
+            elif rid in seen:
+                skip(f"{where}: id {rid!r} repeats an earlier record")
+            else:
+                seen.add(rid)
+                records.append(record)
+    return KiltFile(path, records, bad)
+
+
+def task_names(paths: Sequence[str | Path]) -> list[str]:
+    """One task name per file: :func:`~data.kilt.records.task_of` (``nq-dev-kilt.jsonl`` -> ``nq``), else the
+    file stem; files that would share a name get their stems. Two files with the same stem are an error."""
+    paths = [Path(p) for p in paths]
+    names = [task_of(p) or _stem(p) for p in paths]
+    counts = Counter(names)
+    names = [_stem(p) if counts[name] > 1 else name for p, name in zip(paths, names, strict=True)]
+    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
+    if repeated:
+        raise ValueError(f"several data files have the task name {', '.join(map(repr, repeated))}: rename one")
+    return names
+
+
+def _stem(path: Path) -> str:
+    return path.name.removesuffix(".jsonl").removesuffix(".json")
 
 
 def task_of(path: str | Path) -> str | None:
@@ -224,20 +294,24 @@ def validate_predictions(
             problems["guess ids not in gold"] = extra
 
     if mode != "ids":
-        bad: dict[str, list[str]] = {}
-        for gid in dict.fromkeys(gold_ids):
-            g = guess_by_id.get(gid)
-            if g is None:
-                continue
-            why = _output_problem(g, mode)
-            if why is not None:
-                bad.setdefault(why, []).append(gid)
-        for why, ids in bad.items():
-            problems[why] = ids
+        problems |= _output_problems(gold_ids, guess_by_id, mode)
 
     if problems:
         lines = [f"  - {what}: {_fmt_ids(ids)}" for what, ids in problems.items()]
         raise KiltFormatError("invalid KILT predictions:\n" + "\n".join(lines), problems)
+
+
+def _output_problems(
+    gold_ids: Sequence[str], guess_by_id: Mapping[str, Mapping[str, Any]], mode: CheckMode
+) -> dict[str, list[str]]:
+    """The guesses of gold ids whose outputs cannot be scored in `mode`, by what is wrong with them."""
+    bad: dict[str, list[str]] = {}
+    for gid in dict.fromkeys(gold_ids):
+        g = guess_by_id.get(gid)
+        why = None if g is None else _output_problem(g, mode)
+        if why is not None:
+            bad.setdefault(why, []).append(gid)
+    return bad
 
 
 def align_predictions(
@@ -387,12 +461,6 @@ def guess_answer(record: Mapping[str, Any]) -> str:
     if "answer" not in output:
         raise KiltFormatError(f"guess {record_id(record)!r}: its output has no 'answer'")
     return str(output["answer"]).strip()
-
-
-def guess_provenance(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The raw provenance items of the guess's first output, in rank order (empty if none)."""
-    outputs = record.get("output") or [{}]
-    return list(outputs[0].get("provenance", []))
 
 
 def guess_provenance_ids(record: Mapping[str, Any], rank_keys: Sequence[str] = ("wikipedia_id",)) -> list[str]:

@@ -1,6 +1,7 @@
 """Memory codecs: a token vector <-> a few bytes of codes (MEMORY-VQ), one algorithm per module: `config`
 (CodecConfig, what a manifest saves), `base` (the MemoryCodec interface and its files), `vq` (the VQ-VAE), `faiss_codec`
-(the faiss baseline), `factory` (a codec by kind, and loading a saved one). The names below are imported on first
+(the faiss baseline), `ema` and `finetune` (EMA codebooks; their fine-tuning with a reader), `factory` (a codec by
+kind, and loading a saved one). The names below are imported on first
 use, so that reading a config does not load the numerical libraries."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _EXPORTS = {
     "load_codec": "factory",
     "make_codec": "factory",
     "FaissCodec": "faiss_codec",
-    "CodebookFinetuner": "vq",
+    "CodebookFinetuner": "finetune",
     "VQCodec": "vq",
 }
 __all__ = sorted(_EXPORTS)
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from memvq.memory.codecs.factory import load_codec as load_codec
     from memvq.memory.codecs.factory import make_codec as make_codec
     from memvq.memory.codecs.faiss_codec import FaissCodec as FaissCodec
-    from memvq.memory.codecs.vq import CodebookFinetuner as CodebookFinetuner
+    from memvq.memory.codecs.finetune import CodebookFinetuner as CodebookFinetuner
     from memvq.memory.codecs.vq import VQCodec as VQCodec
 
 

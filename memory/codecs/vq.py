@@ -49,12 +49,12 @@ import torch
 from einops import rearrange
 from torch.nn import functional as F
 from tqdm.auto import tqdm
-from vector_quantize_pytorch import VectorQuantize
 
 from memvq.memory.codecs.base import MemoryCodec
 from memvq.memory.codecs.config import CodecConfig, Segment
+from memvq.memory.codecs.ema import ema_quantizer, quantize_levels, seed_usage
 
-__all__ = ["CodebookFinetuner", "VQCodec", "balanced_pca_rotation", "procrustes"]
+__all__ = ["VQCodec", "balanced_pca_rotation", "procrustes"]
 
 LOG = logging.getLogger(__name__)
 
@@ -154,59 +154,6 @@ class _Quantizer:
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """int64 'n h' -> 'n (h c)' codewords."""
         return rearrange(F.embedding(codes + self.offsets, self.table), "n h c -> n (h c)")
-
-
-def _ema_quantizer(codebooks: torch.Tensor, decay: float, threshold_ema_dead_code: float) -> VectorQuantize:
-    """A train-mode ``VectorQuantize`` holding codebooks 'h k c' (one per head): EMA updates with dead-code reset,
-    no commitment loss (nothing upstream of the codec takes its gradients)."""
-    h, k, c = codebooks.shape
-    vq = VectorQuantize(
-        dim=h * c,
-        codebook_size=k,
-        codebook_dim=c,  # heads * codebook_dim == dim: no projection in / out
-        heads=h,
-        separate_codebook_per_head=True,
-        decay=decay,
-        kmeans_init=True,  # never runs: the codebooks below are marked initialised
-        threshold_ema_dead_code=threshold_ema_dead_code,
-        commitment_weight=0.0,
-        rotation_trick=False,
-        sync_codebook=False,
-    ).to(codebooks.device)
-    vq._codebook.embed.copy_(codebooks)
-    vq._codebook.initted.fill_(True)
-    return vq.train()
-
-
-def _seed_usage(vqs: list[VectorQuantize], codes: torch.Tensor, batch: int) -> None:
-    """Start every EMA codebook's cluster sizes (and sums) at the usage of codes 'n m' (laid out as the codec's),
-    scaled to a batch of `batch` vectors: the scale the EMA statistics live on."""
-    col, n = 0, codes.shape[0]
-    for vq in vqs:
-        book = vq._codebook
-        h, k = book.cluster_size.shape
-        usage = torch.stack([torch.bincount(codes[:, col + j], minlength=k) for j in range(h)]).float()
-        usage = usage.to(book.cluster_size.device) * (batch / n)  # 'h k'
-        book.cluster_size.copy_(usage)
-        book.embed_avg.copy_(book.embed * usage.unsqueeze(-1))
-        col += h
-
-
-def _quantize_levels(
-    layout: list[tuple[int, int, list[int]]], vqs: list[VectorQuantize], z: torch.Tensor
-) -> torch.Tensor:
-    """Rotated 'n e' -> its quantization 'n e' through the EMA quantizers (segment by segment, level by level on
-    the residuals); in train mode every call updates the codebooks."""
-    zq = torch.empty_like(z)
-    for off, dims, levels in layout:
-        r = z[:, off : off + dims].unsqueeze(0)  # '1 n dims'
-        acc = torch.zeros_like(r)
-        for qi in levels:
-            quantized, _, _ = vqs[qi](r)
-            acc = acc + quantized
-            r = r - quantized
-        zq[:, off : off + dims] = acc[0]
-    return zq
 
 
 class VQCodec(MemoryCodec):
@@ -421,12 +368,12 @@ class VQCodec(MemoryCodec):
         the epochs)."""
         cfg = self.config
         n, bs = z.shape[0], min(cfg.batch_size, z.shape[0])
-        vqs = [_ema_quantizer(quant.codebooks, cfg.decay, cfg.threshold_ema_dead_code) for quant in self._quantizers]
-        _seed_usage(vqs, self._encode_rotated(z, recon=False)[0], bs)
+        vqs = [ema_quantizer(quant.codebooks, cfg.decay, cfg.threshold_ema_dead_code) for quant in self._quantizers]
+        seed_usage(vqs, self._encode_rotated(z, recon=False)[0], bs)
         for _ in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen)
             for s in range(0, n - bs + 1, bs):  # full batches only
-                _quantize_levels(self._layout(), vqs, z[perm[s : s + bs]])
+                quantize_levels(self._layout(), vqs, z[perm[s : s + bs]])
             bar.update(1)
         self._set_codebooks([vq.codebook for vq in vqs])
 
@@ -513,46 +460,3 @@ class VQCodec(MemoryCodec):
         self._device = torch.device("cpu")
         self._fitted = True
         self._refresh()
-
-
-class CodebookFinetuner(torch.nn.Module):
-    """MEMORY-VQ fine-tuning of a fitted :class:`VQCodec`'s codebooks jointly with the model that reads its memory.
-
-    ``forward`` quantizes memory vectors 'n d' with the codec's rotation and mean (fixed) and EMA codebooks: in
-    train mode every batch updates them (``decay``, the codec's dead-code reset, no commitment loss), in eval
-    mode they are read only and the output equals ``codec.decode(codec.encode(x))``. The output passes gradients
-    to x unchanged (straight-through). ``codec()`` is a new codec with the current codebooks, to re-encode a
-    store with; the state dict (EMA statistics included) resumes a run.
-    """
-
-    def __init__(self, codec: VQCodec, decay: float = 0.99) -> None:
-        super().__init__()
-        if not codec.is_fitted:
-            raise ValueError("the codec to fine-tune is not fitted")
-        self.base = codec
-        cfg = codec.config
-        self.quantizers = torch.nn.ModuleList(
-            _ema_quantizer(quant.codebooks, decay, cfg.threshold_ema_dead_code) for quant in codec._quantizers
-        )
-        # the EMA statistics start at the first training batch's usage
-        self.register_buffer("seeded", torch.tensor(False, device=codec.device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """'n d' memory vectors -> their quantization 'n d' (straight-through)."""
-        base = self.base
-        with torch.no_grad():
-            z = base._rotate(x.detach().float())
-            if self.training and not bool(self.seeded):
-                _seed_usage(list(self.quantizers), base._encode_rotated(z, recon=False)[0], z.shape[0])
-                self.seeded.fill_(True)
-            zq = _quantize_levels(base._layout(), list(self.quantizers), z)
-            x_hat = torch.addmm(base.mean, zq, base._rotation_t).to(x.dtype)
-        return x + (x_hat - x).detach()
-
-    def codec(self) -> VQCodec:
-        """A fitted codec: the base codec's config, mean and rotation with the current codebooks (on CPU)."""
-        out = VQCodec(self.base.config)
-        out.mean, out.rotation = self.base.mean.cpu().clone(), self.base.rotation.cpu().clone()
-        out._set_codebooks([vq.codebook.cpu() for vq in self.quantizers])
-        out._fitted = True
-        return out

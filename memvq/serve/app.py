@@ -19,7 +19,7 @@ several apps can live in one process (tests do).
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, NamedTuple, Protocol
 
 from fastapi import APIRouter, FastAPI, Security
@@ -203,8 +203,44 @@ def create_app(
     `batcher` makes the batcher the questions go through (default: the in-process `DynamicBatcher`)."""
     settings = settings or ServeSettings()
     server = Server(pipeline, settings, watch, batcher)
+    keyed = settings.api_key is not None
+    app = FastAPI(
+        title="memvq",
+        version="1",
+        summary="Retrieval-augmented question answering over a compressed passage memory.",
+        description=(
+            "Answers come from the passages retrieved from the store and read by the reader; `provenance` lists "
+            "the passages read, best first. Concurrent requests are batched into one model call. "
+            + ("Every endpoint but the page (/), /healthz and /readyz needs the API key." if keyed else "")
+        ),
+        lifespan=_lifespan(server),
+    )
+    app.state.server = server
+    install_error_handlers(app)
+    # Declarative only (the ApiKeyGuard middleware checks the key): shows the schemes in the OpenAPI schema.
+    security = (
+        [Security(APIKeyHeader(name="X-API-Key", auto_error=False)), Security(HTTPBearer(auto_error=False))]
+        if keyed
+        else []
+    )
     models = request_models(settings)
-    AnswerRequest, BatchAnswerRequest, RetrieveRequest = models
+    api, answer = _query_routes(server, models, security)
+    app.include_router(api)
+    app.include_router(openai_router(pipeline, models[0], answer, security, ERROR_RESPONSES))
+    app.include_router(page_router())
+    app.include_router(_health_routes(server, security))
+    # Outermost last: metrics count every response, errors on the OpenAI routes are reshaped whoever answered them,
+    # the key is checked before the body is read.
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(OpenAIErrors)
+    app.add_middleware(RequestMetrics, metrics=server.metrics)
+    return app
+
+
+def _lifespan(server: Server) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The batcher and the store watch run while the app does; ready in between."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -218,27 +254,13 @@ def create_app(
             await server.watcher.stop()
             await server.batcher.stop()
 
-    keyed = settings.api_key is not None
-    app = FastAPI(
-        title="memvq",
-        version="1",
-        summary="Retrieval-augmented question answering over a compressed passage memory.",
-        description=(
-            "Answers come from the passages retrieved from the store and read by the reader; `provenance` lists "
-            "the passages read, best first. Concurrent requests are batched into one model call. "
-            + ("Every endpoint but the page (/), /healthz and /readyz needs the API key." if keyed else "")
-        ),
-        lifespan=lifespan,
-    )
-    app.state.server = server
-    install_error_handlers(app)
+    return lifespan
 
-    # Declarative only (the ApiKeyGuard middleware checks the key): shows the schemes in the OpenAPI schema.
-    security = (
-        [Security(APIKeyHeader(name="X-API-Key", auto_error=False)), Security(HTTPBearer(auto_error=False))]
-        if keyed
-        else []
-    )
+
+def _query_routes(server: Server, models: tuple[type, type, type], security: list[Any]) -> tuple[APIRouter, Any]:
+    """/v1/answer, /v1/answer:batch and /v1/retrieve, with the request models of the server's limits; and the
+    answer endpoint (the OpenAI route answers through it)."""
+    AnswerRequest, BatchAnswerRequest, RetrieveRequest = models
     api = APIRouter(prefix="/v1", dependencies=security, responses=ERROR_RESPONSES)
 
     @api.post("/answer", response_model=AnswerResponse, response_model_exclude_none=True)
@@ -265,35 +287,31 @@ def create_app(
             batch_size=done.batch_size,
         )
 
-    app.include_router(api)
-    app.include_router(openai_router(pipeline, AnswerRequest, answer, security, ERROR_RESPONSES))
-    app.include_router(page_router())
+    return api, answer
 
-    @app.get("/healthz", tags=["health"])
+
+def _health_routes(server: Server, security: list[Any]) -> APIRouter:
+    """/healthz, /readyz and /metrics."""
+    router = APIRouter()
+
+    @router.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """The process is up (no model involved)."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
+    @router.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
     async def readyz() -> Any:
         """Ready to answer: the model is loaded, its worker runs and the store's files are those it verified."""
         if server.watcher.damaged:
             return error_response(503, "store_changed", server.store_changed)
         if not server.ready or not server.batcher.running:
             return error_response(503, "unavailable", "not ready", **{"Retry-After": "1"})
-        config = server.pipeline.config
-        return {"status": "ready", "reader": config.mode, "top_k": config.top_k, "precision": server.pipeline.precision}
+        config, precision = server.pipeline.config, server.pipeline.precision
+        return {"status": "ready", "reader": config.mode, "top_k": config.top_k, "precision": precision}
 
-    @app.get("/metrics", dependencies=security, response_class=Response)
+    @router.get("/metrics", dependencies=security, response_class=Response)
     async def metrics() -> Response:
         """Prometheus text: request counts and latencies, batch sizes and times, queue wait and depth."""
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
-    # Outermost last: metrics count every response, errors on the OpenAI routes are reshaped whoever answered them,
-    # the key is checked before the body is read.
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    if settings.api_key is not None:
-        app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value())
-    app.add_middleware(OpenAIErrors)
-    app.add_middleware(RequestMetrics, metrics=server.metrics)
-    return app
+    return router

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from memvq.data.ingest.corpus import IngestReport, corpus_files, iter_documents
+from memvq.data.ingest.corpus import corpus_files, iter_documents
 from memvq.data.ingest.passages import ChunkReport, iter_passages
+from memvq.data.ingest.sources import IngestReport
 from memvq.memory.artifact import ManifestError, atomic_write, file_record, read_json, write_json
 from memvq.memory.store import StoreLayout
 from memvq.pipelines.config import BuildConfig

@@ -1,4 +1,4 @@
-"""Pure reconstruction-quality metrics for memory codecs."""
+"""Reconstruction-quality metrics of memory codecs (the codec benchmarks' and tests', not the runtime's)."""
 
 from __future__ import annotations
 
