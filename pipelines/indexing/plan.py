@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from memvq.data.ingest.corpus import corpus_files, iter_documents
-from memvq.data.ingest.passages import ChunkReport, iter_passages
+from memvq.data.ingest.passages import ChunkReport, Passage, iter_passages
 from memvq.data.ingest.sources import IngestReport
 from memvq.memory.artifact import ManifestError, atomic_write, file_record, read_json, write_json
 from memvq.memory.store import StoreLayout
@@ -25,17 +25,9 @@ from memvq.pipelines.config import BuildConfig
 
 log = logging.getLogger(__name__)
 
+# The passage shards' columns: the fields of a Passage, in order (strings, and int32 paragraph ids and offsets).
 PASSAGE_SCHEMA = pa.schema(
-    [
-        ("passage_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("title", pa.string()),
-        ("text", pa.string()),
-        ("start_paragraph_id", pa.int32()),
-        ("end_paragraph_id", pa.int32()),
-        ("start_character", pa.int32()),
-        ("end_character", pa.int32()),
-    ]
+    [(f.name, pa.string() if f.type == "str" else pa.int32()) for f in dataclasses.fields(Passage)]
 )
 
 
