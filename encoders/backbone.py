@@ -5,8 +5,8 @@ It owns tokenisation, the memory pass (embeddings + memory layers, run offline o
 pooling of the last layer, L2-normalised, as sentence-transformers does for MiniLM), which the build job gets
 from the same forward pass as the memory so that the corpus is read once.
 
-Two families are supported: BERT (the embedded default, all-MiniLM-L6-v2) and T5 (t5, flan-t5, mt5 from any
-local checkpoint). Layers are called through their public modules; masks come from
+Three families are supported: BERT (the embedded default, all-MiniLM-L6-v2), MPNet (all-mpnet-base-v2) and T5 (t5,
+flan-t5, mt5), from any local checkpoint. Layers are called through their public modules; masks come from
 `transformers.masking_utils.create_bidirectional_mask`, as the models themselves build them.
 """
 
@@ -26,6 +26,7 @@ from transformers import (
     AutoTokenizer,
     BatchEncoding,
     BertModel,
+    MPNetModel,
     MT5EncoderModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -39,6 +40,7 @@ from memvq.encoders.embedded import resolve_model_path
 # model_type (from config.json) -> (family, encoder class)
 SUPPORTED_MODEL_TYPES: dict[str, tuple[str, type[PreTrainedModel]]] = {
     "bert": ("bert", BertModel),
+    "mpnet": ("mpnet", MPNetModel),
     "t5": ("t5", T5EncoderModel),
     "mt5": ("t5", MT5EncoderModel),
 }
@@ -89,6 +91,19 @@ class _LayerStack(ABC):
     @abstractmethod
     def layers(self) -> nn.ModuleList: ...
 
+    @property
+    def inputs(self) -> list[nn.Module]:
+        """The modules before the layers, or shared by all of them (the embeddings): frozen with the memory side."""
+        return [self.model.embeddings]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
     @abstractmethod
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor: ...
 
@@ -117,10 +132,47 @@ class _BertStack(_LayerStack):
         return hidden
 
 
+class _MPNetStack(_LayerStack):
+    """MPNet: absolute positions in the embeddings, and a relative position bias every layer adds, computed once
+    per stack over the sequence it runs (the joined [question; memory] for the live layers, as the model does)."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layer
+
+    @property
+    def inputs(self) -> list[nn.Module]:
+        return [self.model.embeddings, self.model.encoder.relative_attention_bias]
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        return self.model.embeddings(input_ids=input_ids)
+
+    def run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if start >= stop:
+            return hidden
+        mask = self.mask(hidden, attention_mask)
+        position_bias = self.model.encoder.compute_position_bias(hidden).to(hidden.dtype)
+        for layer in self.layers[start:stop]:
+            hidden = layer(hidden, mask, position_bias)[0]
+        return hidden
+
+
 class _T5Stack(_LayerStack):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.encoder.block
+
+    @property
+    def inputs(self) -> list[nn.Module]:
+        return [self.model.shared]  # the relative position bias lives in block 0
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.d_model
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_layers
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         return self.model.encoder.dropout(self.model.encoder.embed_tokens(input_ids))
@@ -140,7 +192,7 @@ class _T5Stack(_LayerStack):
         return self.model.encoder.dropout(self.model.encoder.final_layer_norm(hidden))
 
 
-_STACKS: dict[str, type[_LayerStack]] = {"bert": _BertStack, "t5": _T5Stack}
+_STACKS: dict[str, type[_LayerStack]] = {"bert": _BertStack, "mpnet": _MPNetStack, "t5": _T5Stack}
 
 
 @dataclass(frozen=True)
@@ -183,7 +235,7 @@ class Backbone(nn.Module):
             family=self.family,
             num_layers=self.num_layers,
             memory_layers=memory_layers,
-            hidden_size=model.config.hidden_size if self.family == "bert" else model.config.d_model,
+            hidden_size=self._stack.hidden_size,
         )
 
     @classmethod
@@ -199,20 +251,28 @@ class Backbone(nn.Module):
         config = AutoConfig.from_pretrained(path)
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(_unsupported_message(config.model_type, path))
-        model_class = SUPPORTED_MODEL_TYPES[config.model_type][1]
-        if config.model_type == "bert":
-            model = model_class.from_pretrained(path, add_pooling_layer=False)
-        else:
-            model = model_class.from_pretrained(path)
+        family, model_class = SUPPORTED_MODEL_TYPES[config.model_type]
+        options = {} if family == "t5" else {"add_pooling_layer": False}  # no pooler: the memvq embedding mean-pools
+        model = model_class.from_pretrained(path, **options)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        num_layers = config.num_hidden_layers if config.model_type == "bert" else config.num_layers
         if memory_layers is None:
-            memory_layers = memory_layer_count(num_layers, alpha)
+            memory_layers = memory_layer_count(_STACKS[family](model).num_layers, alpha)
         return cls(model.eval(), tokenizer, memory_layers, model_path=path)
 
     @property
     def hidden_size(self) -> int:
         return self.info.hidden_size
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer layers, memory layers first."""
+        return self._stack.layers
+
+    @property
+    def inputs(self) -> list[nn.Module]:
+        """The modules before the layers or shared by all of them (embeddings; MPNet's relative position bias):
+        frozen with the memory side."""
+        return self._stack.inputs
 
     def memory_digest(self) -> str:
         """sha256 of the memory layers' tensors (as fp16): what names the memory they make, so that a store and
@@ -301,5 +361,5 @@ def _unsupported_message(model_type: str, path: str) -> str:
     supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
     return (
         f"unsupported encoder architecture {model_type!r} at {path!r}: memvq can split these model types: "
-        f"{supported} (BERT family, e.g. all-MiniLM-L6-v2; T5 family: t5, flan-t5, mt5)"
+        f"{supported} (BERT family, e.g. all-MiniLM-L6-v2; MPNet, e.g. all-mpnet-base-v2; T5 family: t5, flan-t5, mt5)"
     )

@@ -141,6 +141,11 @@ class FiDDecoder(nn.Module):
         path = resolve_model_path(backbone.info.model_path)
         dtype = next(backbone.model.parameters()).dtype
         model_type = backbone.info.model_type
+        if model_type not in DECODER_CLASSES:
+            raise ValueError(
+                f"the generate head has a decoder for {', '.join(sorted(DECODER_CLASSES))} backbones, not "
+                f'{model_type}: use the extract head (head = "extract")'
+            )
         model_class = DECODER_CLASSES[model_type]
         if backbone.family == "bert":
             depth = {} if num_layers is None else {"num_hidden_layers": num_layers}

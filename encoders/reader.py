@@ -161,15 +161,9 @@ class Reader(nn.Module):
         assert head is not None
         return head
 
-    def _encoder_layers(self) -> nn.ModuleList:
-        model = self.backbone.model
-        return model.encoder.layer if self.backbone.family == "bert" else model.encoder.block
-
     def _freeze_memory_side(self) -> None:
-        model = self.backbone.model
-        embeddings = model.embeddings if self.backbone.family == "bert" else model.shared
-        memory_layers = [] if self.config.train_memory_layers else list(self._encoder_layers()[: self.first_live])
-        for module in [embeddings, *memory_layers]:
+        memory_layers = [] if self.config.train_memory_layers else list(self.backbone.layers[: self.first_live])
+        for module in [*self.backbone.inputs, *memory_layers]:
             module.requires_grad_(False)
         if self.decoder is not None and not self.config.train_decoder_embeddings:
             self.decoder.freeze_embeddings()

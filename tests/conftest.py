@@ -135,6 +135,28 @@ def tiny_bert_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mpnet_path(tmp_path_factory) -> Path:
+    """A tiny random MPNet (3 layers, 32 dims) with an MPNet tokenizer over MiniLM's vocabulary (MPNet's special
+    tokens first, as all-mpnet-base-v2 has them), saved as a local checkpoint."""
+    import torch
+    from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
+
+    from memvq.encoders.embedded import default_model_path
+
+    words = (Path(default_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", *(w for w in words if w not in ("[PAD]", "[CLS]", "[SEP]", "[MASK]"))]
+    vocab.append("<mask>")
+    path = tmp_path_factory.mktemp("tiny-mpnet")
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64
+    )
+    MPNetModel(config, add_pooling_layer=False).save_pretrained(path)
+    MPNetTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def mini_corpus(shared_data, tmp_path_factory) -> Path:
     """The first 40 pages of the shared KILT mini corpus (the Nobel physics page is the first)."""
     path = tmp_path_factory.mktemp("corpus") / "mini.jsonl"
