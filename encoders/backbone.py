@@ -34,7 +34,7 @@ from transformers import (
 )
 from transformers.masking_utils import create_bidirectional_mask
 
-from memvq.encoders.config import LUMEN_ALPHA
+from memvq.encoders.config import LUMEN_ALPHA, memory_layer_count
 from memvq.encoders.embedded import resolve_model_path
 
 # model_type (from config.json) -> (family, encoder class)
@@ -66,19 +66,6 @@ def layer_index(key: str) -> int | None:
     """The encoder layer a backbone state_dict key belongs to (None: embeddings, final norm, ...)."""
     match = _LAYER_KEY.match(key)
     return None if match is None else int(match.group(1))
-
-
-def memory_layer_count(num_layers: int, alpha: float) -> int:
-    """Number of memory layers for a live fraction `alpha` (LUMEN: live = round(alpha * layers)); the one split
-    of a backbone, with its inverse `live_fraction`."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return num_layers - round(alpha * num_layers)
-
-
-def live_fraction(num_layers: int, memory_layers: int) -> float:
-    """The live fraction of a backbone split after `memory_layers` of `num_layers` (`memory_layer_count`'s inverse)."""
-    return (num_layers - memory_layers) / num_layers
 
 
 class _LayerStack(ABC):
@@ -343,7 +330,7 @@ class Backbone(nn.Module):
         last = self.run_live(memory, attention_mask)
         return memory, mean_pool(last, attention_mask)
 
-    def embed_texts(self, texts: list[str], max_length: int = 128) -> torch.Tensor:
+    def embed_texts(self, texts: list[str], max_length: int) -> torch.Tensor:
         """Dense retrieval embeddings 'b d' of plain texts (questions)."""
         batch = self.tokenize_questions(texts, max_length).to(self.device)
         return self.encode_with_embedding(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))[1]

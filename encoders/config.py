@@ -1,6 +1,6 @@
 """The reader's settings: mode, live fraction, passage counts, token budgets, answer head, decoding, loss weights.
 
-`ReaderConfig` is saved with every reader (reader.json) and read back by `Reader.load`; the per-query knobs a
+`ReaderConfig` is saved with every reader (reader.json) and read back by `reader_io.load_reader`; the per-query knobs a
 caller may override (`encoders.options.QueryOptions`) take their defaults from it.
 """
 
@@ -20,12 +20,29 @@ LUMEN_ALPHA = 1 / 3
 DEFAULT_ALPHA: dict[str, float] = {"fid": 1.0, "lumen": LUMEN_ALPHA, "glimmer": LUMEN_ALPHA, "memory": 0.0}
 
 
+def memory_layer_count(num_layers: int, alpha: float) -> int:
+    """Number of memory layers for a live fraction `alpha` (LUMEN: live = round(alpha * layers)); the one split
+    of a backbone, with its inverse `live_fraction`."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return num_layers - round(alpha * num_layers)
+
+
+def live_fraction(num_layers: int, memory_layers: int) -> float:
+    """The live fraction of a backbone split after `memory_layers` of `num_layers` (`memory_layer_count`'s inverse)."""
+    return (num_layers - memory_layers) / num_layers
+
+
 class ReaderConfig(BaseModel):
     """How the reader reads: mode, live fraction, passage counts, token budgets, answer head, decoding, losses."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Mode = "lumen"
+    mode: Mode = Field(
+        default="lumen",
+        description="glimmer (rerank the K passages, read the best), lumen (read all K), fid (passage text, every "
+        "layer live) or memory (no live layer)",
+    )
     alpha: float | None = Field(default=None, ge=0.0, le=1.0, description="live fraction; None: the mode's default")
     top_k: int = Field(
         default=20,

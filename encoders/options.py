@@ -20,7 +20,7 @@ class QueryOptions(BaseModel):
     top_k: int | None = Field(default=None, ge=1, description="K: passages retrieved per question")
     rerank_k: int | None = Field(default=None, ge=1, description="glimmer: passages kept after reranking")
     max_answer_tokens: int | None = Field(default=None, ge=1, description="answer length limit")
-    num_beams: int | None = Field(default=None, ge=1, description="beam size (1: greedy)")
+    num_beams: int | None = Field(default=None, ge=1, description="generate head: beam size (1: greedy)")
 
     def resolved(self, config: ReaderConfig) -> QueryOptions:
         """Every knob set: the ones left None from `config`; the default rerank_k is cut to top_k.

@@ -34,8 +34,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from memvq.encoders.backbone import Backbone, layer_index, memory_layer_count
-from memvq.encoders.config import ReaderConfig
+from memvq.encoders.backbone import Backbone, layer_index
+from memvq.encoders.config import ReaderConfig, memory_layer_count
 from memvq.encoders.decoder import FiDDecoder
 from memvq.encoders.inputs import ReaderInputs
 from memvq.encoders.options import QueryOptions
@@ -100,7 +100,7 @@ class ReaderOutput:
 
 
 class Reader(nn.Module):
-    """Backbone + (glimmer) reranker + FiD decoder, reading K retrieved passages per question."""
+    """Backbone + (glimmer) reranker + answer head (span head or FiD decoder), reading K passages per question."""
 
     def __init__(
         self,
@@ -334,15 +334,6 @@ class Reader(nn.Module):
                 rearrange(ids, "b k n -> (b k) n"),
             )
             return rearrange(out.log_likelihood, "(b k) -> b k", b=batch)
-
-    @torch.no_grad()
-    def distillation_target(
-        self, questions: list[str], answers: Sequence[Sequence[str]], inputs: ReaderInputs
-    ) -> torch.Tensor:
-        """The perplexity-distillation target 'b K' (rows sum to 1) over the K passages read."""
-        encoded = self.encode(questions, inputs)
-        ll = self._passage_log_likelihood(encoded, answers)
-        return perplexity_distillation_target(ll, self.config.distill_temperature)
 
     def _answer_loss(
         self,

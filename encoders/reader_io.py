@@ -1,10 +1,10 @@
 """A saved reader on disk: writing and reading it, apart from the reader's model code (:mod:`memvq.encoders.reader`).
 
-    READER_DIR/reader.json   its memvq-reader header (:mod:`memory.artifact`): the ReaderConfig, the backbone it
+    READER_DIR/reader.json   its memvq-reader header (:mod:`memvq.memory.artifact`): the ReaderConfig, the backbone it
                              was trained on (type, depth, width, memory split, portable model path), the dtype, the
                              precision it was trained in, and the size and sha256 of reader.pt
     READER_DIR/reader.pt     the trained tensors (`Reader.trained_state`), keyed by part: live.*, memory.*
-                             (`train_memory_layers`), reranker.*, decoder.*, copy.*
+                             (`train_memory_layers`), reranker.*, and span.* (extract head) or decoder.*, copy.*
 
 `save_reader` and `load_reader` write and read one (`read_reader`: its checked header); `load_trained_state` puts
 trained tensors (a file's, or a training checkpoint's) into a reader; `load_memory_layers` takes only the

@@ -12,7 +12,7 @@ On disk a saved index is a directory with three files, each written atomically (
 
 - ``index.faiss`` -- the FAISS index, always written as a CPU index;
 - ``ids.npy``     -- int64 row ids, ``ids[i]`` = passage row of FAISS position ``i`` (mmapped on load);
-- ``index.json``  -- its ``memvq-index`` header (:mod:`memory.artifact`): the :class:`IndexConfig`, the other two
+- ``index.json``  -- its ``memvq-index`` header (:mod:`memvq.memory.artifact`): the :class:`IndexConfig`, the other two
   files' sizes and sha256, ``dim``, ``ntotal`` and the faiss version.
 """
 

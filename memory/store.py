@@ -20,8 +20,8 @@ Passages are addressed by their global row id (0 .. num_passages - 1), the id th
 `get` reads only the rows asked for through memory maps, so it stays fast when the store exceeds RAM.
 
 Opening a store verifies it (unless `verify=False`): the manifest's own checksum, every file's size and sha256
-(remembered per file in `memory.integrity.VerifiedFiles`, so a second open hashes only files that changed), and the
-manifest's derived fields (row starts, passage and token counts, code width) against the shard files. `watch`
+(remembered per file in `memvq.memory.integrity.VerifiedFiles`, so a second open hashes only files that changed),
+and the manifest's derived fields (row starts, passage and token counts, code width) against the shard files. `watch`
 then tells a long-running reader (the server) when a file changes under it. A file that cannot be read is a
 `StoreReadError` naming it, never a library's traceback.
 """
@@ -49,7 +49,7 @@ from memvq.memory.artifact import (
     read_artifact,
     sha256_file,
 )
-from memvq.memory.codecs import MemoryCodec, load_codec
+from memvq.memory.codecs import CODEC_FILE, MemoryCodec, load_codec
 from memvq.memory.index import PassageIndex
 from memvq.memory.integrity import FileWatch, VerifiedFiles
 from memvq.memory.location import is_uri
@@ -97,6 +97,11 @@ class StoreLayout:
     def codec_source(self) -> Path:
         """Where the build took its codec from (shipped, given with --codec-from, or fitted on the corpus)."""
         return self.codec_dir / "source.json"
+
+    @property
+    def codec_file(self) -> Path:
+        """The codec's header, written last: the codec directory is complete iff it exists."""
+        return self.codec_dir / CODEC_FILE
 
     @property
     def index_dir(self) -> Path:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 from pydantic import BaseModel
 
 from memvq.encoders.config import ReaderConfig
+from memvq.encoders.hardware import Precision
 from memvq.encoders.options import QueryOptions
 from memvq.pipelines.config import BuildConfig, EncoderConfig, LoadOptions, OptimConfig, TrainConfig
 from memvq.pipelines.evaluate import EvalSettings
@@ -25,7 +26,6 @@ from memvq.serve.settings import ServeSettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="memvq: compressed retrieval-augmented memory.")
 
-PrecisionName = Literal["auto", "fp32", "bf16"]
 THE_CONFIGS = "default: the config's"
 THE_READERS = "default: the reader's"
 
@@ -66,7 +66,7 @@ def build_index_command(
     format: str | None = setting(BuildConfig, "format", "--format", default=None, note=THE_CONFIGS),
     workers: int | None = setting(BuildConfig, "num_workers", "--workers", default=None, note=THE_CONFIGS),
     memory_from: str | None = setting(EncoderConfig, "memory_from", default=None, note="TRAIN_RUN/reader"),
-    precision: PrecisionName | None = setting(EncoderConfig, "precision", default=None, note=THE_CONFIGS),
+    precision: Precision | None = setting(EncoderConfig, "precision", default=None, note=THE_CONFIGS),
     ray_address: Annotated[
         str | None,
         typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray the build starts and stops"),
@@ -144,7 +144,7 @@ def train_command(
     steps: int | None = setting(OptimConfig, "steps", default=None, note=THE_CONFIGS),
     max_minutes: float | None = setting(TrainConfig, "max_minutes", default=None, note=THE_CONFIGS),
     device: str | None = setting(TrainConfig, "device", default=None, note=THE_CONFIGS),
-    precision: PrecisionName | None = setting(TrainConfig, "precision", default=None, note=THE_CONFIGS),
+    precision: Precision | None = setting(TrainConfig, "precision", default=None, note=THE_CONFIGS),
     verify: bool = setting(LoadOptions, "verify"),
 ) -> None:
     """Fine-tune a reader (live layers, reranker, answer head) over a store's memory (resumable)."""
@@ -211,7 +211,7 @@ def query_command(
     max_answer_tokens: int | None = setting(QueryOptions, "max_answer_tokens", note=THE_READERS),
     num_beams: int | None = setting(QueryOptions, "num_beams", note=THE_READERS),
     device: str = setting(LoadOptions, "device"),
-    precision: PrecisionName = setting(LoadOptions, "precision"),
+    precision: Precision = setting(LoadOptions, "precision"),
     verify: bool = setting(LoadOptions, "verify"),
 ) -> None:
     """Answer one question from the memory: the answer, the passages read and the time per stage."""
@@ -277,7 +277,7 @@ def eval_command(
         ),
     ] = None,
     device: str = setting(LoadOptions, "device"),
-    precision: PrecisionName = setting(LoadOptions, "precision"),
+    precision: Precision = setting(LoadOptions, "precision"),
     verify: bool = setting(LoadOptions, "verify"),
     batch_size: int = setting(EvalSettings, "batch_size"),
     top_k: int | None = setting(QueryOptions, "top_k", note=THE_READERS),
@@ -334,7 +334,7 @@ def serve_command(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8000,
     device: str = setting(LoadOptions, "device"),
-    precision: PrecisionName = setting(LoadOptions, "precision"),
+    precision: Precision = setting(LoadOptions, "precision"),
     verify: bool = setting(LoadOptions, "verify"),
     max_batch_size: int = setting(ServeSettings, "max_batch_size"),
     max_wait_ms: float = setting(ServeSettings, "max_wait_ms"),

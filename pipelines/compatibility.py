@@ -4,8 +4,7 @@ and the memory layers that made it (`check_compatible`); and the split a reader 
 
 from __future__ import annotations
 
-from memvq.encoders.backbone import live_fraction, memory_layer_count
-from memvq.encoders.config import ReaderConfig
+from memvq.encoders.config import ReaderConfig, live_fraction, memory_layer_count
 from memvq.encoders.reader import Reader
 from memvq.memory.store import MemoryStore
 

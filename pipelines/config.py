@@ -148,7 +148,7 @@ class TrainConfig(FileConfig):
     precision: Precision = Field(
         "auto", description=f"{PRECISION_HELP}. A run records what auto resolved to and resumes only with it"
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (the GPU when there is one), cpu, cuda")
     seed: int = 0
     finetune_codec: bool = Field(
         False,

@@ -4,9 +4,9 @@ It owns running a pipeline over KILT-format question files (batched, with a prog
 prediction files (ours or anyone's) against gold, and the report: ``report.json`` and ``report.md`` with the
 metrics, queries/s and time per stage of each task, and the settings, model and store it ran with. The metrics
 themselves are :func:`memvq.data.kilt.metrics.score_all`; reading and validating KILT records is
-:mod:`data.kilt.records`.
+:mod:`memvq.data.kilt.records`.
 
-Layout of an eval directory (``task``: :func:`data.kilt.records.task_of` of the data file, or its stem)::
+Layout of an eval directory (``task``: :func:`memvq.data.kilt.records.task_of` of the data file, or its stem)::
 
     OUT/eval_config.json            what decides the predictions (store, model, decoding); a resume must match it
     OUT/{task}-predictions.jsonl    KILT predictions, appended and flushed per batch
@@ -50,7 +50,7 @@ from memvq.data.kilt.records import (
     task_names,
 )
 from memvq.encoders.options import QueryOptions
-from memvq.memory.artifact import MANIFEST_NAME, atomic_write, sha256_file
+from memvq.memory.artifact import atomic_write, sha256_file
 from memvq.pipelines.config import LoadOptions
 from memvq.pipelines.eval_report import bad_summary, jsonable, make_report, write_report
 from memvq.pipelines.resume import check_or_record
@@ -99,6 +99,8 @@ class EvalSettings(BaseModel):
             raise ValueError(f"rank_keys must be non-empty field names, got {list(keys)}")
         return keys
 
+
+_DEFAULTS = EvalSettings()  # the scoring functions' defaults are the settings'
 
 # ----------------------------------------------------------------------------------------------
 # predicting
@@ -210,8 +212,8 @@ def predict_task(
 def score_records(
     gold: Sequence[Mapping[str, Any]],
     guess: Sequence[Mapping[str, Any]],
-    ks: Sequence[int] = (1, 5),
-    rank_keys: Sequence[str] = ("wikipedia_id",),
+    ks: Sequence[int] = _DEFAULTS.ks,
+    rank_keys: Sequence[str] = _DEFAULTS.rank_keys,
 ) -> dict[str, Any]:
     """:func:`kilt_metrics.score_all` over the gold records that have an answer.
 
@@ -236,8 +238,8 @@ def score_records(
 def score_predictions(
     gold_file: str | Path,
     predictions_file: str | Path,
-    ks: Sequence[int] = (1, 5),
-    rank_keys: Sequence[str] = ("wikipedia_id",),
+    ks: Sequence[int] = _DEFAULTS.ks,
+    rank_keys: Sequence[str] = _DEFAULTS.rank_keys,
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Score a KILT prediction file against a gold file (``limit``: its first N records) without any model.
@@ -383,7 +385,7 @@ def store_summary(store: MemoryStore) -> dict[str, Any]:
     codec_config = codec.pop("config", {}) or {}
     return {
         "path": str(store.layout.root),
-        "manifest_sha256": sha256_file(store.layout.root / MANIFEST_NAME),
+        "manifest_sha256": sha256_file(store.layout.manifest),
         "format": manifest.get("format"),
         "version": manifest.get("version"),
         "num_documents": manifest.get("num_documents"),

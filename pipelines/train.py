@@ -10,7 +10,7 @@ clipping; the answer head's loss + GLIMMER perplexity distillation) with an
 quantized by the store's codebooks, trained by EMA alongside the reader; the codec is saved for a rebuild. With
 the reader's `train_memory_layers` the memory is recomputed too, and the memory layers train with the rest; the
 store is then rebuilt with them (`build-index --memory-from OUT/reader`). With `init_from` the reader starts from a
-saved one's tensors where they fit (`Reader.warm_start`).
+saved one's tensors where they fit (`reader_io.warm_start`).
 
     OUT/config.json                the TrainConfig and store (a resume with another one is refused)
     OUT/data/{task}-dev.jsonl      held-out questions (KILT format: `memvq eval --data` reads them)
@@ -142,7 +142,7 @@ def dev_scores(
     examples: Sequence[QAExample],
     rows: np.ndarray,
     scores: np.ndarray,
-    batch_size: int = 16,
+    batch_size: int,
 ) -> dict[str, float]:
     """EM and F1 (KILT normalisation) of the reader on held-out questions, with their cached retrieval
     (rows and scores 'n k': glimmer ranks passages with the retrieval scores as at query time)."""
@@ -246,7 +246,7 @@ class Trainer:
         return [self.batch((self.step * optim.grad_accum + m) * optim.batch_size) for m in range(optim.grad_accum)]
 
     def loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """The reader's losses on a batch ('loss', the one minimised: generation + GLIMMER distillation)."""
+        """The reader's losses on a batch ('loss', the one minimised: the answer head's + GLIMMER distillation)."""
         with autocast(self.device, self.precision):  # recomputed or decoded memory too
             inputs = self.pipeline.inputs(self.store, self.reader, batch.rows)
             return self.reader.loss(batch.questions, batch.answers, replace(inputs, retrieval_scores=batch.scores))

@@ -218,3 +218,31 @@ def minilm_store(mini_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stores") / "minilm"
     build_index(mini_corpus, out, config)
     return out
+
+
+def gold_to_guess(record: dict) -> dict:
+    """A perfect guess built from a gold record: its first answer and first non-empty evidence set.
+
+    The answer is omitted when the gold record has none (e.g. an ELI5 record with only provenance) and
+    the provenance is empty when it has no provenance. The oracle the metric tests score.
+    """
+    output: dict = {}
+    answers = _gold_answer_list(record)
+    if answers:
+        output["answer"] = answers[0]
+    provenance: list = []
+    for out in record.get("output", []):
+        if out.get("provenance"):
+            provenance = [dict(p) for p in out["provenance"]]
+            break
+    output["provenance"] = provenance
+    guess: dict = {"id": record["id"], "output": [output]}
+    if "input" in record:
+        guess["input"] = record["input"]
+    return guess
+
+
+def _gold_answer_list(record: dict) -> list:
+    from memvq.data.kilt.records import gold_answer_list
+
+    return gold_answer_list(record)

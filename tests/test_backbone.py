@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast, T5Config, T5EncoderModel
 
-from memvq.encoders.backbone import Backbone, UnsupportedModelError, memory_layer_count
+from memvq.encoders.backbone import Backbone, UnsupportedModelError
+from memvq.encoders.config import memory_layer_count
+from memvq.retrieval.retriever import QUESTION_TOKENS
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(95)]]
 
@@ -107,7 +109,7 @@ def test_t5_checkpoint_from_local_path(tmp_path, bert_tokenizer):
     bert_tokenizer.save_pretrained(tmp_path)
     loaded = Backbone.from_pretrained(tmp_path, alpha=1 / 3)
     assert loaded.family == "t5" and loaded.num_layers == 3 and loaded.memory_layers == 2
-    emb = loaded.embed_texts(["w1 w2", "w3"])
+    emb = loaded.embed_texts(["w1 w2", "w3"], QUESTION_TOKENS)
     assert emb.shape == (2, 32)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
 
@@ -126,6 +128,6 @@ def test_minilm_embedding_matches_sentence_transformers():
     texts = ["who got the first nobel prize in physics", "Wilhelm Conrad Röntgen won it in 1901."]
     reference = st.SentenceTransformer(backbone.info.model_path, device="cpu").encode(texts, convert_to_tensor=True)
     with torch.no_grad():
-        ours = backbone.embed_texts(texts)
+        ours = backbone.embed_texts(texts, QUESTION_TOKENS)
     assert torch.allclose(ours, reference, atol=1e-5)
     assert float(ours[0] @ ours[1]) > 0.3

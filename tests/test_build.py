@@ -19,6 +19,7 @@ from memvq.data.ingest.sources import CorpusError
 from memvq.memory.artifact import ManifestError
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.build import build_index
+from memvq.retrieval.retriever import QUESTION_TOKENS
 
 
 def test_report_and_manifest(tiny_store):
@@ -197,7 +198,7 @@ def test_minilm_store_retrieves_gold_pages(shared_data, mini_corpus, minilm_stor
     assert len(questions) >= 20
     backbone = Backbone.from_pretrained()
     with torch.no_grad():
-        queries = backbone.embed_texts([q for q, _ in questions]).numpy()
+        queries = backbone.embed_texts([q for q, _ in questions], QUESTION_TOKENS).numpy()
     _, rows = store.index.search(queries, k=5)
     hits = [bool(gold & {p["doc_id"] for p in store.passages(r)}) for r, (_, gold) in zip(rows, questions, strict=True)]
     assert np.mean(hits) >= 0.7, f"gold page in top-5 for {np.mean(hits):.2f} of {len(hits)} questions"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import gold_to_guess
 from typer.testing import CliRunner
 
 from memvq.cli import app
@@ -121,7 +122,7 @@ def test_resume_predicts_only_what_is_missing(rag, nq_file, tmp_path):
 
 def test_gold_as_guess_scores_exact_match_one(nq_file, tmp_path):
     guess_file = tmp_path / "oracle.jsonl"
-    guesses = [kilt_data.gold_to_guess(r) for r in kilt_data.load_kilt(nq_file)]
+    guesses = [gold_to_guess(r) for r in kilt_data.load_kilt(nq_file)]
     guess_file.write_text("".join(json.dumps(g) + "\n" for g in guesses))
     result = score_predictions(nq_file, guess_file)
     assert result["scored"] == NUM_QUESTIONS

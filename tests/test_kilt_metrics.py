@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import gold_to_guess
 
 from memvq.data.kilt.metrics import (
     evidence_rank,
@@ -28,7 +29,6 @@ from memvq.data.kilt.records import (
     gold_answers,
     gold_provenance_sets,
     gold_titles,
-    gold_to_guess,
     guess_answer,
     guess_provenance_ids,
     load_kilt,

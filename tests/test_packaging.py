@@ -3,6 +3,7 @@ and nothing called `data`, `memory`, ... that would collide in a user's environm
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,14 +14,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_wheel_installs_only_memvq_and_its_data(tmp_path):
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT], check=True)
+    # from a copy of the checkout: an in-tree build directory left by an earlier build would hide missing packages
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "runs", "build", "*.egg-info", "__pycache__"))
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, source], check=True)
     [wheel] = tmp_path.glob("memvq-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"memvq", f"{wheel.name.split('-py3')[0]}.dist-info"}
     for data in ("encoders/weights/minilm-default/reader.pt", "encoders/weights/minilm-codec/vq.pt"):
         assert f"memvq/{data}" in names
     assert "memvq/serve/static/index.html" in names
-    assert "memvq/cli.py" in names and "memvq/memory/store.py" in names
+    folders = {"memvq": "memvq", **{name: f"memvq/{name}" for name in ("data", "memory", "retrieval", "encoders")}}
+    folders["pipelines"] = "memvq/pipelines"
+    modules = {
+        f"{package}/{path.relative_to(ROOT / folder).as_posix()}"
+        for folder, package in folders.items()
+        for path in (ROOT / folder).rglob("*.py")
+    }
+    assert modules - set(names) == set(), "modules of the checkout missing from the wheel"
 
     # a clean environment with the wheel alone (no dependencies: the package face imports them on first use)
     venv = tmp_path / "venv"

@@ -104,6 +104,13 @@ def shared_reader(paths) -> Callable[[str, str], Reader]:
     return get
 
 
+def distillation_target(reader: Reader, inputs: ReaderInputs) -> torch.Tensor:
+    """The perplexity-distillation target 'b K' GLIMMER trains its reranker towards, for QUESTIONS and GOLD."""
+    with torch.no_grad():
+        encoded = reader.encode(QUESTIONS, inputs)
+        return perplexity_distillation_target(reader._passage_log_likelihood(encoded, GOLD))
+
+
 def passage_memory(backbone: Backbone, passages=PASSAGES) -> tuple[torch.Tensor, torch.Tensor]:
     """What the store gives back: memory 'b k l d' float, mask 'b k l' bool (padded across all passages)."""
     flat = [passage for row in passages for passage in row]
@@ -315,7 +322,7 @@ def test_perplexity_distillation_target_and_loss(tiny_bert_path):
     backbone = reader.backbone
     memory, mask = passage_memory(backbone)
     with torch.no_grad():
-        target = reader.distillation_target(QUESTIONS, GOLD, ReaderInputs(memory, mask))
+        target = distillation_target(reader, ReaderInputs(memory, mask))
         assert target.shape == (2, 3) and (target > 0).all()
         assert torch.allclose(target.sum(dim=-1), torch.ones(2), atol=1e-6)
         assert ((target.max(dim=-1).values - target.min(dim=-1).values) > 0.03).all()  # the test has power
@@ -675,7 +682,7 @@ def test_extract_head_answers_with_a_span_of_a_passage_read(paths, family, mode)
 
 def test_extract_distillation_target_weighs_only_passages_holding_the_answer(tiny_bert_path):
     reader = make_reader(tiny_bert_path, "glimmer", ALPHA["glimmer"], head="extract")
-    target = reader.distillation_target(QUESTIONS, GOLD, extract_inputs(reader))
+    target = distillation_target(reader, extract_inputs(reader))
     assert torch.allclose(target.sum(dim=-1), torch.ones(2))
     # "wilhelm rontgen" is only in passage 0 of question 0; "paris" in passages 0 and 1 of question 1
     assert target[0, 0] == pytest.approx(1.0) and target[1, 2] == pytest.approx(0.0, abs=1e-6)

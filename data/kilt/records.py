@@ -470,25 +470,3 @@ def guess_provenance_ids(record: Mapping[str, Any], rank_keys: Sequence[str] = (
     """
     outputs = record.get("output") or [{}]
     return provenance_ids(outputs[0], rank_keys)
-
-
-def gold_to_guess(record: Mapping[str, Any]) -> Record:
-    """A perfect guess built from a gold record: its first answer and first non-empty evidence set.
-
-    The answer is omitted when the gold record has none (e.g. an ELI5 record with only provenance) and
-    the provenance is empty when it has no provenance. Handy as an oracle and in tests.
-    """
-    output: Record = {}
-    answers = gold_answer_list(record)
-    if answers:
-        output["answer"] = answers[0]
-    provenance: list[Any] = []
-    for out in record.get("output", []):
-        if out.get("provenance"):
-            provenance = [dict(p) for p in out["provenance"]]
-            break
-    output["provenance"] = provenance
-    guess: Record = {"id": record["id"], "output": [output]}
-    if "input" in record:
-        guess["input"] = record["input"]
-    return guess

@@ -6,14 +6,14 @@ decodes codes back into vectors with a cheap gather at query time.
 
 Two kinds:
 
-* ``vq``: a VQ-VAE in the MEMORY-VQ sense (:mod:`memory.codecs.vq`): a learned orthogonal rotation, then
+* ``vq``: a VQ-VAE in the MEMORY-VQ sense (:mod:`memvq.memory.codecs.vq`): a learned orthogonal rotation, then
   product (multi-head) vector quantisation with EMA codebooks, k-means init and dead-code reset,
   optionally residual (several levels of product codebooks).
 * ``faiss``: the baseline, a faiss standalone codec built from a factory string such as
-  ``OPQ48,PQ48x8`` (:mod:`memory.codecs.faiss_codec`).
+  ``OPQ48,PQ48x8`` (:mod:`memvq.memory.codecs.faiss_codec`).
 
 On disk a codec is a directory holding ``codec.json`` (its ``memvq-codec`` header, see
-:mod:`memory.artifact`: config, the weights file's size and sha256, code width, dtype and bytes per
+:mod:`memvq.memory.artifact`: config, the weights file's size and sha256, code width, dtype and bytes per
 token) and the weights file. Weights are written first and ``codec.json`` last, each through a
 temporary file and ``os.replace``, so a directory with a readable ``codec.json`` is always complete.
 """

@@ -2,7 +2,7 @@
 
 It owns the app and its lifetime: routes, the settings (batching, limits, API key), the dynamic batcher that
 starts and stops with the app, and which middleware guards it. The wire models live in `schema`, the guards in
-`guards`, the metrics in `metrics` (all in `pipelines.serve`). All state lives on the app (`app.state.server`), so
+`guards`, the metrics in `metrics` (all in `memvq.serve`). All state lives on the app (`app.state.server`), so
 several apps can live in one process (tests do).
 
     POST /v1/answer         {question, top_k?, rerank_k?, max_answer_tokens?, return_passages?}
@@ -84,7 +84,7 @@ class BatchKey(NamedTuple):
 
 
 # How an app batches its questions: (run, settings, observe) -> a batcher. The default is the in-process
-# `DynamicBatcher`; a Ray Serve replica passes Ray Serve's batching (`pipelines.serve.replicas.ServeBatcher`).
+# `DynamicBatcher`; a Ray Serve replica passes Ray Serve's batching (`memvq.serve.replicas.ServeBatcher`).
 MakeBatcher = Callable[[BatchFn[Any], ServeSettings, BatchObserver], Batcher]
 
 

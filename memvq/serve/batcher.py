@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from memvq.serve.settings import ServeSettings
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -61,7 +63,7 @@ class _Pending:
 
 class Batcher(Protocol):
     """What the server needs of a batcher: `DynamicBatcher` in process (`memvq serve`), or Ray Serve's batching on
-    a replica (`pipelines.serve.replicas.ServeBatcher`, `memvq serve --replicas N`)."""
+    a replica (`memvq.serve.replicas.ServeBatcher`, `memvq serve --replicas N`)."""
 
     @property
     def running(self) -> bool: ...
@@ -93,15 +95,18 @@ def notify(observe: BatchObserver | None, key: Hashable, size: int, seconds: flo
             logger.exception("batch observer failed")
 
 
+_DEFAULTS = ServeSettings()  # the defaults of a batcher built by hand (a server passes its own settings)
+
+
 class DynamicBatcher(Generic[T]):
     """Groups `submit`ted questions with equal keys into calls of `run` on one worker thread."""
 
     def __init__(
         self,
         run: BatchFn[T],
-        max_batch_size: int = 16,
-        max_wait_ms: float = 10.0,
-        max_queue: int = 1024,
+        max_batch_size: int = _DEFAULTS.max_batch_size,
+        max_wait_ms: float = _DEFAULTS.max_wait_ms,
+        max_queue: int = _DEFAULTS.max_queue,
         observe: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1:

@@ -1,7 +1,7 @@
 """ASGI middleware that guards the query API around a request: the API key, and the body (its size limit and read
 deadline, then the client's presence while the app works on it).
 
-Both answer with the JSON error body of `pipelines.serve.schema` and never let the app read a body they refuse.
+Both answer with the JSON error body of `memvq.serve.schema` and never let the app read a body they refuse.
 """
 
 from __future__ import annotations

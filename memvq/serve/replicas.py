@@ -279,8 +279,8 @@ def replicas_running(
     model: str | Path,
     *,
     replicas: int,
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: str,
+    port: int,
     ray_address: str | None = None,
     load: LoadOptions | None = None,
     settings: ServeSettings | None = None,
@@ -319,8 +319,8 @@ def serve_replicas(store: str | Path, model: str | Path, **deployment: Any) -> N
     with replicas_running(store, model, **deployment):
         logger.info(
             "serving on http://%s:%d with %d Ray Serve replicas (Ctrl-C to stop)",
-            deployment.get("host", "127.0.0.1"),
-            deployment.get("port", 8000),
+            deployment["host"],
+            deployment["port"],
             deployment["replicas"],
         )
         try:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from memvq.encoders.embedded import shipped_codec
 from memvq.memory.artifact import ManifestError, read_json, write_json
-from memvq.memory.codecs import CODEC_FILE, MemoryCodec, load_codec, make_codec
+from memvq.memory.codecs import MemoryCodec, load_codec, make_codec
 from memvq.memory.store import StoreLayout
 from memvq.pipelines.config import BuildConfig
 from memvq.pipelines.indexing.encode import Encoders, encode_passages
@@ -38,7 +38,7 @@ def train_codec(
     layout: StoreLayout, config: BuildConfig, plan: Plan, encoders: Encoders, codec_from: Path | None = None
 ) -> tuple[MemoryCodec, str]:
     """The build's codec and where it came from (see the module docstring), saved in the store."""
-    if (layout.codec_dir / CODEC_FILE).is_file():
+    if layout.codec_file.is_file():
         return load_codec(layout.codec_dir), read_json(layout.codec_source, "codec source")["source"]
     shipped = shipped_codec_for(config, encoders) if codec_from is None else None
     given = codec_from or shipped

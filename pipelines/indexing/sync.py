@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from memvq.memory.artifact import MANIFEST_NAME, ManifestError, read_json
-from memvq.memory.codecs import CODEC_FILE
 from memvq.memory.index import META_FILE
 from memvq.memory.location import RemoteStore, clear, default_staging, is_uri
 from memvq.memory.store import StoreLayout
@@ -48,7 +47,7 @@ class BuildTarget:
             raise ManifestError(f"{self.remote.uri} exists and is not a memvq build directory; choose an empty --out")
         codec_dir = self._relative(layout.codec_dir)
         records = {self._relative(path) for path in (layout.build_config, layout.corpus_record, layout.plan)}
-        passages = f"{codec_dir}/{CODEC_FILE}" not in names and MANIFEST_NAME not in names
+        passages = self._relative(layout.codec_file) not in names and MANIFEST_NAME not in names
         for name in names:
             wanted = name in records | {MANIFEST_NAME} or name.startswith(f"{codec_dir}/")
             if wanted or (passages and name.endswith(".passages.parquet")):
@@ -78,8 +77,9 @@ class BuildTarget:
             self._publish(*passages, self.layout.plan)
 
     def publish_codec(self) -> None:
-        if self.remote is not None and self._missing(self.layout.codec_dir / CODEC_FILE):
-            self.remote.upload_dir(self.layout.codec_dir, self._relative(self.layout.codec_dir), last=CODEC_FILE)
+        if self.remote is not None and self._missing(self.layout.codec_file):
+            codec_dir = self._relative(self.layout.codec_dir)
+            self.remote.upload_dir(self.layout.codec_dir, codec_dir, last=self.layout.codec_file.name)
 
     def publish_store(self) -> None:
         """The index, then the manifest (last of all: the store is complete); the staging directory emptied."""
