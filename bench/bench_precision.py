@@ -81,18 +81,16 @@ def glimmer_reader(store: MemoryStore) -> Reader:
 def reader_rows(store: MemoryStore, questions: list[str], repeats: int, count: int) -> list[dict[str, Any]]:
     """queries/s of each reader in each precision at batch 1 and 16; every round runs every setting in turn."""
     readers = {"FiD K=3 (default)": load_reader(default_reader_path()), "GLIMMER 1/3, K=10 -> 2": glimmer_reader(store)}
-    retriever = Retriever.for_store(store)
+    retrievers = {precision: Retriever.for_store(store, precision=precision) for precision in PRECISIONS}
     pipelines = {}
     for name, reader in readers.items():
         for precision in PRECISIONS:
-            pipeline = RAGPipeline(store, reader, retriever, precision=precision)
-            retriever.precision = precision
+            pipeline = RAGPipeline(store, reader, retrievers[precision], precision=precision)
             pipeline.answer(questions[:4])  # warm up
             pipelines[(name, precision)] = pipeline
     found: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(repeats):
         for (name, precision), pipeline in pipelines.items():
-            pipeline.retriever.precision = precision
             for batch in (1, 16):
                 n = count if batch == 16 else count // 4
                 start = time.perf_counter()

