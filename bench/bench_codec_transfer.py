@@ -62,7 +62,7 @@ def memory_vectors(store: MemoryStore, backbone: Backbone, rows: list[int], cap:
             [r["title"] for r in records], [r["text"] for r in records], config.encoder.max_passage_tokens
         )
         with autocast(backbone.device, config.encoder.precision):
-            memory = backbone.encode_memory(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            memory = backbone.encode_memory(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         out.append(memory.float()[batch["attention_mask"].bool()])
     vectors = torch.cat(out)
     if len(vectors) > cap:

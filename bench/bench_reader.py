@@ -1,4 +1,5 @@
-"""Reader benchmark on the NQ dev questions and the mini-corpus store, one backbone (MiniLM), one run, as tables.
+"""Reader benchmark on the NQ dev questions and the mini-corpus store, one backbone (the stores'), one run, as
+tables, in one precision (`--precision`, default auto: bf16 on a CPU with native bf16).
 
 1. speed (`--head generate` or `extract`): queries/s at batch 1 and batch 16 of FiD (alpha = 1, passage text
    re-encoded), and of LUMEN and GLIMMER (rerank K -> k) split where each `--store`'s memory was made (one store
@@ -34,6 +35,7 @@ from memvq.data.kilt.metrics import answer_scores, rprecision
 from memvq.data.kilt.records import gold_answer_list, load_kilt, record_input
 from memvq.encoders.backbone import Backbone
 from memvq.encoders.config import ReaderConfig
+from memvq.encoders.hardware import autocast, resolve_precision
 from memvq.encoders.options import QueryOptions
 from memvq.encoders.reader import Reader
 from memvq.encoders.reader_io import load_reader
@@ -86,14 +88,14 @@ def speed_rows(
 ) -> list[dict[str, Any]]:
     """FiD once, then LUMEN and GLIMMER at each store's live fraction, side by side: `args.repeats` rounds over
     every setting in turn, each row the round of median queries/s."""
-    backbone = Backbone.from_pretrained()
+    backbone = Backbone.from_pretrained(stores[0].manifest["backbone"]["model_path"])
     settings = [("fid", stores[0], "1")] + [(m, s, live_fraction(s)) for s in stores for m in MEMORY_MODES]
     pipelines = []
     for mode, store, alpha in settings:
         reader = make_reader(
             backbone, store, mode, args.top_k, args.rerank_k, args.answer_tokens, args.copy_answers, args.head
         )
-        pipeline = RAGPipeline(store, reader, retrievers[store.layout.root])
+        pipeline = RAGPipeline(store, reader, retrievers[store.layout.root], precision=args.precision)
         pipeline.answer(questions[:2])  # warm up
         pipelines.append((mode, alpha, pipeline))
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
@@ -139,7 +141,8 @@ def quality_row(
         rows = [[p.row for p in passages] for passages in hits]
         inputs = pipeline.inputs(pipeline.store, reader, rows)
         prior = torch.tensor([[p.score for p in passages] for passages in hits])
-        out = reader.answer(questions, replace(inputs, retrieval_scores=prior), options)
+        with autocast(reader.device, pipeline.precision):
+            out = reader.answer(questions, replace(inputs, retrieval_scores=prior), options)
         kept = out.kept.tolist()
         for record, answer, order, passages in zip(chunk, out.answers, kept, hits, strict=True):
             answered.append((answer, gold_answer_list(record)))
@@ -180,6 +183,7 @@ def main() -> None:
     parser.add_argument("--rerank-k", type=int, default=3, help="passages GLIMMER keeps (speed and quality)")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument(
         "--head", choices=("generate", "extract"), default="generate", help="speed: the answer head of every mode"
     )
@@ -192,9 +196,10 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging(logging.WARNING)
     torch.manual_seed(0)
+    args.precision = resolve_precision(args.precision, torch.device("cpu"))
 
     stores = [MemoryStore.open(path, verify=False) for path in args.store or [Path("runs/minilm-mini")]]
-    retrievers = {store.layout.root: Retriever.for_store(store) for store in stores}
+    retrievers = {store.layout.root: Retriever.for_store(store, precision=args.precision) for store in stores}
     data = {
         path.stem: [r for r in load_kilt(path) if record_input(r) and gold_answer_list(r)]
         for path in args.data or [NQ_DEV]
@@ -206,7 +211,7 @@ def main() -> None:
         print(
             f"\n## Speed ({args.head} head, K = {args.top_k}, GLIMMER keeps {args.rerank_k}, {args.answer_tokens} "
             f"answer tokens, copying decoder {'on' if args.copy_answers else 'off'}, {torch.get_num_threads()} "
-            f"threads, median of {args.repeats} rounds)\n"
+            f"threads, {args.precision}, median of {args.repeats} rounds)\n"
         )
         print("| mode | alpha | batch | queries/s | vs FiD | " + " | ".join(f"{s} ms/q" for s in STAGES) + " |")
         print("|---|---|---:|---:|---:|" + "---:|" * len(STAGES))
@@ -221,7 +226,7 @@ def main() -> None:
         options = QueryOptions(rerank_k=args.rerank_k)
         data = {name: records[: args.quality_questions] for name, records in data.items()}
         sizes = ", ".join(f"{name} {len(records)}" for name, records in data.items())
-        print(f"\n## Quality (questions: {sizes}; K = {args.top_k}, GLIMMER keeps {args.rerank_k})\n")
+        print(f"\n## Quality (questions: {sizes}; K = {args.top_k}, GLIMMER keeps {args.rerank_k}, {args.precision})\n")
         columns = [f"{name} {metric}" for name in data for metric in ("EM", "F1", "R-precision")]
         print("| reader | alpha | memory | " + " | ".join(columns) + " |")
         print("|---|---|---|" + "---:|" * len(columns))
@@ -245,7 +250,7 @@ def main() -> None:
                 variants.append(("faiss PQ 16x", pq_store, reader_inputs))
             alpha = "1" if reader.config.mode == "fid" else live_fraction(store)
             for name, variant_store, inputs in variants:
-                pipeline = RAGPipeline(variant_store, reader, retriever, inputs=inputs)
+                pipeline = RAGPipeline(variant_store, reader, retriever, inputs=inputs, precision=args.precision)
                 cells = []
                 for data_name, records in data.items():
                     scores = quality_row(pipeline, records, retrieved[store.layout.root][data_name], options)
