@@ -62,9 +62,8 @@ def questions(retriever: Retriever, texts: list[str], precision: Resolved) -> di
 
 def page_scores(store: MemoryStore, records: list[dict[str, Any]], rows: torch.Tensor) -> dict[str, float]:
     """KILT page-level R-precision and recall@k of the passages' rows ranked per question 'q k'."""
-    pages = {}
-    for row in rows.unique().tolist():
-        pages[row] = str(store.passages([row])[0]["doc_id"])
+    unique = rows.unique().tolist()
+    pages = {row: str(record["doc_id"]) for row, record in zip(unique, store.passages(unique), strict=True)}
     found: dict[str, list[float]] = {"R-prec": []} | {f"recall@{k}": [] for k in KS}
     for record, ranked in zip(records, rows.tolist(), strict=True):
         guess = {"id": record["id"], "output": [{"provenance": [{"wikipedia_id": pages[r]} for r in ranked]}]}
