@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 CORPUS ?= ../shared/data/nq_open_oracle/wiki-mini-knowledgesource.jsonl
-STORE ?= runs/minilm-mini
+STORE ?= runs/demo
 READER ?= runs/reader-minilm
 QUESTION ?= who got the first nobel prize in physics
 # torch from pip's configured index; TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build where pip would fetch CUDA.
@@ -20,8 +20,10 @@ $(BIN)/memvq: pyproject.toml
 
 setup: $(BIN)/memvq
 
+# The embedded default reader is FiD over passage text (docs/training.md, "The embedded default reader"): the demo
+# store keeps no memory (--no-memory: passages and the dense index); a memory reader needs a build with memory.
 demo: setup
-	$(BIN)/memvq build-index --corpus $(CORPUS) --out $(STORE) --config configs/build-minilm.toml
+	$(BIN)/memvq build-index --corpus $(CORPUS) --out $(STORE) --config configs/build-minilm.toml --no-memory
 	$(BIN)/memvq query "$(QUESTION)" --store $(STORE)
 
 # Retrain the embedded default reader from its recipe, on the shipped run's 45-minute budget

@@ -12,7 +12,9 @@ tables, in one precision (`--precision`, default auto: bf16 on a CPU with native
 2. quality: EM / F1 (KILT normalisation) and page-level R-precision on each `--data` question file (held-out NQ
    and SQuAD: `memvq split`) of each trained reader given with `--reader MODE=DIR`, read from the store made by
    its memory layers, with the memory uncompressed (the memory layers re-run on the passage text), VQ 16x (the
-   store) and, with `--pq-store`, faiss PQ 16x.
+   store), with `--codec-32x` VQ 32x (`bench_store_codec.half_width_32x` of the store's codec config, fitted here
+   on the reader's memory of the store's codec sample as a build fits one, applied to the re-run memory) and, with
+   `--pq-store`, faiss PQ 16x.
 
     python -m bench.bench_reader --store runs/minilm-mini --store runs/minilm-mini-a23 --head extract \\
         --reader glimmer=runs/reader-glimmer/reader --data runs/splits/nq-dev.jsonl \\
@@ -26,11 +28,14 @@ import logging
 import time
 from dataclasses import replace
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.bench_codec_transfer import memory_vectors
+from bench.bench_store_codec import half_width_32x
 from memvq.data.kilt.metrics import answer_scores, rprecision
 from memvq.data.kilt.records import gold_answer_list, load_kilt, record_input
 from memvq.encoders.backbone import Backbone
@@ -39,8 +44,11 @@ from memvq.encoders.hardware import autocast, resolve_precision
 from memvq.encoders.options import QueryOptions
 from memvq.encoders.reader import Reader
 from memvq.encoders.reader_io import load_reader
+from memvq.memory.codecs import MemoryCodec, make_codec
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.compatibility import IncompatibleModelError, check_compatible, split_for_store
+from memvq.pipelines.config import BuildConfig
+from memvq.pipelines.indexing.codec import codec_sample_rows
 from memvq.pipelines.logs import configure_logging
 from memvq.pipelines.rag import RAGPipeline, reader_inputs, recomputed_inputs
 from memvq.pipelines.timing import QUERY_STAGES as STAGES
@@ -152,6 +160,16 @@ def quality_row(
     return {"em": 100 * scores["em"], "f1": 100 * scores["f1"], "r_precision": 100 * rprec / len(records)}
 
 
+def fit_32x(store: MemoryStore, reader: Reader) -> MemoryCodec:
+    """A 32x codec of the store's codec config at half width, fitted on the reader's memory of the passages the
+    store's codec was fitted on (as many vectors as the build took)."""
+    config = BuildConfig.model_validate(store.manifest["config"])
+    rows = codec_sample_rows(config, store.num_passages).tolist()
+    with torch.inference_mode():
+        vectors = memory_vectors(store, reader.backbone, rows, config.codec_train_vectors, config.seed)
+    return make_codec(half_width_32x(store.codec.config)).fit(vectors)
+
+
 def store_for(reader: Reader, stores: list[MemoryStore]) -> MemoryStore:
     """The first store holding the memory `reader` reads (`check_compatible`: made by as many memory layers, and
     by its own when it fine-tuned them; fid reads passage text, so any)."""
@@ -172,6 +190,7 @@ def main() -> None:
         "--store", type=Path, action="append", default=[], help="a store per live fraction (default runs/minilm-mini)"
     )
     parser.add_argument("--pq-store", type=Path, default=None, help="the first store's corpus with a faiss PQ codec")
+    parser.add_argument("--codec-32x", action="store_true", help="quality: also the memory at 32x (fitted here)")
     parser.add_argument("--reader", action="append", default=[], help="MODE=DIR of a trained reader (repeatable)")
     parser.add_argument(
         "--data", type=Path, action="append", default=[], help="KILT questions held out from training (repeatable)"
@@ -245,9 +264,14 @@ def main() -> None:
             variants = [("uncompressed", store, recomputed_inputs), ("VQ 16x", store, reader_inputs)]
             if reader.config.mode == "fid":  # no memory: the passage text itself
                 variants = [("none (passage text)", store, reader_inputs)]
-            elif pq_store is not None:
-                check_compatible(pq_store, reader)
-                variants.append(("faiss PQ 16x", pq_store, reader_inputs))
+            else:
+                if args.codec_32x:
+                    codec = fit_32x(store, reader)
+                    quantize = partial(recomputed_inputs, quantize=lambda x, c=codec: c.decode(c.encode(x)))
+                    variants.append(("VQ 32x (fitted here)", store, quantize))
+                if pq_store is not None:
+                    check_compatible(pq_store, reader)
+                    variants.append(("faiss PQ 16x", pq_store, reader_inputs))
             alpha = "1" if reader.config.mode == "fid" else live_fraction(store)
             for name, variant_store, inputs in variants:
                 pipeline = RAGPipeline(variant_store, reader, retriever, inputs=inputs, precision=args.precision)

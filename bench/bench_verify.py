@@ -22,7 +22,7 @@ from pathlib import Path
 
 from memvq.memory.artifact import CHECKSUM_KEY, header_checksum
 from memvq.memory.integrity import CACHE_ENV
-from memvq.memory.store import SHARD_SUFFIXES, MemoryStore
+from memvq.memory.store import MemoryStore, shard_suffixes
 
 
 def grown_copy(store: Path, out: Path, gigabytes: float) -> Path:
@@ -30,14 +30,16 @@ def grown_copy(store: Path, out: Path, gigabytes: float) -> Path:
     manifest = json.loads((store / "manifest.json").read_text())
     size = sum(record["bytes"] for name, record in manifest["files"].items() if name.startswith("shards/"))
     repeats = max(1, math.ceil(gigabytes * 1e9 / size))
-    shutil.copytree(store / "codec", out / "codec")
+    memory = manifest["codec"] is not None
+    if memory:
+        shutil.copytree(store / "codec", out / "codec")
     shutil.copytree(store / "index", out / "index")
     (out / "shards").mkdir()
     shards, files, row = [], {k: v for k, v in manifest["files"].items() if not k.startswith("shards/")}, 0
     for copy in range(repeats):
         for entry in manifest["shards"]:
             number = copy * len(manifest["shards"]) + entry["shard"]
-            for suffix in SHARD_SUFFIXES:
+            for suffix in shard_suffixes(memory):
                 name = f"shards/shard-{number:05d}.{suffix}"
                 shutil.copyfile(store / f"shards/shard-{entry['shard']:05d}.{suffix}", out / name)
                 files[name] = manifest["files"][f"shards/shard-{entry['shard']:05d}.{suffix}"]

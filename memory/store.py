@@ -1,4 +1,6 @@
 """The memory store: sharded, memory-mapped per-token codes with per-passage offsets, passage metadata in parquet.
+A store built without memory (`BuildConfig.memory` false: for fid readers, which read passage text) has no codec
+and no codes or offsets; `has_memory` says which, and asking it for memory is a `NoMemoryError`.
 
 Layout of a store directory::
 
@@ -7,12 +9,12 @@ Layout of a store directory::
                                         the build report and the size and sha256 of every file below
     build_config.json, corpus.json      the build's config and corpus record (what a resume must match)
     plan.json                           the build's plan: documents, passages, shard sizes
-    codec/                              the codec that made the codes (load with memory.codecs.load_codec) and
-                                        source.json, where the build took it from
+    codec/                              (memory) the codec that made the codes (load with
+                                        memory.codecs.load_codec) and source.json, where the build took it from
     index/                              the FAISS passage index (memory.index.PassageIndex)
     shards/shard-00000.passages.parquet passage rows [start, start + n) with their text and KILT provenance
-    shards/shard-00000.codes.npy        'tokens m' uint8/uint16 codes of every token of those passages
-    shards/shard-00000.offsets.npy      'n+1' int64: passage i's tokens are codes[offsets[i]:offsets[i+1]]
+    shards/shard-00000.codes.npy        (memory) 'tokens m' uint8/uint16 codes of every token of those passages
+    shards/shard-00000.offsets.npy      (memory) 'n+1' int64: passage i's tokens are codes[offsets[i]:offsets[i+1]]
     shards/shard-00000.emb.npy          'n d' float16 dense passage embeddings (the index's input)
     shards/shard-00000.done.json        the shard's done marker: its counts and the sha256 of its files
 
@@ -55,13 +57,22 @@ from memvq.memory.integrity import FileWatch, VerifiedFiles
 from memvq.memory.location import is_uri
 
 STORE_FORMAT = ArtifactFormat("memvq-store", 2, remake="rebuild it with `memvq build-index`")
-SHARD_SUFFIXES = ("passages.parquet", "codes.npy", "offsets.npy", "emb.npy")
+MEMORY_SUFFIXES = ("codes.npy", "offsets.npy")  # the shard files of a store with memory only
 # what reading a damaged file raises from numpy, pyarrow and faiss
 _READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, pa.ArrowException)
 
 
 class StoreReadError(ArtifactError):
     """A store file could not be read or does not agree with the manifest."""
+
+
+class NoMemoryError(ValueError):
+    """The store was built without memory (`BuildConfig.memory` false) and something asked it for memory."""
+
+
+def shard_suffixes(memory: bool) -> tuple[str, ...]:
+    """The files of a shard besides its done marker, the passages first: with `memory`, its codes and offsets."""
+    return ("passages.parquet", *(MEMORY_SUFFIXES if memory else ()), "emb.npy")
 
 
 @dataclass(frozen=True)
@@ -185,19 +196,10 @@ class MemoryStore:
                     f"hold {row} passages; {STORE_FORMAT.remake}"
                 )
             row += passages
-            offsets_path = self.layout.shard_file(shard, "offsets.npy")
-            offsets = self._read(offsets_path, lambda path: np.load(path, mmap_mode="r"))
-            codes = self._read(self.layout.shard_file(shard, "codes.npy"), lambda path: np.load(path, mmap_mode="r"))
             emb = self._read(self.layout.shard_file(shard, "emb.npy"), lambda path: np.load(path, mmap_mode="r"))
             parquet = self.layout.shard_file(shard, "passages.parquet")
             rows = self._read(parquet, lambda path: pq.ParquetFile(path).metadata.num_rows)
-            problems = []
-            if offsets.shape != (passages + 1,) or int(offsets[0]) != 0 or int(offsets[-1]) != tokens:
-                problems.append(f"{offsets_path.name} does not hold {passages} passages of {tokens} tokens")
-            elif np.any(np.diff(offsets) < 0):
-                problems.append(f"{offsets_path.name} is not increasing")
-            if codes.shape != (tokens, self.code_width):
-                problems.append(f"codes {codes.shape}, expected ({tokens}, {self.code_width})")
+            problems = self._memory_problems(shard, passages, tokens) if self.has_memory else []
             if emb.shape[0] != passages:
                 problems.append(f"{emb.shape[0]} embeddings, expected {passages}")
             if rows != passages:
@@ -213,6 +215,20 @@ class MemoryStore:
                 f"says {self.num_passages} and {self.num_tokens}"
             )
 
+    def _memory_problems(self, shard: int, passages: int, tokens: int) -> list[str]:
+        """How a shard's offsets and codes disagree with its counts (none: an empty list)."""
+        offsets_path = self.layout.shard_file(shard, "offsets.npy")
+        offsets = self._read(offsets_path, lambda path: np.load(path, mmap_mode="r"))
+        codes = self._read(self.layout.shard_file(shard, "codes.npy"), lambda path: np.load(path, mmap_mode="r"))
+        problems = []
+        if offsets.shape != (passages + 1,) or int(offsets[0]) != 0 or int(offsets[-1]) != tokens:
+            problems.append(f"{offsets_path.name} does not hold {passages} passages of {tokens} tokens")
+        elif np.any(np.diff(offsets) < 0):
+            problems.append(f"{offsets_path.name} is not increasing")
+        if codes.shape != (tokens, self.code_width):
+            problems.append(f"codes {codes.shape}, expected ({tokens}, {self.code_width})")
+        return problems
+
     @staticmethod
     def _read(path: Path, read: Any) -> Any:
         """`read(path)`, with what a damaged file raises turned into a StoreReadError naming the file."""
@@ -224,11 +240,27 @@ class MemoryStore:
             ) from error
 
     @property
+    def has_memory(self) -> bool:
+        """Whether the store holds per-token memory (codes and their codec); without it, passages and the dense
+        index only (`BuildConfig.memory` false: what a fid reader reads)."""
+        return self.manifest.get("codec") is not None
+
+    def _require_memory(self) -> None:
+        if not self.has_memory:
+            raise NoMemoryError(
+                f"the store {self.layout.root} was built without memory (memory = false): it holds passages and "
+                "the dense index, what a fid reader reads; a reader of memory (lumen, glimmer) needs a store "
+                "built with memory (build-index --memory)"
+            )
+
+    @property
     def code_width(self) -> int:
+        self._require_memory()
         return int(self.manifest["codec"]["code_width"])
 
     @cached_property
     def codec(self) -> MemoryCodec:
+        self._require_memory()
         return load_codec(self.layout.codec_dir)
 
     @cached_property
@@ -260,6 +292,7 @@ class MemoryStore:
 
     def get(self, rows: Any, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Codes of passages: rows 'b' -> (codes 'b l m' zero-padded, mask 'b l' bool); l = longest passage."""
+        self._require_memory()
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         shards = self._locate(rows)
         pieces = []

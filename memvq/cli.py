@@ -65,6 +65,7 @@ def build_index_command(
     model: str | None = setting(EncoderConfig, "model", default=None, note=THE_CONFIGS),
     format: str | None = setting(BuildConfig, "format", "--format", default=None, note=THE_CONFIGS),
     workers: int | None = setting(BuildConfig, "num_workers", "--workers", default=None, note=THE_CONFIGS),
+    memory: bool | None = setting(BuildConfig, "memory", "--memory/--no-memory", default=None, note=THE_CONFIGS),
     memory_from: str | None = setting(EncoderConfig, "memory_from", default=None, note="TRAIN_RUN/reader"),
     precision: Precision | None = setting(EncoderConfig, "precision", default=None, note=THE_CONFIGS),
     ray_address: Annotated[
@@ -90,7 +91,7 @@ def build_index_command(
     from memvq.pipelines.build import build_index
 
     encoder = {"model": model, "memory_from": memory_from, "precision": precision}
-    overrides = {"format": format, "num_workers": workers, "encoder": encoder}
+    overrides = {"format": format, "num_workers": workers, "memory": memory, "encoder": encoder}
     try:
         build_config = BuildConfig.from_file(config, overrides)
         target = out if is_uri(out) else Path(out)
@@ -112,9 +113,15 @@ def _build_rows(report: Any) -> list[tuple[str, str]]:
         ("words cut (max_passage_chars)", f"{report.split_words:,}"),
         ("tokens", f"{report.tokens:,}"),
         ("shards", f"{report.shards:,}"),
-        ("bytes / token", f"{report.bytes_per_token}"),
-        ("compression vs bf16", f"{report.compression_vs_bf16:.1f}x"),
-        ("codes on disk", f"{report.codes_bytes / 2**20:.1f} MiB"),
+        *(
+            [
+                ("bytes / token", f"{report.bytes_per_token}"),
+                ("compression vs bf16", f"{report.compression_vs_bf16:.1f}x"),
+                ("codes on disk", f"{report.codes_bytes / 2**20:.1f} MiB"),
+            ]
+            if report.compression_vs_bf16 is not None
+            else [("memory", "none (passages and the dense index: for fid readers)")]
+        ),
         *((f"time: {stage}", f"{sec:.1f} s") for stage, sec in report.seconds.items()),
         ("throughput", f"{report.passages_per_second:.1f} passages/s"),
         ("encode throughput", f"{report.encode_passages_per_second:.1f} passages/s"),

@@ -3,7 +3,8 @@
 `build_index` runs the steps of `memvq.pipelines.indexing`, ColBERT-style, each resumable:
 
 1. plan      the corpus recorded and cut into passage shards (`indexing.plan`)
-2. codec     the codec: shipped, given or fitted on a passage sample (`indexing.codec`)
+2. codec     the codec: shipped, given or fitted on a passage sample (`indexing.codec`); none for a store
+             without memory (`memory = false`: passages and the dense index, what a fid reader reads)
 3. encode    Ray encoder actors write the shards: memory codes and dense embeddings (`indexing.actors`,
              `indexing.encode`)
 4. index     the FAISS index from the shards' embeddings, then the manifest, last (`indexing.finalize`)
@@ -56,6 +57,8 @@ def build_index(
     Ray the build starts and stops). `codec_from`: a fitted codec directory to encode with instead of taking or
     fitting one (its config must be the build's)."""
     config = (config or BuildConfig()).resolved()
+    if codec_from is not None and not config.memory:
+        raise ValueError("--codec-from encodes memory, but this build keeps none (memory = false)")
     corpus = Path(corpus)
     if not corpus.exists():
         raise FileNotFoundError(f"corpus {corpus} does not exist")
@@ -77,8 +80,11 @@ def build_index(
         target.publish_plan(len(plan.shard_sizes))
     with clock.stage("codec"):
         encoders = Encoders.load(config, resolve_device(config.encoder.device))
-        codec, source = train_codec(layout, config, plan, encoders, None if codec_from is None else Path(codec_from))
-        target.publish_codec()
+        codec, source = None, None
+        if config.memory:
+            given = None if codec_from is None else Path(codec_from)
+            codec, source = train_codec(layout, config, plan, encoders, given)
+            target.publish_codec()
     resumed = bool(done_shards(layout, target.remote, len(plan.shard_sizes)))
     with clock.stage("encode"):
         busy = encode_all_shards(layout, config, plan, ray_address, target.remote)

@@ -28,6 +28,7 @@ def check_compatible(store: MemoryStore, reader: Reader, stored_memory: bool = T
         raise IncompatibleModelError(f"the reader does not fit the store's memory ({details})")
     if not stored_memory or reader.config.mode == "fid":
         return
+    _require_memory(store, reader.config.mode)
     built_with, reads_with = stored.get("memory_digest"), reader.memory_digest()
     if built_with == reads_with:
         return
@@ -48,6 +49,7 @@ def split_for_store(reader: ReaderConfig, store: MemoryStore) -> tuple[ReaderCon
     an unset alpha takes it, an explicit one must give the same; fid (every layer live) has no memory layers."""
     if reader.mode == "fid":
         return reader, 0
+    _require_memory(store, reader.mode)
     info = store.manifest["backbone"]
     layers, stored = info["num_layers"], info["memory_layers"]
     if reader.alpha is None and reader.mode != "memory":
@@ -60,3 +62,13 @@ def split_for_store(reader: ReaderConfig, store: MemoryStore) -> tuple[ReaderCon
             f"store with that alpha (build-index, encoder.alpha = {reader.live_fraction:.4g}) and train on it"
         )
     return reader, stored
+
+
+def _require_memory(store: MemoryStore, mode: str) -> None:
+    """Refuse a store built without memory to a reader of memory."""
+    if not store.has_memory:
+        raise IncompatibleModelError(
+            f"the store {store.layout.root} was built without memory (memory = false): it serves fid readers, "
+            f"which read passage text; a {mode} reader reads memory: build a store with memory for it "
+            "(build-index --memory)"
+        )

@@ -85,6 +85,12 @@ class BuildConfig(FileConfig):
     format: str | None = Field(None, description="corpus format; None = detected per file")
     chunking: ChunkingConfig = ChunkingConfig()
     encoder: EncoderConfig = EncoderConfig()
+    memory: bool = Field(
+        True,
+        description="keep the per-token memory (codes of the memory layers' output) that lumen and glimmer readers "
+        "read; false: passages and the dense index only, what a fid reader (passage text) reads: no codec, no "
+        "codes on disk",
+    )
     codec: CodecConfig = CodecConfig()
     index: IndexConfig = IndexConfig()
     shard_size: int = Field(256, ge=1, description="passages per shard (one Ray task each)")
@@ -107,6 +113,12 @@ class BuildConfig(FileConfig):
         "other bits with another thread count",
     )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _memory_from_needs_memory(self) -> Self:
+        if self.encoder.memory_from is not None and not self.memory:
+            raise ValueError("encoder.memory_from makes the memory, but this build keeps none (memory = false)")
+        return self
 
     def resolved(self) -> Self:
         """This config with `encoder.precision` "auto" resolved for the device this machine encodes on: what a

@@ -99,12 +99,16 @@ def _header(report: Mapping[str, Any]) -> list[str]:
     store = report.get("store")
     if store:
         backbone = store.get("backbone") or {}
-        codec = store.get("codec") or {}
+        codec = store.get("codec")
+        memory = (
+            f"({backbone.get('memory_layers')} of {backbone.get('num_layers')} layers in memory); codec "
+            f"{codec.get('kind')}, {codec.get('bytes_per_token')} bytes/token"
+            if codec
+            else "(no memory: passages and the dense index)"
+        )
         lines.append(
             f"- store: `{store['path']}`: {_num(store.get('num_passages'))} passages of "
-            f"{_num(store.get('num_documents'))} documents; {backbone.get('model_path')} "
-            f"({backbone.get('memory_layers')} of {backbone.get('num_layers')} layers in memory); codec "
-            f"{codec.get('kind')}, {codec.get('bytes_per_token')} bytes/token; manifest sha256 "
+            f"{_num(store.get('num_documents'))} documents; {backbone.get('model_path')} {memory}; manifest sha256 "
             f"{str(store.get('manifest_sha256'))[:12]}"
         )
     model = report.get("model")

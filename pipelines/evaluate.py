@@ -381,7 +381,7 @@ def evaluate(
 def store_summary(store: MemoryStore) -> dict[str, Any]:
     """What identifies the store in a report: its path, manifest hash, counts, backbone, codec, build config."""
     manifest = store.manifest
-    codec = dict(manifest.get("codec", {}))
+    codec = dict(manifest.get("codec") or {})  # None: a store without memory
     codec_config = codec.pop("config", {}) or {}
     return {
         "path": str(store.layout.root),
@@ -392,7 +392,7 @@ def store_summary(store: MemoryStore) -> dict[str, Any]:
         "num_passages": manifest.get("num_passages"),
         "num_tokens": manifest.get("num_tokens"),
         "backbone": manifest.get("backbone"),
-        "codec": {**codec, "kind": codec_config.get("kind")},
+        "codec": {**codec, "kind": codec_config.get("kind")} if codec else None,
         "compression_vs_bf16": manifest.get("report", {}).get("compression_vs_bf16"),
         "build_config": manifest.get("config"),
         "library_versions": manifest.get("library_versions"),

@@ -179,7 +179,8 @@ class RAGPipeline:
         opened = MemoryStore.open(store, verify=settings.verify)
         reader = load_reader(model or default_reader_path(), device=device)
         pipeline = cls(opened, reader, Retriever.for_store(opened, device, resolved), precision=resolved)
-        opened.codec.to(device)
+        if opened.has_memory:
+            opened.codec.to(device)
         logger.info(
             "pipeline ready: store %s (%d passages), reader %s on %s in %s",
             store,

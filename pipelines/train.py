@@ -186,7 +186,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.out, self.config = out, config
         self.store = store = MemoryStore.open(store_path, verify=verify)
-        store.codec.to(self.device)
+        if store.has_memory:
+            store.codec.to(self.device)
         reader_config, memory_layers = split_for_store(config.reader, store)
         model = config.model or store.manifest["backbone"]["model_path"]
         backbone = Backbone.from_pretrained(model, memory_layers=memory_layers)

@@ -2,7 +2,7 @@
 (driven over the DevTools protocol on a pipe: no browser-driver package) against the tiny store and extract reader.
 
 `MEMVQ_WRITE_SCREENSHOT=1` also writes docs/web-page.png: the page answering with the embedded reader over the
-demo store (runs/minilm-mini, `make demo`)."""
+demo store (runs/demo, `make demo`)."""
 
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ def test_the_page_answers_in_a_real_browser_and_shows_the_api_errors(extract_rag
 
 @pytest.mark.skipif(os.environ.get("MEMVQ_WRITE_SCREENSHOT") != "1", reason="set MEMVQ_WRITE_SCREENSHOT=1 to write it")
 def test_write_the_screenshot_of_the_docs(tmp_path):
-    store = ROOT / "runs" / "minilm-mini"
+    store = ROOT / "runs" / "demo"
     if not (store / "manifest.json").is_file():
         pytest.skip(f"no demo store at {store} (make demo builds it)")
     with live(create_app(RAGPipeline.load(store, device="cpu"))) as url, browser(tmp_path) as page:

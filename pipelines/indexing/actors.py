@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from memvq.encoders.hardware import native_bf16, resolve_device
 from memvq.memory.codecs import load_codec
 from memvq.memory.location import STAGING_ENV, RemoteStore, clear, is_uri
-from memvq.memory.store import SHARD_SUFFIXES, StoreLayout
+from memvq.memory.store import StoreLayout, shard_suffixes
 from memvq.pipelines.config import BuildConfig
 from memvq.pipelines.indexing.encode import Encoders, encode_shard
 from memvq.pipelines.indexing.plan import Plan
@@ -70,7 +70,7 @@ class ShardEncoder:
         if self.config.encoder.resolved_precision == "bf16" and not native_bf16(device):
             log.warning("encoder actor on node %s: its %s emulates bf16 (slower than fp32)", self.node, device.type)
         self.encoders = Encoders.load(self.config, device)
-        self.codec = load_codec(self.layout.codec_dir).to(device)
+        self.codec = load_codec(self.layout.codec_dir).to(device) if self.config.memory else None
         if self.remote is not None:
             clear(self.layout.root)  # between shards the actor's staging directory is left empty
 
@@ -98,7 +98,8 @@ class ShardEncoder:
             tokens = encode_shard(self.layout, shard, self.encoders, self.codec, self.config)
             return shard, tokens, time.perf_counter() - start, self.node
         layout, remote = self.layout, self.remote
-        names = [layout.shard_file(shard, suffix) for suffix in SHARD_SUFFIXES] + [layout.shard_done(shard)]
+        suffixes = shard_suffixes(self.config.memory)
+        names = [layout.shard_file(shard, suffix) for suffix in suffixes] + [layout.shard_done(shard)]
         try:
             remote.download(layout.relative(names[0]), names[0])
             tokens = encode_shard(layout, shard, self.encoders, self.codec, self.config)

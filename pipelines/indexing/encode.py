@@ -1,6 +1,7 @@
 """The encoding of passages, shared by the codec sample and the shard encoder: the build's encoders, passages in
 length-sorted batches through the memory layers (per-token memory) and on through the top layers (the dense
-embedding), and one planned shard encoded into the store's files (codes, offsets, embeddings, done marker)."""
+embedding), and one planned shard encoded into the store's files (codes and offsets with memory, embeddings, done
+marker)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from memvq.encoders.hardware import autocast
 from memvq.encoders.reader_io import load_memory_layers
 from memvq.memory.artifact import file_record, save_npy, write_json
 from memvq.memory.codecs import MemoryCodec
-from memvq.memory.store import SHARD_SUFFIXES, StoreLayout
+from memvq.memory.store import StoreLayout, shard_suffixes
 from memvq.pipelines.config import BuildConfig
 
 
@@ -75,27 +76,38 @@ def encode_passages(
         yield chosen, [memory[i, :n] for i, n in enumerate(lengths_b)], embedding.float()
 
 
-def encode_shard(layout: StoreLayout, shard: int, encoders: Encoders, codec: MemoryCodec, config: BuildConfig) -> int:
-    """Encode one planned shard into codes, offsets and embeddings; write them, then the done marker (first removing
-    the temporary files of a writer of this shard that was killed). Returns its token count."""
+def encode_shard(
+    layout: StoreLayout, shard: int, encoders: Encoders, codec: MemoryCodec | None, config: BuildConfig
+) -> int:
+    """Encode one planned shard into embeddings and, with a `codec` (a store with memory), codes and offsets;
+    write them, then the done marker (first removing the temporary files of a writer of this shard that was
+    killed). Returns its token count."""
     for stale in layout.shards_dir.glob(f".shard-{shard:05d}.*.tmp-*"):
         stale.unlink(missing_ok=True)
     table = pq.read_table(layout.shard_file(shard, "passages.parquet"), columns=["title", "text"])
     titles, texts = table.column("title").to_pylist(), table.column("text").to_pylist()
     codes: list[np.ndarray | None] = [None] * len(texts)
+    lengths = np.zeros(len(texts), dtype=np.int64)
     embeddings = np.zeros((len(texts), encoders.index.hidden_size), dtype=np.float16)
     for chosen, memories, embedding in encode_passages(encoders, titles, texts, config):
+        lengths[chosen] = [len(memory) for memory in memories]
+        embeddings[chosen] = embedding.cpu().numpy().astype(np.float16)
+        if codec is None:
+            continue
         batch_codes = codec.encode(torch.cat(memories))
         bounds = np.cumsum([0] + [len(memory) for memory in memories])
         for j, i in enumerate(chosen):
             codes[i] = batch_codes[bounds[j] : bounds[j + 1]]
-        embeddings[chosen] = embedding.cpu().numpy().astype(np.float16)
-    offsets = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
-    arrays = {"codes.npy": np.concatenate(codes), "offsets.npy": offsets, "emb.npy": embeddings}
+    arrays: dict[str, np.ndarray] = {"emb.npy": embeddings}
+    if codec is not None:
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        arrays |= {"codes.npy": np.concatenate(codes), "offsets.npy": offsets}
     for suffix, array in arrays.items():
         save_npy(layout.shard_file(shard, suffix), array)
     files = {
-        layout.relative(layout.shard_file(shard, s)): file_record(layout.shard_file(shard, s)) for s in SHARD_SUFFIXES
+        layout.relative(layout.shard_file(shard, s)): file_record(layout.shard_file(shard, s))
+        for s in shard_suffixes(codec is not None)
     }
-    write_json(layout.shard_done(shard), {"passages": len(texts), "tokens": int(offsets[-1]), "files": files})
-    return int(offsets[-1])
+    tokens = int(lengths.sum())
+    write_json(layout.shard_done(shard), {"passages": len(texts), "tokens": tokens, "files": files})
+    return tokens

@@ -31,8 +31,8 @@ class BuildReport(BaseModel):
     duplicate_ids: int  # of the bad records: documents whose id an earlier one had (the first is kept)
     split_words: int  # words longer than chunking's character limit, cut into pieces
     shards: int
-    bytes_per_token: int
-    compression_vs_bf16: float
+    bytes_per_token: int  # 0 without memory
+    compression_vs_bf16: float | None  # None without memory
     codes_bytes: int
     seconds: dict[str, float]
     passages_per_second: float
@@ -43,14 +43,14 @@ class BuildReport(BaseModel):
 @dataclass(frozen=True)
 class Built:
     """What the manifest records of a build besides its files: the config, the plan, the corpus record, the
-    backbone, and the codec with where it came from."""
+    backbone, and the codec with where it came from (None: a store without memory)."""
 
     config: BuildConfig
     plan: Plan
     corpus: dict[str, Any]
     backbone: dict[str, Any]
-    codec: MemoryCodec
-    codec_source: str
+    codec: MemoryCodec | None
+    codec_source: str | None
 
 
 @contextlib.contextmanager
@@ -95,12 +95,17 @@ def build_passage_index(
 
 
 def build_report(
-    plan: Plan, markers: list[dict[str, Any]], codec: MemoryCodec, seconds: dict[str, float], busy: float | None
+    plan: Plan,
+    markers: list[dict[str, Any]],
+    codec: MemoryCodec | None,
+    seconds: dict[str, float],
+    busy: float | None,
 ) -> BuildReport:
     """The report of a build from its plan, the shards' done markers and the seconds per step; `busy`: the actors'
     encoding seconds when this run encoded every shard (else None: a resumed build's rate would mislead)."""
     tokens = sum(marker["tokens"] for marker in markers)
     total = sum(seconds.values())
+    bytes_per_token = 0 if codec is None else codec.bytes_per_token
     return BuildReport(
         documents=plan.documents,
         passages=plan.passages,
@@ -109,9 +114,9 @@ def build_report(
         duplicate_ids=plan.duplicate_ids,
         split_words=plan.split_words,
         shards=len(plan.shard_sizes),
-        bytes_per_token=codec.bytes_per_token,
-        compression_vs_bf16=compression_ratio(codec),
-        codes_bytes=tokens * codec.bytes_per_token,
+        bytes_per_token=bytes_per_token,
+        compression_vs_bf16=None if codec is None else compression_ratio(codec),
+        codes_bytes=tokens * bytes_per_token,
         seconds={key: round(value, 3) for key, value in (seconds | {"total": total}).items()},
         passages_per_second=plan.passages / total,
         encode_passages_per_second=plan.passages / max(seconds["encode"], 1e-9),
@@ -129,7 +134,8 @@ def write_manifest(
     for shard, (start, done) in enumerate(zip(plan.row_starts, markers, strict=True)):
         shards.append({"shard": shard, "row_start": start, "passages": done["passages"], "tokens": done["tokens"]})
         files.update(done["files"])
-    for path in sorted([*layout.codec_dir.iterdir(), *layout.index_dir.iterdir()]):
+    codec_files = [*layout.codec_dir.iterdir()] if codec is not None else []
+    for path in sorted([*codec_files, *layout.index_dir.iterdir()]):
         if path.is_file() and not path.name.startswith("."):
             files[layout.relative(path)] = path
     header = write_artifact(
@@ -140,7 +146,9 @@ def write_manifest(
         files=files,
         extra={
             "backbone": built.backbone,
-            "codec": {
+            "codec": None
+            if codec is None
+            else {
                 "config": codec.config.model_dump(mode="json"),
                 "code_width": codec.code_width,
                 "code_dtype": np.dtype(codec.code_dtype).name,
