@@ -1,6 +1,7 @@
 """MPNet (all-mpnet-base-v2's architecture) as a memory encoder, on a tiny random MPNet: the split equals the whole
 model, the live layers read [question; memory] with the relative position bias of the joined sequence, and a
-store built with it answers with spans through a GLIMMER reader, trained, saved and loaded."""
+store built with it answers with spans through a GLIMMER reader, trained, saved and loaded, evaluated with the KILT
+metrics and served over HTTP."""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ import pytest
 import torch
 from conftest import TINY_CODEC
 from einops import rearrange
+from fastapi.testclient import TestClient
 
 from memvq.encoders.backbone import Backbone
 from memvq.encoders.config import ReaderConfig
 from memvq.encoders.inputs import PassageOffsets, ReaderInputs
+from memvq.encoders.options import QueryOptions
 from memvq.encoders.reader import Reader
 from memvq.encoders.spans import passage_token_offsets
 from memvq.pipelines.build import build_index
 from memvq.pipelines.config import BuildConfig, TrainConfig
+from memvq.pipelines.evaluate import EvalSettings, evaluate
 from memvq.pipelines.rag import RAGPipeline
 from memvq.pipelines.train import train
+from memvq.serve.app import create_app
 
 QUESTIONS = ["who got the first nobel prize in physics", "where is the eiffel tower"]
 PASSAGES = [
@@ -77,7 +82,7 @@ def test_live_layers_read_the_joined_sequence(tiny_mpnet_path):
 
 
 @pytest.mark.slow
-def test_an_mpnet_store_builds_trains_and_answers_with_spans(tiny_mpnet_path, mini_corpus, tmp_path, shared_data):
+def test_an_mpnet_store_builds_trains_answers_evaluates_and_serves(tiny_mpnet_path, mini_corpus, tmp_path, shared_data):
     config = BuildConfig.model_validate(
         {"encoder": {"model": str(tiny_mpnet_path)}, "codec": TINY_CODEC, "shard_size": 16, "codec_sample_passages": 64}
     )
@@ -103,6 +108,20 @@ def test_an_mpnet_store_builds_trains_and_answers_with_spans(tiny_mpnet_path, mi
     assert len(result.passages) == 2 and result.span is not None
     passage = result.passages[result.span.passage]
     assert result.answer == passage.text[result.span.char_start : result.span.char_end]
+
+    settings = EvalSettings(batch_size=2, query=QueryOptions(top_k=4, rerank_k=2))
+    report = evaluate(rag, [task], tmp_path / "eval", settings, model_path=report.reader_dir, progress=False)
+    metrics = report["tasks"]["nq"]["metrics"]
+    assert 0.0 <= metrics["downstream"]["em"] <= 1.0 and 0.0 <= metrics["retrieval"]["Rprec"] <= 1.0
+    assert report["store"]["backbone"]["model_type"] == "mpnet"
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "nq-predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 30 and all(len(p["output"][0]["provenance"]) == 2 for p in predictions)
+
+    with TestClient(create_app(rag)) as client:
+        reply = client.post("/v1/answer", json={"question": "who got the first nobel prize in physics"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["answer"] == result.answer and len(body["provenance"]) == 2 and body["answer_span"] is not None
 
 
 def test_the_embedded_mpnet_is_assembled_from_its_parts_or_named_when_one_is_missing(tmp_path, monkeypatch):
