@@ -207,17 +207,25 @@ def tiny_extract_reader_path(tiny_bert_path, tmp_path_factory) -> Path:
     return save_reader(reader, tmp_path_factory.mktemp("readers") / "tiny-extract")
 
 
-@pytest.fixture(scope="session")
-def minilm_store(mini_corpus, tmp_path_factory) -> Path:
-    """A store of the 40-page mini corpus built as `make demo` builds one: the real embedded MiniLM, the default
-    VQ codec (the one shipped for its memory: no fit), the precision auto resolves to."""
+def _minilm_build(corpus: Path, out: Path, **extra) -> Path:
     from memvq.pipelines.build import build_index
     from memvq.pipelines.config import BuildConfig
 
-    config = BuildConfig.model_validate({"shard_size": 64})
-    out = tmp_path_factory.mktemp("stores") / "minilm"
-    build_index(mini_corpus, out, config)
+    build_index(corpus, out, BuildConfig.model_validate({"shard_size": 64, **extra}))
     return out
+
+
+@pytest.fixture(scope="session")
+def minilm_store(mini_corpus, tmp_path_factory) -> Path:
+    """A store of the 40-page mini corpus built with the real embedded MiniLM, its memory in the default VQ codec
+    (the one shipped for it: no fit), in the precision auto resolves to."""
+    return _minilm_build(mini_corpus, tmp_path_factory.mktemp("stores") / "minilm")
+
+
+@pytest.fixture(scope="session")
+def demo_store(mini_corpus, tmp_path_factory) -> Path:
+    """The same built as `make demo` builds one: without memory (its fid default reads passage text)."""
+    return _minilm_build(mini_corpus, tmp_path_factory.mktemp("stores") / "demo", memory=False)
 
 
 def gold_to_guess(record: dict) -> dict:

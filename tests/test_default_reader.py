@@ -1,4 +1,5 @@
-"""The embedded default reader: shipped with the package, small, fp16, and it answers over a real MiniLM store."""
+"""The embedded default reader: shipped with the package, small, fp16, and it answers over a real MiniLM store
+built as `make demo` builds one (without memory: it reads passage text)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_weights_are_small_fp16_and_name_the_embedded_encoder():
     assert meta["config"]["mode"] == "fid" and meta["config"]["head"] == "extract"
 
 
-# Questions of the shared NQ file whose gold page is among the 40 pages of `minilm_store`, with their gold answers.
+# Questions of the shared NQ file whose gold page is among the 40 pages of `demo_store`, with their gold answers.
 ANSWERABLE = {
     "who got the first nobel prize in physics": ["Wilhelm Conrad Röntgen"],
     "who wrote the book the origin of species": ["Charles Darwin"],
@@ -39,8 +40,9 @@ ANSWERABLE = {
 
 
 @pytest.mark.slow
-def test_default_reader_answers_over_a_minilm_store(shared_data, minilm_store):
-    rag = RAGPipeline.load(minilm_store, device="cpu")  # no model: the embedded default
+def test_default_reader_answers_over_the_demo_store(shared_data, demo_store):
+    rag = RAGPipeline.load(demo_store, device="cpu")  # no model: the embedded default
+    assert not rag.store.has_memory
     results = rag.answer(list(ANSWERABLE))
     for result in results:
         assert len(result.passages) == rag.config.top_k
