@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (set up, build the memory index, answer a question) and `make test`.
+# The two commands of the README: `make demo` (set up, build the passage index, answer a question) and `make test`.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin

@@ -132,6 +132,8 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging(logging.WARNING)
     config = BuildConfig.from_file(args.config)
+    if not config.memory:
+        parser.error(f"{args.config} builds no memory (memory = false): this benchmark times a memory's build")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = subset(CORPUS, args.docs, Path(tmp))
         with PeakMemory() as memory:

@@ -3,7 +3,7 @@ tables, in one precision (`--precision`, default auto: bf16 on a CPU with native
 
 1. speed (`--head generate` or `extract`): queries/s at batch 1 and batch 16 of FiD (alpha = 1, passage text
    re-encoded), and of LUMEN and GLIMMER (rerank K -> k) split where each `--store`'s memory was made (one store
-   per live fraction, all built from the same corpus: alpha = 1/3 for the store `make demo` builds,
+   per live fraction, all built from the same corpus: alpha = 1/3 for configs/build-minilm.toml,
    configs/build-minilm-alpha*.toml for others), their ratio to FiD, and milliseconds per stage (retrieve,
    memory, live, rerank, decode), the median of `--repeats` rounds over every setting in turn. Every mode reads
    the same K retrieved passages; with the generate head the same 2-layer decoder writes exactly
@@ -161,8 +161,9 @@ def quality_row(
 
 
 def fit_32x(store: MemoryStore, reader: Reader) -> MemoryCodec:
-    """A 32x codec of the store's codec config at half width, fitted on the reader's memory of the passages the
-    store's codec was fitted on (as many vectors as the build took)."""
+    """A 32x codec of the store's codec config at half width, fitted on the reader's memory (in the build's
+    precision) of the passages the store's codec was fitted on: a seeded sample of as many vectors as the build
+    took, not the build's own sample, so its fit is like the build's, not the same."""
     config = BuildConfig.model_validate(store.manifest["config"])
     rows = codec_sample_rows(config, store.num_passages).tolist()
     with torch.inference_mode():

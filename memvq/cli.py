@@ -211,7 +211,7 @@ def split_command(
 @app.command("query")
 def query_command(
     question: Annotated[str, typer.Argument(help="the question")],
-    store: Annotated[Path, typer.Option(help="memory store built by build-index")] = Path("runs/minilm-mini"),
+    store: Annotated[Path, typer.Option(help="store built by build-index (default: make demo's)")] = Path("runs/demo"),
     model: Annotated[Path | None, typer.Option(help="trained reader directory; default: the embedded one")] = None,
     top_k: int | None = setting(QueryOptions, "top_k", note=THE_READERS),
     rerank_k: int | None = setting(QueryOptions, "rerank_k", note=THE_READERS),

@@ -105,4 +105,9 @@ def _record_config(layout: StoreLayout, config: BuildConfig) -> None:
     """Record the config on the first run (into an empty or new directory); refuse a resume with another one."""
     if not layout.build_config.is_file() and layout.root.exists() and any(layout.root.iterdir()):
         raise ManifestError(f"{layout.root} exists and is not a memvq build directory; choose an empty --out")
-    check_or_record(layout.build_config, config.to_json(), "build")
+    check_or_record(
+        layout.build_config,
+        config.to_json(),
+        "build",
+        current=lambda saved: BuildConfig.model_validate(saved).to_json(),
+    )

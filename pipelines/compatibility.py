@@ -16,6 +16,9 @@ class IncompatibleModelError(ValueError):
 def check_compatible(store: MemoryStore, reader: Reader, stored_memory: bool = True) -> None:
     """Refuse a reader whose backbone differs from the store's (type, depth, width, memory split) and, when it
     reads the store's memory (`stored_memory`), whose memory layers are not the ones the memory was made with."""
+    reads_memory = stored_memory and reader.config.mode != "fid"
+    if reads_memory:  # first: a store without memory is no store for it, whatever its backbone
+        _require_memory(store, reader.config.mode)
     stored = store.manifest["backbone"]
     info = reader.backbone.info
     if reader.config.mode == "fid":
@@ -26,9 +29,8 @@ def check_compatible(store: MemoryStore, reader: Reader, stored_memory: bool = T
     if wrong:
         details = ", ".join(f"{name}: store {a} vs reader {b}" for name, (a, b) in wrong.items())
         raise IncompatibleModelError(f"the reader does not fit the store's memory ({details})")
-    if not stored_memory or reader.config.mode == "fid":
+    if not reads_memory:
         return
-    _require_memory(store, reader.config.mode)
     built_with, reads_with = stored.get("memory_digest"), reader.memory_digest()
     if built_with == reads_with:
         return

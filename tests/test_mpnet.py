@@ -13,6 +13,7 @@ from conftest import TINY_CODEC
 from einops import rearrange
 from fastapi.testclient import TestClient
 
+from memvq.data.kilt.metrics import exact_match
 from memvq.encoders.backbone import Backbone
 from memvq.encoders.config import ReaderConfig
 from memvq.encoders.inputs import PassageOffsets, ReaderInputs
@@ -101,21 +102,27 @@ def test_an_mpnet_store_builds_trains_answers_evaluates_and_serves(tiny_mpnet_pa
         "eval_every": 2,
         "device": "cpu",
     }
-    report = train(tmp_path / "store", tmp_path / "run", TrainConfig.model_validate(recipe))
-    assert report.finished and report.steps == 2
-    rag = RAGPipeline.load(tmp_path / "store", report.reader_dir, device="cpu")
+    trained = train(tmp_path / "store", tmp_path / "run", TrainConfig.model_validate(recipe))
+    assert trained.finished and trained.steps == 2
+    rag = RAGPipeline.load(tmp_path / "store", trained.reader_dir, device="cpu")
     [result] = rag.answer(["who got the first nobel prize in physics"])
     assert len(result.passages) == 2 and result.span is not None
     passage = result.passages[result.span.passage]
     assert result.answer == passage.text[result.span.char_start : result.span.char_end]
 
-    settings = EvalSettings(batch_size=2, query=QueryOptions(top_k=4, rerank_k=2))
-    report = evaluate(rag, [task], tmp_path / "eval", settings, model_path=report.reader_dir, progress=False)
-    metrics = report["tasks"]["nq"]["metrics"]
-    assert 0.0 <= metrics["downstream"]["em"] <= 1.0 and 0.0 <= metrics["retrieval"]["Rprec"] <= 1.0
+    options = QueryOptions(top_k=4, rerank_k=2)
+    settings = EvalSettings(batch_size=2, query=options)
+    report = evaluate(rag, [task], tmp_path / "eval", settings, model_path=trained.reader_dir, progress=False)
     assert report["store"]["backbone"]["model_type"] == "mpnet"
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "nq-predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 30 and all(len(p["output"][0]["provenance"]) == 2 for p in predictions)
+    records = {r["id"]: r for r in map(json.loads, task.read_text().splitlines())}
+    first = predictions[0]
+    [again] = rag.answer([records[first["id"]]["input"]], options)  # what the pipeline answers, as predicted
+    assert first["output"][0]["answer"] == again.answer
+    golds = {key: [o["answer"] for o in r["output"] if o.get("answer")] for key, r in records.items()}
+    em = [max(exact_match(p["output"][0]["answer"], gold) for gold in golds[p["id"]]) for p in predictions]
+    assert report["tasks"]["nq"]["metrics"]["downstream"]["em"] == pytest.approx(sum(em) / len(em))
 
     with TestClient(create_app(rag)) as client:
         reply = client.post("/v1/answer", json={"question": "who got the first nobel prize in physics"})

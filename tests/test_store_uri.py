@@ -104,6 +104,29 @@ def test_an_s3_build_fetched_matches_a_local_build_and_resumes(s3, tiny_store, t
     assert_same_store(fetch_store(uri, tmp_path / "resumed"), local)
 
 
+def test_a_uri_build_without_memory_resumes_without_pulling_its_passages(
+    tiny_bert_path, mini_corpus, tmp_path, monkeypatch
+):
+    uri = (tmp_path / "store").as_uri()
+    config = tiny_config(tiny_bert_path, memory=False)
+    report = build_index(mini_corpus, uri, config, work_dir=tmp_path / "staging")
+    remote = RemoteStore(uri)
+    names = remote.files()
+    lost = [name for name in names if name.endswith(".done.json")][-1:]
+    for name in [*lost, "manifest.json", *(name for name in names if name.startswith("index/"))]:
+        remote.fs.delete_file(remote.path(name))
+    pulled: list[str] = []
+    download = RemoteStore.download
+    monkeypatch.setattr(
+        RemoteStore, "download", lambda self, name, path: (pulled.append(name), download(self, name, path))[1]
+    )
+    resumed = build_index(mini_corpus, uri, config, work_dir=tmp_path / "staging")
+    assert resumed.encode_busy_passages_per_second is None and resumed.passages == report.passages
+    assert "build_config.json" in pulled and not [name for name in pulled if name.endswith(".passages.parquet")]
+    store = MemoryStore.open(fetch_store(uri, tmp_path / "fetched"))
+    assert not store.has_memory and store.num_passages == report.passages
+
+
 # -- a two-node cluster, no shared disk ----------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ class BuildTarget:
 
     def _pull(self) -> None:
         """The staging directory afresh from the URI: its records, codec and manifest, and its passages while the
-        codec is still to be fitted. A URI holding something else than a build is refused."""
+        codec is still to be fitted (a build with memory). A URI holding something else than a build is refused."""
         assert self.remote is not None
         layout = self.layout
         clear(layout.root)
@@ -47,11 +47,14 @@ class BuildTarget:
             raise ManifestError(f"{self.remote.uri} exists and is not a memvq build directory; choose an empty --out")
         codec_dir = self._relative(layout.codec_dir)
         records = {self._relative(path) for path in (layout.build_config, layout.corpus_record, layout.plan)}
-        passages = self._relative(layout.codec_file) not in names and MANIFEST_NAME not in names
         for name in names:
-            wanted = name in records | {MANIFEST_NAME} or name.startswith(f"{codec_dir}/")
-            if wanted or (passages and name.endswith(".passages.parquet")):
+            if name in records | {MANIFEST_NAME} or name.startswith(f"{codec_dir}/"):
                 self.remote.download(name, layout.root / name)
+        fitting = self._relative(layout.codec_file) not in names and MANIFEST_NAME not in names
+        if fitting and names and read_json(layout.build_config, "build record").get("memory", True):
+            for name in names:
+                if name.endswith(".passages.parquet"):
+                    self.remote.download(name, layout.root / name)
 
     def _publish(self, *paths: Path) -> None:
         """Upload files (in order) to the URI; nothing for a local store."""
