@@ -53,6 +53,11 @@ class RemoteStore:
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.File
 
+    def size(self, relative: str) -> int | None:
+        """The size in bytes of a file of the store; None if there is none."""
+        info = self.fs.get_file_info(self.path(relative))
+        return info.size if info.type == pafs.FileType.File else None
+
     def files(self, under: str = "") -> list[str]:
         """Relative names of the files under `under` (recursively), hidden ones (temporaries) left out."""
         root = self.path(under) if under else self.base

@@ -161,10 +161,13 @@ class MemoryStore:
         root = Path(path)
         if not root.is_dir():
             raise ManifestError(f"no memory store at {root}: the directory does not exist")
-        try:
-            header = read_artifact(
-                root / MANIFEST_NAME, STORE_FORMAT, "store manifest (is the build finished? run build-index again)"
+        if not (root / MANIFEST_NAME).is_file():
+            raise ManifestError(
+                f"{root} has no store manifest ({MANIFEST_NAME}, written when a build finishes): if its build was "
+                "stopped, run the same build-index command again to finish it"
             )
+        try:
+            header = read_artifact(root / MANIFEST_NAME, STORE_FORMAT, "store manifest")
             if not verify:
                 header.verify(root, checksums=False)
                 return cls(root, header.to_json())

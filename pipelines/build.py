@@ -24,13 +24,14 @@ from pathlib import Path
 
 from memvq.encoders.embedded import portable_model_path
 from memvq.encoders.hardware import resolve_device
-from memvq.memory.artifact import ManifestError, read_artifact
-from memvq.memory.store import STORE_FORMAT, StoreLayout
+from memvq.memory.artifact import ArtifactError, ManifestError, read_artifact
+from memvq.memory.store import STORE_FORMAT, MemoryStore, StoreLayout
 from memvq.pipelines.config import BuildConfig
-from memvq.pipelines.indexing.actors import done_shards, encode_all_shards
+from memvq.pipelines.indexing.actors import encode_all_shards
 from memvq.pipelines.indexing.codec import train_codec
 from memvq.pipelines.indexing.encode import Encoders
 from memvq.pipelines.indexing.finalize import BuildReport, Built, build_passage_index, build_report, write_manifest
+from memvq.pipelines.indexing.kept import check_kept_shards
 from memvq.pipelines.indexing.plan import check_corpus, plan_passages
 from memvq.pipelines.indexing.sync import BuildTarget
 from memvq.pipelines.local_ray import stop_orphaned_ray
@@ -72,6 +73,7 @@ def build_index(
         corpus_record = check_corpus(layout, corpus)
         target.publish_corpus()
         if layout.manifest.is_file():
+            _check_finished(target, "it was finished before, and fails its check now: delete it and build again")
             log.info("store %s is already complete", out)
             header = read_artifact(layout.manifest, STORE_FORMAT, "store manifest")
             target.done()
@@ -85,7 +87,7 @@ def build_index(
             given = None if codec_from is None else Path(codec_from)
             codec, source = train_codec(layout, config, plan, encoders, given)
             target.publish_codec()
-    resumed = bool(done_shards(layout, target.remote, len(plan.shard_sizes)))
+    resumed = bool(check_kept_shards(layout, plan, config.memory, target.remote))
     with clock.stage("encode"):
         busy = encode_all_shards(layout, config, plan, ray_address, target.remote)
     with clock.stage("index"):
@@ -97,8 +99,23 @@ def build_index(
         "memory_digest": encoders.memory_digest,
     }
     write_manifest(layout, Built(config, plan, corpus_record, backbone, codec, source), markers, report)
+    _check_finished(target, "its manifest is removed; run the build again: it encodes what fails again", remove=True)
     target.publish_store()
     return report
+
+
+def _check_finished(target: BuildTarget, then: str, remove: bool = False) -> None:
+    """Open a finished local store as a reader would (every file's sha256, remembered for its first opening):
+    a build never calls a store ready that readers refuse. `remove`: a failing store loses its manifest. A store at
+    a URI is checked when it is fetched (`memvq fetch`)."""
+    if target.remote is not None:
+        return
+    try:
+        MemoryStore.open(target.layout.root)
+    except ArtifactError as error:
+        if remove:
+            target.layout.manifest.unlink()
+        raise ManifestError(f"the store {target.layout.root} fails its check ({then}): {error}") from error
 
 
 def _record_config(layout: StoreLayout, config: BuildConfig) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import tiny_config
+from conftest import assert_same_store, tiny_config
 from typer.testing import CliRunner
 
 from memvq.cli import app
@@ -93,6 +94,63 @@ def test_interrupted_build_resumes_only_from_the_same_bytes(tiny_bert_path, mini
     assert report.documents == 40
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["corpus"]["path"] == str(mini_corpus.resolve())
+
+
+def _killed_after_encoding(store: Path) -> None:
+    """What a build killed after encoding leaves: its shards and done markers, no index, no manifest."""
+    (store / "manifest.json").unlink()
+    for path in (store / "index").iterdir():
+        path.unlink()
+
+
+@pytest.mark.parametrize("damage", ["a shard file", "the sha256 in its marker", "its marker's JSON"])
+def test_a_resume_encodes_again_the_done_shards_that_fail_their_markers(
+    damage, tiny_store, tiny_bert_path, mini_corpus, tmp_path, caplog
+):
+    reference = tiny_store[0]
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    _killed_after_encoding(out)
+    marker = out / "shards" / "shard-00001.done.json"
+    if damage == "a shard file":
+        codes = out / "shards" / "shard-00001.codes.npy"
+        data = bytearray(codes.read_bytes())
+        data[-1] ^= 0xFF
+        codes.write_bytes(bytes(data))
+    elif damage == "the sha256 in its marker":
+        done = json.loads(marker.read_text())
+        done["files"]["shards/shard-00001.emb.npy"]["sha256"] = "0" * 64
+        marker.write_text(json.dumps(done))
+    else:
+        marker.write_text(marker.read_text()[:-5])
+    with caplog.at_level("WARNING", logger="memvq.pipelines.indexing.kept"):
+        report = build_index(mini_corpus, out, tiny_config(tiny_bert_path))
+    kept = [record.getMessage() for record in caplog.records if record.name == "memvq.pipelines.indexing.kept"]
+    assert [message.split(":")[0] for message in kept] == ["shard 1 is encoded again"]
+    assert report.encode_busy_passages_per_second is None  # a resume
+    assert_same_store(out, reference)
+    MemoryStore.open(out)
+
+
+def test_a_finished_store_that_fails_its_check_is_not_called_complete(
+    tiny_store, tiny_bert_path, mini_corpus, tmp_path
+):
+    out = tmp_path / "store"
+    shutil.copytree(tiny_store[0], out)
+    emb = out / "shards" / "shard-00000.emb.npy"
+    data = bytearray(emb.read_bytes())
+    data[-1] ^= 0xFF
+    emb.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"fails its check \(it was finished before.*shard-00000\.emb\.npy"):
+        build_index(mini_corpus, out, tiny_config(tiny_bert_path))
+
+
+def test_a_store_without_its_manifest_says_to_finish_the_build(tiny_store, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(tiny_store[0], out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match=r"has no store manifest .*run the same build-index command again"):
+        MemoryStore.open(out)
 
 
 # -- 2. duplicate document ids --------------------------------------------------------------------------------------
