@@ -14,7 +14,8 @@ Layout of an eval directory (``task``: :func:`memvq.data.kilt.records.task_of` o
     OUT/report.json, OUT/report.md
 
 Resuming: run the same command again; ids already in a predictions file are skipped (a task with none left is
-not rerun, only rescored) and a line torn by an interrupted write is dropped. From a notebook::
+not rerun, only rescored) unless their question's text changed since (each prediction keeps the `input` it was
+predicted from: those are predicted again, with a warning), and a line torn by an interrupted write is dropped. From a notebook::
 
     rag = RAGPipeline.load("runs/minilm-mini")
     report = evaluate(rag, ["nq-dev-kilt.jsonl"], "runs/eval-nq", EvalSettings(limit=100))
@@ -149,21 +150,30 @@ def prediction_record(record: Mapping[str, Any], answer: RAGAnswer, passage_text
     return {"id": record["id"], "input": answer.question, "output": [answer.kilt_output(with_text=passage_text)]}
 
 
-def predicted_ids(path: Path) -> set[str]:
-    """Ids already in a predictions file; a last line torn by an interrupted write is cut off the file."""
+def predicted_inputs(path: Path) -> dict[str, str]:
+    """The question each id of a predictions file was predicted from (its `input`); a last line torn by an
+    interrupted write is cut off the file."""
     if not path.is_file():
-        return set()
+        return {}
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):
         logger.warning("%s: dropping an incomplete last line (an interrupted run)", path)
         with path.open("r+b") as fout:
             fout.truncate(end)
-    ids: set[str] = set()
+    inputs: dict[str, str] = {}
     for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
         if line.strip():
-            ids.add(record_id(parse_record(line, f"{path}:{lineno}")))
-    return ids
+            record = parse_record(line, f"{path}:{lineno}")
+            inputs[record_id(record)] = str(record.get("input"))
+    return inputs
+
+
+def drop_predictions(path: Path, ids: set[str]) -> None:
+    """Rewrite a predictions file (atomically) without the lines of `ids`."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and record_id(json.loads(line)) not in ids]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
 
 
 def predict_task(
@@ -179,8 +189,19 @@ def predict_task(
 
     Stage timings are added to ``timings_path`` after each batch. Returns the number of questions predicted.
     """
-    done = predicted_ids(predictions_path)
-    todo = [r for r in questions.records if record_id(r) not in done]
+    done = predicted_inputs(predictions_path)
+    changed = {
+        record_id(r) for r in questions.records if record_id(r) in done and done[record_id(r)] != str(record_input(r))
+    }
+    if changed:  # predicted from another text of the question: not an answer to this one
+        logger.warning(
+            "%s: %d question(s) changed since they were predicted (e.g. id %s): predicting them again",
+            predictions_path,
+            len(changed),
+            sorted(changed)[0],
+        )
+        drop_predictions(predictions_path, changed)
+    todo = [r for r in questions.records if record_id(r) not in done or record_id(r) in changed]
     if not todo:
         return 0
     timing = TaskTiming.load(timings_path) if timings_path else TaskTiming()

@@ -120,6 +120,29 @@ def test_resume_predicts_only_what_is_missing(rag, nq_file, tmp_path):
         evaluate(rag, [nq_file], out, other, progress=False)
 
 
+def test_a_resume_predicts_again_a_question_whose_text_changed(rag, nq_file, tmp_path, caplog):
+    data = tmp_path / "data" / "nq-dev-kilt.jsonl"
+    data.parent.mkdir()
+    data.write_text(nq_file.read_text())
+    out = tmp_path / "eval"
+    evaluate(rag, [data], out, SETTINGS, progress=False)
+    predictions = out / "nq-predictions.jsonl"
+    before = _lines(predictions)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    records[1]["input"] = "who wrote the theory of relativity"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    with caplog.at_level("WARNING", logger="memvq.pipelines.evaluate"):
+        report = evaluate(rag, [data], out, SETTINGS, progress=False)
+    assert f"1 question(s) changed since they were predicted (e.g. id {records[1]['id']})" in caplog.text
+    assert report["tasks"]["nq"]["predicted_this_run"] == 1
+    after = _lines(predictions)
+    assert len(after) == NUM_QUESTIONS and [line for line in after if line in before] == before[:1] + before[2:]
+    redone = json.loads(after[-1])
+    assert redone["id"] == records[1]["id"] and redone["input"] == "who wrote the theory of relativity"
+    [answer] = rag.answer([redone["input"]], SETTINGS.query)
+    assert redone["output"][0]["answer"] == answer.answer
+
+
 def test_gold_as_guess_scores_exact_match_one(nq_file, tmp_path):
     guess_file = tmp_path / "oracle.jsonl"
     guesses = [gold_to_guess(r) for r in kilt_data.load_kilt(nq_file)]
