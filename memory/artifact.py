@@ -17,10 +17,12 @@ Also the small file helpers every artifact writer uses: atomic writes (write a t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -99,8 +101,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
+    except OSError as error:
+        if not _disk_full(error):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        message = f"no space left on the device writing {path} ({free:,} bytes free there)"
+        raise OSError(errno.ENOSPC, message) from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _disk_full(error: OSError) -> bool:
+    """ENOSPC, or numpy's short write ("N requested and M written"), which carries no errno."""
+    return error.errno == errno.ENOSPC or ("requested and" in str(error) and "written" in str(error))
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

@@ -15,7 +15,8 @@ Layout of an eval directory (``task``: :func:`memvq.data.kilt.records.task_of` o
 
 Resuming: run the same command again; ids already in a predictions file are skipped (a task with none left is
 not rerun, only rescored) unless their question's text changed since (each prediction keeps the `input` it was
-predicted from: those are predicted again, with a warning), and a line torn by an interrupted write is dropped. From a notebook::
+predicted from: those are predicted again, with a warning), and a line torn by an interrupted write is dropped.
+From a notebook::
 
     rag = RAGPipeline.load("runs/minilm-mini")
     report = evaluate(rag, ["nq-dev-kilt.jsonl"], "runs/eval-nq", EvalSettings(limit=100))

@@ -4,6 +4,7 @@ Ray processes."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from conftest import assert_same_store, tiny_config
@@ -348,3 +350,38 @@ def test_orphan_sweep_spares_running_builds(tmp_path):
             with contextlib.suppress(psutil.NoSuchProcess):
                 holder.kill()
             holder.wait()
+
+
+# -- 5. an encoder's own error is the build's, in one line -------------------------------------------------------------
+
+
+def test_a_full_disk_is_named_with_the_path(tmp_path):
+    from memvq.memory.artifact import save_npy
+
+    def short_write(*args, **kwargs):
+        raise OSError("329616 requested and 40832 written")  # what numpy says when the disk fills
+
+    path = tmp_path / "shards" / "shard-00000.codes.npy"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("numpy.save", short_write)
+        with pytest.raises(OSError, match=rf"no space left on the device writing {path} \([\d,]+ bytes free") as raised:
+            save_npy(path, np.zeros(3))
+    assert raised.value.errno == errno.ENOSPC and not list(path.parent.iterdir())  # no temporary file left
+
+
+def test_an_encoder_actors_error_reaches_the_build_as_raised(tiny_bert_path, monkeypatch):
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from memvq.pipelines.indexing.actors import _ActorPool
+
+    full = OSError(errno.ENOSPC, "no space left on the device writing /store/shards/shard-00003.codes.npy")
+
+    def get(ref):
+        raise RayTaskError("ShardEncoder.encode", "Traceback (most recent call last): ...", full).as_instanceof_cause()
+
+    monkeypatch.setattr(ray, "get", get)
+    pool = _ActorPool(slots=[], root="/store", config=tiny_config(tiny_bert_path), todo=[], done=lambda shard: None)
+    with pytest.raises(OSError) as raised:
+        pool._collect(object(), object(), 3)
+    assert raised.value is full and "Traceback" not in str(raised.value)

@@ -273,13 +273,23 @@ class _ActorPool:
     def _collect(self, ref: Any, actor: Any, shard: int | None) -> ShardResult | None:
         """The outcome of a finished call: a shard's result, or None (an actor ready, or lost)."""
         import ray
-        from ray.exceptions import ActorUnschedulableError, NodeDiedError, RayActorError, WorkerCrashedError
+        from ray.exceptions import (
+            ActorUnschedulableError,
+            NodeDiedError,
+            RayActorError,
+            RayTaskError,
+            WorkerCrashedError,
+        )
 
         try:
             result = ray.get(ref)
         except (RayActorError, ActorUnschedulableError, NodeDiedError, WorkerCrashedError) as error:
             self._lost(actor, shard, error)
             return None
+        except RayTaskError as error:  # the encoder's own error (a full disk, a bad file): the build's, as raised
+            log.debug("shard %s failed in its encoder actor:\n%s", shard, error)
+            cause = error.cause
+            raise (cause if isinstance(cause, Exception) else error) from None
         if shard is None:
             self.running += 1
             self.first_ready = self.first_ready or time.monotonic()
