@@ -229,6 +229,8 @@ def test_malformed_json_unknown_paths_and_large_bodies_get_json_errors(client):
     assert response.status_code == 422 and "Content-Type: application/json" in response.json()["error"]["message"]
     response = client.get("/v1/nothing")
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
+    response = client.post("/v1/answer/", json={"question": "q"}, headers={"host": "evil.example"})
+    assert response.status_code == 404 and "location" not in response.headers  # no redirect to the client's Host
     response = client.post("/v1/answer", json={"question": "x" * 5000})
     assert response.status_code == 413 and response.json()["error"]["type"] == "payload_too_large"
 

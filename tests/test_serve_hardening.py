@@ -257,8 +257,15 @@ def test_a_trickling_body_gets_408_and_the_connection_is_closed():
 # -- 4. unparsable bodies are invalid requests ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("body", "reason"), [(b'{"question": "\xff\xfe"}', "UTF-8"), (b"[" * 100_000, "nested")])
-def test_non_utf8_and_deeply_nested_json_get_422(body, reason):
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"question": "\xff\xfe"}', "UTF-8"),
+        (b"[" * 100_000, "nested"),
+        (b'{"question": "q", "top_k": ' + b"9" * 5_000 + b"}", "number too long"),
+    ],
+)
+def test_non_utf8_deeply_nested_and_overlong_number_json_get_422(body, reason):
     with TestClient(create_app(FakePipeline())) as client:
         response = client.post("/v1/answer", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text

@@ -214,6 +214,8 @@ def create_app(
             + ("Every endpoint but the page (/), /healthz and /readyz needs the API key." if keyed else "")
         ),
         lifespan=_lifespan(server),
+        # no 307 to the path without its trailing slash: its Location would be built from the client's Host header
+        redirect_slashes=False,
     )
     app.state.server = server
     install_error_handlers(app)

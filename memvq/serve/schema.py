@@ -150,7 +150,13 @@ def _validation_details(error: RequestValidationError) -> list[dict[str, Any]]:
 
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
 # What FastAPI's JSON decoding raises, besides a syntax error, as the cause of its 400: an invalid request too.
-_UNPARSABLE: dict[type[BaseException], str] = {UnicodeDecodeError: "not UTF-8", RecursionError: "nested too deeply"}
+# What the JSON parser raised, when FastAPI answers a body it could not parse with a 400 (ValueError: an integer of
+# more digits than Python converts, 4,300).
+_UNPARSABLE: dict[type[BaseException], str] = {
+    UnicodeDecodeError: "not UTF-8",
+    RecursionError: "nested too deeply",
+    ValueError: "a number too long to read",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:
