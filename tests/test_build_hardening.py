@@ -275,6 +275,13 @@ def ray_processes_once_encoding(driver: subprocess.Popen, timeout_s: float = 120
     raise AssertionError("the build's Ray never started its shard encoder")
 
 
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def alive(processes: list[psutil.Process], grace_s: float) -> list[str]:
     """Those of `processes` still running (not zombies) after up to `grace_s` seconds."""
     deadline = time.monotonic() + grace_s
@@ -300,14 +307,17 @@ def cli_config(tiny_bert_path, tmp_path) -> Path:
 
 
 def test_the_next_build_stops_what_a_killed_build_left_of_its_ray(cli_config, tiny_bert_path, mini_corpus, tmp_path):
-    """SIGKILL a CLI build once Ray is up: Ray's agents outlive it; the next build (of any store) stops them."""
+    """SIGKILL a CLI build once Ray is up: its encoder actors stop within seconds; Ray's agents outlive it, and the
+    next build (of any store) stops them."""
     out = tmp_path / "store"
     driver = start_cli_build(cli_config, mini_corpus, out)
     try:
         processes = ray_processes_once_encoding(driver)
+        encoders = [process for process in processes if "ShardEncoder" in " ".join(_cmdline(process))]
     finally:
         driver.kill()
         driver.wait()
+    assert encoders and alive(encoders, grace_s=15) == []
     assert not (out / "manifest.json").exists()
     build_index(mini_corpus, out, tiny_config(tiny_bert_path, shard_size=4))
     assert alive(processes, grace_s=10) == []

@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -50,10 +52,13 @@ class ShardEncoder:
     in a staging directory of its own on its node (under MEMVQ_STAGING_DIR, else the temporary directory), downloads
     the codec and each shard's passages, uploads the finished shard and empties the directory."""
 
-    def __init__(self, root: str, config: dict[str, Any]) -> None:
+    def __init__(self, root: str, config: dict[str, Any], driver: tuple[str, int] | None = None) -> None:
+        """`driver`: the build's driver (node id, pid); an actor on its node stops when that process is gone."""
         import ray
 
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        if driver is not None and driver[0] == self.node:
+            threading.Thread(target=_exit_when_gone, args=(driver[1],), daemon=True, name="driver-watch").start()
         self.remote = RemoteStore(root) if is_uri(root) else None
         if self.remote is not None:
             self.layout = self._staging(root)
@@ -108,6 +113,19 @@ class ShardEncoder:
         finally:
             clear(layout.root)
         return shard, tokens, time.perf_counter() - start, self.node
+
+
+def _exit_when_gone(pid: int, every_s: float = 1.0) -> None:
+    """End this process once the process `pid` has (a SIGKILLed driver would leave its actors encoding)."""
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(every_s)
+    log.warning("the build's driver (pid %d) is gone: this encoder actor stops", pid)
+    os._exit(1)
 
 
 def _staging_parent() -> str | None:
@@ -263,10 +281,11 @@ class _ActorPool:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         encoder = ray.remote(ShardEncoder)
+        driver = (ray.get_runtime_context().get_node_id(), os.getpid())
         for slot in self.slots:
             strategy = NodeAffinitySchedulingStrategy(slot.node_id, soft=False)
             options = {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus, "scheduling_strategy": strategy}
-            actor = encoder.options(**options).remote(self.root, self.config.to_json())
+            actor = encoder.options(**options).remote(self.root, self.config.to_json(), driver)
             self.actors[actor] = slot
             self.pending[actor.ready.remote()] = (actor, None)
 
