@@ -116,10 +116,6 @@ def stop_orphaned_ray(temp_root: Path | None = None) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _restore_auth_mode(mode: str | None) -> None:
     """Put back the process's Ray token authentication mode. Starting a local Ray turns token authentication on for
     the whole process (`RAY_AUTH_MODE=token`, cached by Ray's C++ core) and it stays on after `ray.shutdown`, so a
@@ -154,6 +150,12 @@ def ray_for_build(address: str | None) -> Iterator[None]:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
     auth_mode = os.environ.get(AUTH_MODE)
+    received: list[int] = []
+
+    def exit_on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        raise SystemExit(128 + signum)
+
     try:
         ray.init(
             address=address,
@@ -163,14 +165,19 @@ def ray_for_build(address: str | None) -> Iterator[None]:
             _temp_dir=None if own_dir is None else str(own_dir),
         )
         if main_thread:  # ray.init sets its own SIGTERM handler; ours makes the exit go through `finally`
-            signal.signal(signal.SIGTERM, _exit_on_signal)
+            signal.signal(signal.SIGTERM, exit_on_signal)
         yield
     finally:
-        ray.shutdown()
-        if own_dir is not None:  # ray.shutdown stops them; never remove the directory of one it missed
-            stop_processes(processes_using(own_dir))
-            shutil.rmtree(own_dir, ignore_errors=True)
-        if os.environ.get(AUTH_MODE) != auth_mode:
-            _restore_auth_mode(auth_mode)
-        if main_thread and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        try:
+            ray.shutdown()
+            if own_dir is not None:  # ray.shutdown stops them; never remove the directory of one it missed
+                stop_processes(processes_using(own_dir))
+                shutil.rmtree(own_dir, ignore_errors=True)
+            if os.environ.get(AUTH_MODE) != auth_mode:
+                _restore_auth_mode(auth_mode)
+            if main_thread and previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        finally:
+            # SIGTERM exits 143 even where Ray's C++ wait turned the handler's SystemExit into another error
+            if received:
+                raise SystemExit(128 + received[0])
