@@ -9,7 +9,7 @@ QUESTION ?= who got the first nobel prize in physics
 # torch from pip's configured index; TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build where pip would fetch CUDA.
 TORCH_INDEX ?=
 
-.PHONY: setup demo reader codec mpnet test lint bench
+.PHONY: setup demo reader calibration codec mpnet test lint bench
 
 $(BIN)/memvq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ demo: setup
 # (encoders/weights/minilm-default is a copy of READER/reader).
 reader: setup
 	$(BIN)/memvq train --store $(STORE) --config configs/train-minilm.toml --out $(READER) --max-minutes 45
+
+# Refit the embedded reader's answer confidence (encoders/weights/minilm-default/calibration.json) on the held-out SQuAD
+# questions past the 270 the reports use, with the default min_confidence chosen on held-out NQ
+# (docs/benchmarks.md, "Abstaining when the store holds no answer"; python -m bench.bench_abstain prints it).
+calibration: setup
+	$(BIN)/memvq split --config configs/train-minilm.toml --out runs/splits
+	$(BIN)/memvq calibrate --store $(STORE) --data runs/splits/squad-dev.jsonl --skip 270 --min-confidence 0.29 \
+		--out encoders/weights/minilm-default
 
 # Refit the codec shipped for the embedded encoder's memory (encoders/weights/minilm-codec) from its recipe; a build
 # of the embedded encoder with the default codec config takes it instead of fitting one (codec_source = "auto").

@@ -91,6 +91,13 @@ class ReaderConfig(BaseModel):
         "reader; its store is then built with them: build-index --memory-from READER_DIR",
     )
     num_beams: int = Field(default=1, ge=1)
+    min_confidence: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="extract: an answer whose confidence is below this abstains (0: always answer); a reader's "
+        "calibration.json may set it",
+    )
     distill_temperature: float = Field(default=1.0, gt=0.0)
     rerank_loss_weight: float = Field(default=1.0, ge=0.0)
 

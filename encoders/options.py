@@ -1,4 +1,5 @@
-"""The query knobs: how many passages are retrieved and kept, how long the answer may be and the beam size.
+"""The query knobs: how many passages are retrieved and kept, how long the answer may be, the beam size and the
+confidence below which the answer abstains.
 
 `QueryOptions` is the one carrier of these knobs, from the CLI flags, `EvalSettings`, the HTTP request and the
 server's batch key through `RAGPipeline` to the reader; a field left None means the reader config's value, and
@@ -21,6 +22,9 @@ class QueryOptions(BaseModel):
     rerank_k: int | None = Field(default=None, ge=1, description="glimmer: passages kept after reranking")
     max_answer_tokens: int | None = Field(default=None, ge=1, description="answer length limit")
     num_beams: int | None = Field(default=None, ge=1, description="generate head: beam size (1: greedy)")
+    min_confidence: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="extract head: abstain below this confidence (0: always answer)"
+    )
 
     def resolved(self, config: ReaderConfig) -> QueryOptions:
         """Every knob set: the ones left None from `config`; the default rerank_k is cut to top_k.
@@ -35,4 +39,5 @@ class QueryOptions(BaseModel):
             rerank_k=rerank_k,
             max_answer_tokens=self.max_answer_tokens or config.max_answer_tokens,
             num_beams=self.num_beams or config.num_beams,
+            min_confidence=config.min_confidence if self.min_confidence is None else self.min_confidence,
         )

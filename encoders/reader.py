@@ -41,7 +41,7 @@ from memvq.encoders.inputs import ReaderInputs
 from memvq.encoders.options import QueryOptions
 from memvq.encoders.pairs import PairSpans, memory_pairs, text_pairs
 from memvq.encoders.reranker import RerankerHead, perplexity_distillation_loss, perplexity_distillation_target
-from memvq.encoders.span_head import SpanHead, answer_log_likelihood, best_spans, span_loss
+from memvq.encoders.span_head import SpanHead, answer_log_likelihood, best_spans, no_answer_log_prob, span_loss
 from memvq.encoders.spans import AnswerSpan, aggregate
 
 logger = logging.getLogger(__name__)
@@ -91,12 +91,14 @@ class EncoderOutput:
 @dataclass
 class ReaderOutput:
     """Answers with the passages read: scores 'b K' (glimmer, else None), kept 'b k'; spans (extract head): each
-    answer's place, `AnswerSpan.passage` indexing the question's kept passages (None: no answer)."""
+    answer's place, `AnswerSpan.passage` indexing the question's kept passages (None: no answer), and
+    no_answer: per question the log of the head's "no answer in these passages" mass (`no_answer_log_prob`)."""
 
     answers: list[str]
     passage_scores: torch.Tensor | None
     kept: torch.Tensor
     spans: list[AnswerSpan | None] | None = None
+    no_answer: list[float] | None = None
 
 
 class Reader(nn.Module):
@@ -259,9 +261,9 @@ class Reader(nn.Module):
         encoded = self.encode(questions, inputs, options, stage)
         if self.span_head is not None:
             with stage("decode"):
-                spans = self._extract(encoded, options.max_answer_tokens)
+                spans, no_answer = self._extract(encoded, options.max_answer_tokens)
             answers = [span.answer if span is not None else "" for span in spans]
-            return ReaderOutput(answers, encoded.passage_scores, encoded.kept, spans)
+            return ReaderOutput(answers, encoded.passage_scores, encoded.kept, spans, no_answer)
         assert self.decoder is not None
         with stage("decode"):
             hidden, mask, token_ids = encoded.decoder_inputs()
@@ -276,19 +278,20 @@ class Reader(nn.Module):
             answers = self.decoder.decode(ids)
         return ReaderOutput(answers, encoded.passage_scores, encoded.kept)
 
-    def _extract(self, encoded: EncoderOutput, max_span_tokens: int) -> list[AnswerSpan | None]:
-        """The extract head's answer per question: the best spans of its kept pairs, equal answers added up."""
+    def _extract(self, encoded: EncoderOutput, max_span_tokens: int) -> tuple[list[AnswerSpan | None], list[float]]:
+        """The extract head's answer per question (the best spans of its kept pairs, equal answers added up) and
+        its log no-answer mass."""
         assert self.span_head is not None and encoded.spans is not None
         spans = encoded.spans.select(encoded.kept)
         logits = self.span_head(encoded.hidden)
-        candidates = best_spans(
-            logits, spans.text_mask, max_span_tokens, self.config.passage_weight, top_n=SPAN_CANDIDATES
-        )
+        weight = self.config.passage_weight
+        candidates = best_spans(logits, spans.text_mask, max_span_tokens, weight, top_n=SPAN_CANDIDATES)
         no_shift = [0] * encoded.kept.shape[1]
-        return [
+        answers = [
             aggregate(found, texts, offsets, no_shift)
             for found, texts, offsets in zip(candidates, spans.texts, spans.offsets.cpu(), strict=True)
         ]
+        return answers, no_answer_log_prob(logits, spans.text_mask, weight).tolist()
 
     # -- training ----------------------------------------------------------------------------------------------
 

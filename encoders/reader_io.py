@@ -78,6 +78,12 @@ def read_reader(directory: str | Path) -> ArtifactHeader:
     return header
 
 
+def reader_weights_sha256(directory: str | Path) -> str:
+    """The sha256 of a saved reader's weights, as its header records it (not hashed again)."""
+    header = read_artifact(Path(directory) / READER_FILE, READER_FORMAT, "reader header")
+    return header.files[WEIGHTS_FILE]["sha256"]
+
+
 def check_backbone(backbone: Backbone, header: ArtifactHeader) -> None:
     """Refuse a backbone of another type, depth, width or memory split than the one a saved reader was trained on."""
     info = header.extra["backbone"]

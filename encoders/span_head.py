@@ -150,6 +150,15 @@ def span_loss(
 
 
 @torch.no_grad()
+def no_answer_log_prob(logits: SpanLogits, span_mask: torch.Tensor, passage_weight: float = 1.0) -> torch.Tensor:
+    """log of the "no answer in what was read" mass per question 'b': the sum over its k pairs of P(start = 0)
+    P(end = 0) P(passage)^passage_weight, the position-0 counterpart of a span's score."""
+    start_lp, end_lp = token_log_probs(logits, span_mask)
+    passage_lp = logits.passage.float().log_softmax(dim=-1)
+    return (start_lp[..., 0] + end_lp[..., 0] + passage_weight * passage_lp).logsumexp(dim=-1)
+
+
+@torch.no_grad()
 def best_spans(
     logits: SpanLogits,
     span_mask: torch.Tensor,

@@ -29,13 +29,17 @@ TokenSpan = tuple[int, int]  # first and last token, inclusive
 
 class AnswerSpan(NamedTuple):
     """The extracted answer: text[char_start:char_end] of passage `passage` (index among the k read) and its
-    score (the log of the summed probabilities of every candidate with the same normalised answer)."""
+    score (the log of the summed probabilities of every candidate with the same normalised answer); runner_up:
+    the same score of the second-best answer (-inf: none), support: how many of the passages read hold
+    candidates of this answer."""
 
     answer: str
     passage: int
     char_start: int
     char_end: int
     score: float
+    runner_up: float = float("-inf")
+    support: int = 1
 
 
 def passage_token_offsets(
@@ -146,7 +150,8 @@ def aggregate(
 ) -> AnswerSpan | None:
     """One question's answer from its candidates (pair coordinates over its k passages: texts, offsets 'k l 2',
     shift 'k'): candidates with the same `normalize`d text are one answer whose score is the logsumexp of theirs;
-    the best answer is reported at its best single occurrence. None without candidates."""
+    the best answer is reported at its best single occurrence, with the second-best answer's score and the
+    number of passages holding the best one. None without candidates."""
     groups: dict[str, list[AnswerSpan]] = {}
     for candidate in candidates:
         passage = candidate.passage
@@ -157,6 +162,12 @@ def aggregate(
         groups.setdefault(normalize(answer), []).append(span)
     if not groups:
         return None
-    scored = [(_logsumexp([span.score for span in group]), group) for group in groups.values()]
-    score, group = max(scored, key=lambda item: item[0])
-    return max(group, key=lambda span: span.score)._replace(score=score)
+    scored = sorted(
+        ((_logsumexp([span.score for span in group]), group) for group in groups.values()),
+        key=lambda item: item[0],
+        reverse=True,
+    )
+    score, group = scored[0]
+    runner_up = scored[1][0] if len(scored) > 1 else float("-inf")
+    best = max(group, key=lambda span: span.score)
+    return best._replace(score=score, runner_up=runner_up, support=len({span.passage for span in group}))

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from memvq.encoders.config import ReaderConfig
 from memvq.encoders.hardware import Precision
 from memvq.encoders.options import QueryOptions
+from memvq.pipelines.calibrate import CalibrateSettings
 from memvq.pipelines.config import BuildConfig, EncoderConfig, LoadOptions, OptimConfig, TrainConfig
 from memvq.pipelines.evaluate import EvalSettings
 from memvq.pipelines.logs import configure_logging
@@ -39,8 +40,20 @@ def setting(model: type[BaseModel], name: str, *flags: str, default: Any = ..., 
     return typer.Option(value, *flags, help=help_text, **options)
 
 
-def _query_options(top_k: int | None, rerank_k: int | None, max_answer_tokens: int | None, num_beams: int | None):
-    return QueryOptions(top_k=top_k, rerank_k=rerank_k, max_answer_tokens=max_answer_tokens, num_beams=num_beams)
+def _query_options(
+    top_k: int | None,
+    rerank_k: int | None,
+    max_answer_tokens: int | None,
+    num_beams: int | None,
+    min_confidence: float | None = None,
+) -> QueryOptions:
+    return QueryOptions(
+        top_k=top_k,
+        rerank_k=rerank_k,
+        max_answer_tokens=max_answer_tokens,
+        num_beams=num_beams,
+        min_confidence=min_confidence,
+    )
 
 
 @app.callback()
@@ -217,24 +230,32 @@ def query_command(
     rerank_k: int | None = setting(QueryOptions, "rerank_k", note=THE_READERS),
     max_answer_tokens: int | None = setting(QueryOptions, "max_answer_tokens", note=THE_READERS),
     num_beams: int | None = setting(QueryOptions, "num_beams", note=THE_READERS),
+    min_confidence: float | None = setting(QueryOptions, "min_confidence", note=THE_READERS),
     device: str = setting(LoadOptions, "device"),
     precision: Precision = setting(LoadOptions, "precision"),
     verify: bool = setting(LoadOptions, "verify"),
 ) -> None:
-    """Answer one question from the memory: the answer, the passages read and the time per stage."""
+    """Answer one question from the memory: the answer (or that it abstained), its confidence, the passages read and
+    the time per stage."""
     from memvq.memory.artifact import ArtifactError
     from memvq.pipelines.compatibility import IncompatibleModelError
     from memvq.pipelines.rag import RAGPipeline
 
     try:
-        options = _query_options(top_k, rerank_k, max_answer_tokens, num_beams)
+        options = _query_options(top_k, rerank_k, max_answer_tokens, num_beams, min_confidence)
         start = time.perf_counter()
         rag = RAGPipeline.load(store, model, device=device, verify=verify, precision=precision)
         load_ms = (time.perf_counter() - start) * 1000
         [result] = rag.answer([question], options)
     except (ArtifactError, FileNotFoundError, IncompatibleModelError, ValueError) as error:
         raise _fail(error) from error
-    typer.secho(result.answer or "(no answer)", bold=True)
+    if result.abstained:
+        typer.secho("(not found in the store: no answer reaches min_confidence)", bold=True)
+        typer.echo(f"best guess, not given: {result.answer!r}")
+    else:
+        typer.secho(result.answer or "(no answer)", bold=True)
+    if result.confidence is not None:
+        typer.echo(f"confidence {result.confidence:.2f}")
     if result.span is not None:
         passage = result.passages[result.span.passage]
         typer.echo(f"\nfrom passage {result.span.passage + 1}, {passage.title} ({passage.passage_id}):")
@@ -291,6 +312,7 @@ def eval_command(
     rerank_k: int | None = setting(QueryOptions, "rerank_k", note=THE_READERS),
     max_answer_tokens: int | None = setting(QueryOptions, "max_answer_tokens", note=THE_READERS),
     num_beams: int | None = setting(QueryOptions, "num_beams", note=THE_READERS),
+    min_confidence: float | None = setting(QueryOptions, "min_confidence", note=THE_READERS),
     limit: int | None = setting(EvalSettings, "limit"),
     ks: str = setting(EvalSettings, "ks", default=_joined(EvalSettings, "ks"), note="comma-separated"),
     rank_keys: str = setting(
@@ -311,7 +333,7 @@ def eval_command(
         if not path.is_file():
             raise _fail(f"file not found: {path}")
     try:
-        query = _query_options(top_k, rerank_k, max_answer_tokens, num_beams)
+        query = _query_options(top_k, rerank_k, max_answer_tokens, num_beams, min_confidence)
         ks_values, keys = _listed(ks, "--ks", int), _listed(rank_keys, "--rank-keys")
         settings = EvalSettings(
             batch_size=batch_size, query=query, limit=limit, ks=ks_values, rank_keys=keys, passage_text=passage_text
@@ -332,6 +354,77 @@ def eval_command(
             typer.echo(f"{name}: {task['unscored']} question(s) without a gold answer not scored")
     if out is not None:
         typer.echo(f"report: {out / 'report.md'} and {out / 'report.json'}")
+
+
+@app.command("calibrate")
+def calibrate_command(
+    data: Annotated[list[Path], typer.Option(help="KILT-format questions with answers the reader is not scored on")],
+    store: Annotated[Path, typer.Option(help="store built by `memvq build-index`")],
+    model: Annotated[Path | None, typer.Option(help="saved reader directory; default: the embedded reader")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="directory of calibration.json; default: the reader's (read with it)")
+    ] = None,
+    device: str = setting(LoadOptions, "device"),
+    precision: Precision = setting(LoadOptions, "precision"),
+    top_k: int | None = setting(QueryOptions, "top_k", note=THE_READERS),
+    rerank_k: int | None = setting(QueryOptions, "rerank_k", note=THE_READERS),
+    batch_size: int = setting(CalibrateSettings, "batch_size"),
+    skip: int = setting(CalibrateSettings, "skip"),
+    limit: int | None = setting(CalibrateSettings, "limit"),
+    unsupported_every: int = setting(CalibrateSettings, "unsupported_every"),
+    keep_right: float = setting(CalibrateSettings, "keep_right"),
+    min_confidence: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="the default threshold to save (chosen by a rule on held-out data); "
+            "default: the --keep-right rule on these questions",
+        ),
+    ] = None,
+) -> None:
+    """Fit the reader's answer confidence (and its default min_confidence) on questions with known answers."""
+    from memvq.encoders.embedded import default_reader_path
+    from memvq.encoders.reader_io import reader_weights_sha256
+    from memvq.memory.artifact import ArtifactError
+    from memvq.pipelines.calibrate import calibrate
+    from memvq.pipelines.compatibility import IncompatibleModelError
+    from memvq.pipelines.confidence import save_calibration
+    from memvq.pipelines.rag import RAGPipeline
+
+    model_path = model or default_reader_path()
+    try:
+        settings = CalibrateSettings(
+            query=_query_options(top_k, rerank_k, None, None),
+            batch_size=batch_size,
+            skip=skip,
+            limit=limit,
+            unsupported_every=unsupported_every,
+            keep_right=keep_right,
+            min_confidence=min_confidence,
+        )
+        rag = RAGPipeline.load(store, model_path, device=device, precision=precision)
+        calibration, fit = calibrate(rag, data, settings)
+        fit = {**fit, "reader_sha256": reader_weights_sha256(model_path)}
+        path = save_calibration(out or model_path, calibration, settings.model_dump(mode="json"), fit)
+    except (ArtifactError, FileNotFoundError, IncompatibleModelError, ValueError, OSError) as error:
+        raise _fail(error) from error
+    _echo_rows(
+        [
+            ("questions (gold pages hidden)", f"{fit['questions']:,} ({fit['unsupported']:,})"),
+            ("accuracy (exact match)", f"{fit['accuracy']:.3f}"),
+            ("AUROC", f"{fit['auroc']:.3f}"),
+            ("calibration error raw -> fitted", f"{fit['ece_raw']:.3f} -> {fit['ece_fitted']:.3f}"),
+            (
+                "min_confidence",
+                f"{calibration.min_confidence:.4f}"
+                + (" (given)" if min_confidence is not None else f" (keeps {keep_right:.0%} of right answers)"),
+            ),
+            ("wrong answers removed", f"{fit['wrong_removed']:.3f}"),
+            ("hidden-page questions abstained", f"{fit['unsupported_abstained']:.3f}"),
+        ]
+    )
+    typer.echo(f"calibration: {path}")
 
 
 @app.command("serve")

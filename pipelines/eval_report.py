@@ -1,5 +1,6 @@
 """The eval report: its header (`memvq-eval-report`: the settings, the predictions scored with their sha256, what the
-run read) written as `report.json`, and its rendering: `report.md` and the summary table `memvq eval` prints."""
+run read) written as `report.json`, and its rendering: `report.md`, the summary table `memvq eval` prints and, for
+answers with a confidence, each task's risk-coverage curve as `{task}-risk-coverage.svg`."""
 
 from __future__ import annotations
 
@@ -51,8 +52,44 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, 
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / REPORT_JSON, out / REPORT_MD
     write_json(json_path, dict(report))
+    for name, task in report["tasks"].items():
+        if task.get("selective"):
+            svg = risk_coverage_svg(name, task["selective"]["risk_coverage"])
+            atomic_write(out / f"{name}{RISK_COVERAGE_SUFFIX}", lambda tmp, svg=svg: tmp.write_text(svg))
     atomic_write(md_path, lambda tmp: tmp.write_text(format_markdown(report)))
     return json_path, md_path
+
+
+RISK_COVERAGE_SUFFIX = "-risk-coverage.svg"
+
+
+def risk_coverage_svg(task: str, points: list[list[float]], width: int = 480, height: int = 320) -> str:
+    """The risk-coverage curve (x: coverage, y: risk = 1 - accuracy of the answered) as a standalone SVG."""
+    left, top, right, bottom = 56, 28, 16, 44
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(coverage: float, risk: float) -> str:
+        return f"{left + coverage * plot_w:.1f},{top + (1 - risk) * plot_h:.1f}"
+
+    ticks = [i / 5 for i in range(6)]
+    grid = "".join(
+        f'<line x1="{left}" y1="{top + (1 - t) * plot_h:.1f}" x2="{left + plot_w}" y2="{top + (1 - t) * plot_h:.1f}" '
+        f'stroke="#ddd"/><text x="{left - 6}" y="{top + (1 - t) * plot_h + 4:.1f}" text-anchor="end">{t:.1f}</text>'
+        f'<text x="{left + t * plot_w:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{t:.1f}</text>'
+        for t in ticks
+    )
+    line = " ".join(xy(coverage, risk) for coverage, risk in points)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        f'font-size="11"><rect width="100%" height="100%" fill="white"/>{grid}'
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#555"/>'
+        f'<polyline points="{line}" fill="none" stroke="#1f6feb" stroke-width="2"/>'
+        f'<text x="{left + plot_w / 2}" y="{top - 10}" text-anchor="middle" font-size="13">{task}: risk vs coverage '
+        f"(most confident answered first)</text>"
+        f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">coverage (share of questions answered)'
+        f'</text><text transform="translate(14,{top + plot_h / 2}) rotate(-90)" text-anchor="middle">risk (share of '
+        f"answers given that are wrong)</text></svg>\n"
+    )
 
 
 _DOWNSTREAM_NAMES = {"accuracy": "accuracy", "em": "EM", "f1": "F1", "rougel": "ROUGE-L"}
@@ -161,11 +198,34 @@ def _task_section(name: str, task: Mapping[str, Any]) -> list[str]:
             "the milliseconds of each batch divided by its questions.",
             "",
         ]
+    lines += _selective_section(name, task.get("selective"))
     if task["bad_records"]:
         lines.append(f"Bad records (first {min(task['bad_records'], _MAX_BAD_IN_REPORT)}):")
         lines += [f"- {message}" for message in task["bad_record_examples"]]
         lines.append("")
     return lines
+
+
+def _selective_section(name: str, selective: Mapping[str, Any] | None) -> list[str]:
+    if not selective:
+        return []
+    lines = [
+        f"Confidence (right = exact match of the answer it would give): AUROC {_num(selective['auroc'], 3)}, "
+        f"expected calibration error {_num(selective['ece'], 3)}; at this run's threshold "
+        f"{_num(selective['abstain_rate'], 3)} abstained, accuracy of the answers given "
+        f"{_num(selective['accuracy_answered'], 3)} (all: {_num(selective['accuracy_all'], 3)}), right answers kept "
+        f"{_num(selective['right_kept'], 3)}, wrong answers removed {_num(selective['wrong_removed'], 3)}. "
+        f"Risk-coverage curve: `{name}{RISK_COVERAGE_SUFFIX}`.",
+        "",
+        "| min_confidence | coverage | accuracy answered | right kept | wrong removed |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {row['threshold']:.1f} | {_num(row['coverage'], 3)} | {_num(row['accuracy_answered'], 3)} | "
+        f"{_num(row['right_kept'], 3)} | {_num(row['wrong_removed'], 3)} |"
+        for row in selective["thresholds"]
+    ]
+    return [*lines, ""]
 
 
 def format_markdown(report: Mapping[str, Any]) -> str:

@@ -51,6 +51,7 @@ from memvq.data.kilt.records import (
     record_input,
     task_names,
 )
+from memvq.data.kilt.selective import selective_scores
 from memvq.encoders.options import QueryOptions
 from memvq.memory.artifact import atomic_write, sha256_file
 from memvq.pipelines.config import LoadOptions
@@ -254,7 +255,23 @@ def score_records(
         "unscored": len(gold) - len(scorable),
         "extra_predictions": extra,
         "metrics": metrics,
+        "selective": selective_report(scorable, kept),
     }
+
+
+def selective_report(gold: Sequence[Mapping[str, Any]], guess: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """`selective_scores` of guesses that all carry a confidence (None otherwise): right is the exact match of the
+    answer it would give (`candidate` when it abstained) with a gold answer."""
+    outputs = {record_id(g): g["output"][0] for g in guess}
+    if not outputs or not all("confidence" in output for output in outputs.values()):
+        return None
+    rows = [(outputs[record_id(r)], gold_answers(r)) for r in gold if record_id(r) in outputs]
+    correct = [
+        max(kilt_metrics.exact_match(output.get("candidate") or output["answer"], a) for a in answers) == 1.0
+        for output, answers in rows
+    ]
+    confidence = [float(output["confidence"]) for output, _ in rows]
+    return selective_scores(confidence, correct, [bool(output.get("abstained")) for output, _ in rows])
 
 
 def score_predictions(
@@ -432,7 +449,8 @@ def model_summary(pipeline: RAGPipeline, model_path: str | Path | None = None) -
             "weights_sha256": sha256_file(weights) if weights is not None and weights.is_file() else None,
             "mode": pipeline.reader.config.mode,
             "precision": pipeline.precision,
-            "config": pipeline.reader.config.model_dump(mode="json"),
+            "config": pipeline.config.model_dump(mode="json"),
+            "calibration": asdict(pipeline.calibration) if pipeline.calibration is not None else None,
             "backbone": asdict(pipeline.reader.backbone.info),
         }
     )
@@ -441,7 +459,7 @@ def model_summary(pipeline: RAGPipeline, model_path: str | Path | None = None) -
 def _check_run_config(out: Path, store: dict[str, Any], model: dict[str, Any], settings: EvalSettings) -> None:
     config = {
         "store_manifest_sha256": store["manifest_sha256"],
-        "model": {k: model[k] for k in ("weights_sha256", "config", "backbone", "precision")},
+        "model": {k: model[k] for k in ("weights_sha256", "config", "calibration", "backbone", "precision")},
         "settings": settings.model_dump(mode="json", include=set(_PREDICTION_SETTINGS)),
     }
     check_or_record(out / CONFIG_FILE, jsonable(config), "evaluation", EvalConfigError)

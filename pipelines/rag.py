@@ -28,10 +28,11 @@ from memvq.encoders.hardware import Resolved, autocast, resolve_device, resolve_
 from memvq.encoders.inputs import PassageOffsets, ReaderInputs
 from memvq.encoders.options import QueryOptions
 from memvq.encoders.reader import Reader
-from memvq.encoders.reader_io import load_reader
+from memvq.encoders.reader_io import load_reader, reader_weights_sha256
 from memvq.encoders.spans import AnswerSpan, passage_token_offsets
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.compatibility import check_compatible
+from memvq.pipelines.confidence import Calibration, Evidence, load_calibration
 from memvq.pipelines.config import LoadOptions
 from memvq.pipelines.timing import QUERY_STAGES, Stopwatch
 from memvq.retrieval.retriever import RetrievedPassage, Retriever
@@ -42,22 +43,37 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RAGAnswer:
     """One question's answer, the passages the reader read (best first), the batch's milliseconds per stage and,
-    from an extract head, where the answer stands: `span.passage` indexes `passages`, [char_start, char_end) of
-    that passage's text."""
+    from an extract head, where the answer stands (`span.passage` indexes `passages`, [char_start, char_end) of
+    that passage's text), its confidence (`memvq.pipelines.confidence`) and whether it abstained (confidence
+    below `min_confidence`: `answer` is then the answer it did not give)."""
 
     question: str
     answer: str
     passages: list[RetrievedPassage]
     timings_ms: dict[str, float] = field(default_factory=dict)
     span: AnswerSpan | None = None
+    confidence: float | None = None
+    abstained: bool = False
+    evidence: Evidence | None = None
+
+    @property
+    def given(self) -> str | None:
+        """The answer as given: None when it abstained."""
+        return None if self.abstained else self.answer
 
     def kilt_output(self, with_text: bool = False) -> dict[str, Any]:
-        """A KILT `output` entry: the answer and the passages read as provenance; the passage the answer was taken
-        from carries `answer_span`, its [start, end) characters in the passage text."""
+        """A KILT `output` entry: the answer ("" when it abstained, as KILT scores a missing answer; the one not
+        given in `candidate`) and the passages read as provenance; the passage the answer was taken from carries
+        `answer_span`, its [start, end) characters in the passage text; `confidence` / `abstained` when known."""
         provenance = [p.provenance(with_text) for p in self.passages]
         if self.span is not None:
             provenance[self.span.passage]["answer_span"] = [self.span.char_start, self.span.char_end]
-        return {"answer": self.answer, "provenance": provenance}
+        output: dict[str, Any] = {"answer": self.given or "", "provenance": provenance}
+        if self.confidence is not None:
+            output |= {"confidence": self.confidence, "abstained": self.abstained}
+        if self.abstained:
+            output["candidate"] = self.answer
+        return output
 
 
 def passage_tokens(store: MemoryStore, reader: Reader, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -160,6 +176,7 @@ class RAGPipeline:
         retriever: Retriever,
         inputs: InputsFn = reader_inputs,
         precision: Resolved = "fp32",
+        calibration: Calibration | None = None,
     ) -> None:
         check_compatible(store, reader, stored_memory=inputs is reader_inputs)
         self.store = store
@@ -168,6 +185,7 @@ class RAGPipeline:
         self.inputs = inputs
         self.device = reader.device
         self.precision = precision
+        self.calibration = calibration
 
     @classmethod
     def load(cls, store: str | Path, model: str | Path | None = None, **options: Any) -> RAGPipeline:
@@ -177,8 +195,11 @@ class RAGPipeline:
         device = resolve_device(settings.device)
         resolved = resolve_precision(settings.precision, device)
         opened = MemoryStore.open(store, verify=settings.verify)
-        reader = load_reader(model or default_reader_path(), device=device)
-        pipeline = cls(opened, reader, Retriever.for_store(opened, device, resolved), precision=resolved)
+        model = model or default_reader_path()
+        reader = load_reader(model, device=device)
+        calibration = load_calibration(model, reader_weights_sha256(model))
+        retriever = Retriever.for_store(opened, device, resolved)
+        pipeline = cls(opened, reader, retriever, precision=resolved, calibration=calibration)
         if opened.has_memory:
             opened.codec.to(device)
         logger.info(
@@ -193,7 +214,15 @@ class RAGPipeline:
 
     @property
     def config(self) -> ReaderConfig:
-        return self.reader.config
+        """The reader's config, with the default `min_confidence` of its calibration when that sets one."""
+        config = self.reader.config
+        if self.calibration is None or self.calibration.min_confidence is None:
+            return config
+        return config.model_copy(update={"min_confidence": self.calibration.min_confidence})
+
+    def confidence(self, evidence: Evidence) -> float:
+        """P(the answer is right) by the calibration (without one: the span head's raw answer probability)."""
+        return self.calibration.confidence(evidence) if self.calibration else evidence.raw_confidence()
 
     def retrieve(self, questions: list[str], options: QueryOptions | None = None) -> list[list[RetrievedPassage]]:
         """The top-K passages of each question (K: `options.top_k`, None: the reader config's)."""
@@ -228,6 +257,7 @@ class RAGPipeline:
         timer: Stopwatch | None = None,
     ) -> list[RAGAnswer]:
         """Answer questions from passages already retrieved (the same number for every question)."""
+        options = (options or QueryOptions()).resolved(self.config)
         timer = timer or Stopwatch(self.device, QUERY_STAGES)
         k = min(len(passages) for passages in retrieved)
         retrieved = [passages[:k] for passages in retrieved]
@@ -243,5 +273,14 @@ class RAGPipeline:
         for i, question in enumerate(questions):
             read = [retrieved[i][j] if scores is None else retrieved[i][j].with_score(scores[i][j]) for j in kept[i]]
             span = out.spans[i] if out.spans is not None else None
-            results.append(RAGAnswer(question, out.answers[i], read, dict(timer.ms), span))
+            evidence, confidence = None, None
+            if out.no_answer is not None:  # the extract head
+                evidence = span and Evidence(
+                    span.score, span.runner_up, span.support, out.no_answer[i], retrieved[i][0].score
+                )
+                confidence = self.confidence(evidence) if evidence else 0.0
+            abstained = confidence is not None and confidence < (options.min_confidence or 0.0)
+            results.append(
+                RAGAnswer(question, out.answers[i], read, dict(timer.ms), span, confidence, abstained, evidence)
+            )
         return results

@@ -189,9 +189,11 @@ def test_config_and_split_are_checked(tiny_bert_path):
 
 
 def test_query_options_resolve_against_the_reader_config():
-    config = ReaderConfig(mode="glimmer", top_k=6, rerank_k=3, max_answer_tokens=8, num_beams=2)
-    assert QueryOptions().resolved(config) == QueryOptions(top_k=6, rerank_k=3, max_answer_tokens=8, num_beams=2)
-    given = QueryOptions(top_k=10, rerank_k=5, max_answer_tokens=4, num_beams=1)
+    config = ReaderConfig(mode="glimmer", top_k=6, rerank_k=3, max_answer_tokens=8, num_beams=2, min_confidence=0.3)
+    assert QueryOptions().resolved(config) == QueryOptions(
+        top_k=6, rerank_k=3, max_answer_tokens=8, num_beams=2, min_confidence=0.3
+    )
+    given = QueryOptions(top_k=10, rerank_k=5, max_answer_tokens=4, num_beams=1, min_confidence=0.0)
     assert given.resolved(config) == given and given.resolved(config).resolved(config) == given
     assert QueryOptions(top_k=2).resolved(config).rerank_k == 2  # the default rerank_k is cut to top_k
     with pytest.raises(ValueError, match=r"rerank_k \(3\) must be <= top_k \(2\)"):

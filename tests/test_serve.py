@@ -154,7 +154,8 @@ def test_answer_returns_answer_provenance_and_timings(client):
     response = client.post("/v1/answer", json={"question": f"  {QUESTION} ", "top_k": 5, "rerank_k": 2})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"question", "answer", "provenance", "timings_ms", "batch_size"}
+    assert set(body) == {"question", "answer", "abstained", "provenance", "timings_ms", "batch_size"}
+    assert body["abstained"] is False  # a generate reader: no confidence, never abstains
     assert body["question"] == QUESTION and isinstance(body["answer"], str)
     assert len(body["provenance"]) == 2
     first = body["provenance"][0]

@@ -32,7 +32,7 @@ from memvq.serve.settings import ServeSettings
 class FakePipeline:
     """Each model call takes `seconds`; every question it was given is recorded, in order."""
 
-    config = SimpleNamespace(mode="fid", top_k=3, rerank_k=2, max_answer_tokens=8, num_beams=1)
+    config = SimpleNamespace(mode="fid", top_k=3, rerank_k=2, max_answer_tokens=8, num_beams=1, min_confidence=0.0)
     precision = "fp32"
 
     def __init__(self, seconds: float = 0.0) -> None:

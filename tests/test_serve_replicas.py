@@ -35,7 +35,7 @@ SETTINGS = {"api_key": KEY, "max_batch_size": 8, "max_wait_ms": 20, "max_questio
 class FakePipeline:
     """Answers `answer to Q`; records each model call; raises on a question containing 'boom'."""
 
-    config = SimpleNamespace(mode="fid", top_k=3, rerank_k=2, max_answer_tokens=8, num_beams=1)
+    config = SimpleNamespace(mode="fid", top_k=3, rerank_k=2, max_answer_tokens=8, num_beams=1, min_confidence=0.0)
     precision = "fp32"
 
     def __init__(self) -> None:

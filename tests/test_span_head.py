@@ -193,9 +193,11 @@ def test_aggregation_adds_up_the_same_answer_across_passages(tokenizer):
         SpanCandidate(2, *spans[2], math.log(0.25)),
     ]
     answer = aggregate(candidates, texts, offsets, shift)
-    assert answer == AnswerSpan("The Denver Broncos", 0, 0, 18, pytest.approx(math.log(0.55)))
+    expected = AnswerSpan("The Denver Broncos", 0, 0, 18, pytest.approx(math.log(0.55)), math.log(0.4), support=2)
+    assert answer == expected
     single = aggregate(candidates[:2], texts, offsets, shift)
     assert single.answer == "Carolina Panthers" and texts[1][single.char_start : single.char_end] == single.answer
+    assert single.runner_up == math.log(0.3) and single.support == 1
     assert aggregate([], texts, offsets, shift) is None
 
 

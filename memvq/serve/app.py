@@ -168,16 +168,18 @@ def _provenance(passages: list[RetrievedPassage], with_text: bool) -> list[Prove
 def _answer_response(done: Completed[RAGAnswer], with_text: bool) -> AnswerResponse:
     result = done.value
     span = None
-    if result.span is not None:
+    if result.span is not None and not result.abstained:
         passage_id = result.passages[result.span.passage].passage_id
         span = AnswerSpanModel(passage_id=passage_id, start=result.span.char_start, end=result.span.char_end)
+    optional = {"answer_span": span, "confidence": result.confidence}  # left out of the JSON when None
     return AnswerResponse(
         question=result.question,
-        answer=result.answer,
-        answer_span=span,
+        answer=result.given,  # null when it abstained
+        abstained=result.abstained,
         provenance=_provenance(result.passages, with_text),
         timings_ms={**result.timings_ms, "queue": done.queued_ms},
         batch_size=done.batch_size,
+        **{key: value for key, value in optional.items() if value is not None},
     )
 
 
@@ -265,13 +267,13 @@ def _query_routes(server: Server, models: tuple[type, type, type], security: lis
     AnswerRequest, BatchAnswerRequest, RetrieveRequest = models
     api = APIRouter(prefix="/v1", dependencies=security, responses=ERROR_RESPONSES)
 
-    @api.post("/answer", response_model=AnswerResponse, response_model_exclude_none=True)
+    @api.post("/answer", response_model=AnswerResponse, response_model_exclude_unset=True)
     async def answer(request: AnswerRequest) -> AnswerResponse:
         """Answer one question, with the passages read as provenance."""
         [done] = await server.submit([request.question], server.key("answer", request))
         return _answer_response(done, request.return_passages)
 
-    @api.post("/answer:batch", response_model=BatchAnswerResponse, response_model_exclude_none=True)
+    @api.post("/answer:batch", response_model=BatchAnswerResponse, response_model_exclude_unset=True)
     async def answer_batch(request: BatchAnswerRequest) -> BatchAnswerResponse:
         """Answer many questions that share the options (they go through the model in batches)."""
         done = await server.submit(list(request.questions), server.key("answer", request))

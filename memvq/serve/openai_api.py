@@ -174,10 +174,16 @@ def _answer_request(answer_model: type[BaseModel], request: ChatCompletionReques
         raise RequestValidationError([{**item, "loc": where} for item in error.errors()]) from error
 
 
+NOT_FOUND = "I could not find the answer in the store."
+
+
 def assistant_content(answer: AnswerResponse) -> str:
-    """The answer, then its sources: the passages read, best first."""
+    """The answer (or, when it abstained, that the store holds none), then its sources: the passages read (looked
+    at), best first."""
     sources = "\n".join(f"[{n}] {p.title} ({p.passage_id})" for n, p in enumerate(answer.provenance, 1))
-    return f"{answer.answer}\n\nSources:\n{sources}" if sources else answer.answer
+    text = NOT_FOUND if answer.abstained else answer.answer or ""
+    heading = "Passages looked at" if answer.abstained else "Sources"
+    return f"{text}\n\n{heading}:\n{sources}" if sources else text
 
 
 def _events(completion: ChatCompletion) -> Iterator[str]:

@@ -45,7 +45,13 @@ class AnswerSpanModel(BaseModel):
 
 class AnswerResponse(BaseModel):
     question: str
-    answer: str
+    answer: str | None = Field(description="null when it abstained (no answer reached min_confidence)")
+    abstained: bool = Field(default=False, description="no answer reached min_confidence: the store holds no support")
+    confidence: float | None = Field(
+        default=None,
+        description="extract head: the probability that the answer is right (calibrated when the reader is); null "
+        "for the generate head",
+    )
     answer_span: AnswerSpanModel | None = Field(
         default=None, description="the answer's place in a passage read (readers with the extract head)"
     )
@@ -83,7 +89,7 @@ class RequestModels(NamedTuple):
     retrieve: type[BaseModel]
 
 
-def _knob(name: str, limit: int) -> tuple[Any, None]:
+def _knob(name: str, limit: float) -> tuple[Any, None]:
     """The `QueryOptions` field `name` as a request field, at most `limit` (this server's)."""
     info = QueryOptions.model_fields[name]
     limited = Field(le=limit, description=f"{info.description} (default: the reader's)")
@@ -106,6 +112,7 @@ def request_models(settings: ServeSettings) -> RequestModels:
         "top_k": _knob("top_k", settings.max_top_k),
         "rerank_k": _knob("rerank_k", settings.max_top_k),
         "max_answer_tokens": _knob("max_answer_tokens", settings.max_answer_tokens),
+        "min_confidence": _knob("min_confidence", 1.0),
         "return_passages": (bool, Field(default=False, description="include each passage's text in provenance")),
     }
     config = ConfigDict(strict=True, extra="forbid")

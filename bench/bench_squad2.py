@@ -1,0 +1,102 @@
+"""SQuAD 2.0's unanswerable questions: does the reader abstain where the paragraph holds no answer?
+
+The shared sample (`haystack_samples/squad_v2_dev_small.json`: 626 questions over 2 articles, 333 unanswerable) is
+built into a store of its own paragraphs (`memvq build-index`, resumable), every question is answered over it
+(retrieval included: open-book over the 2 articles) and scored as the official SQuAD 2.0 script scores it: an
+abstention is the empty answer, right for an unanswerable question; exact match and F1 over all questions, the
+answerable ones (HasAns) and the unanswerable ones (NoAns). No question of the sample is trained or calibrated on.
+
+    python -m bench.bench_squad2 --out runs/squad2 [--model READER] [--build-config configs/build-minilm.toml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from memvq.data.kilt.metrics import normalize_answer
+from memvq.encoders.options import QueryOptions
+from memvq.pipelines.logs import configure_logging
+from memvq.pipelines.rag import RAGPipeline
+
+SAMPLE = "../shared/data/haystack_samples/squad_v2_dev_small.json"
+BATCH = 16
+
+
+def exact(prediction: str, gold: str) -> int:
+    """The official script's compute_exact."""
+    return int(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1(prediction: str, gold: str) -> float:
+    """The official script's compute_f1: an empty side scores 1 only against an empty side."""
+    pred, truth = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not truth:
+        return float(pred == truth)
+    same = sum((Counter(pred) & Counter(truth)).values())
+    if not same:
+        return 0.0
+    precision, recall = same / len(pred), same / len(truth)
+    return 2 * precision * recall / (precision + recall)
+
+
+def scores(rows: list[tuple[str, list[str]]]) -> dict[str, float]:
+    """Exact match and F1 (x 100) of (prediction, gold answers; [""] when unanswerable) pairs."""
+    if not rows:
+        return {"exact": 0.0, "f1": 0.0, "total": 0}
+    em = [max(exact(p, g) for g in golds) for p, golds in rows]
+    f = [max(f1(p, g) for g in golds) for p, golds in rows]
+    return {"exact": 100 * sum(em) / len(rows), "f1": 100 * sum(f) / len(rows), "total": len(rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=None, help="reader directory (default: the embedded one)")
+    parser.add_argument("--sample", type=Path, default=Path(SAMPLE))
+    parser.add_argument("--build-config", type=Path, default=Path("configs/build-minilm.toml"))
+    args = parser.parse_args()
+    configure_logging()
+    store = args.out / "store"
+    build = [str(Path(sys.executable).parent / "memvq"), "build-index", "--corpus", str(args.sample)]
+    build += ["--out", str(store), "--format", "squad", "--config", str(args.build_config), "--no-memory"]
+    subprocess.run(build, check=True)
+    questions = [
+        (qa["question"], [a["text"] for a in qa["answers"]] if not qa.get("is_impossible") else [""])
+        for article in json.loads(args.sample.read_text())["data"]
+        for paragraph in article["paragraphs"]
+        for qa in paragraph["qas"]
+    ]
+    rag = RAGPipeline.load(store, args.model)
+    threshold = rag.config.min_confidence
+    answered: list[tuple[str, float]] = []  # (the answer it would give, its confidence)
+    for start in range(0, len(questions), BATCH):
+        batch = [q for q, _ in questions[start : start + BATCH]]
+        for result in rag.answer(batch, QueryOptions(min_confidence=0.0)):
+            answered.append((result.answer, result.confidence or 0.0))
+    print(
+        f"{len(questions)} questions, {sum(g == [''] for _, g in questions)} unanswerable; min_confidence {threshold}"
+    )
+    print("| answers | all EM / F1 | HasAns EM / F1 | NoAns EM / F1 | abstained (HasAns / NoAns) |")
+    print("|---|---|---|---|---|")
+    for name, cut in (("always answer", 0.0), (f"abstain below {threshold:.2f} (the reader's)", threshold)):
+        given = [
+            (cand if conf >= cut else "", golds) for (cand, conf), (_, golds) in zip(answered, questions, strict=True)
+        ]
+        has = [row for row in given if row[1] != [""]]
+        no = [row for row in given if row[1] == [""]]
+        all_, h, n = scores(given), scores(has), scores(no)
+        skipped_has = sum(p == "" for p, _ in has) / len(has)
+        skipped_no = sum(p == "" for p, _ in no) / len(no)
+        print(
+            f"| {name} | {all_['exact']:.1f} / {all_['f1']:.1f} | {h['exact']:.1f} / {h['f1']:.1f} | "
+            f"{n['exact']:.1f} / {n['f1']:.1f} | {skipped_has:.2f} / {skipped_no:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
