@@ -134,6 +134,7 @@ def speed_rows(
     return rows
 
 
+@torch.inference_mode()  # the memory recomputed by memory layers that trained builds no autograd graph here
 def quality_row(
     pipeline: RAGPipeline,
     records: list[dict[str, Any]],

@@ -9,10 +9,12 @@ the whole run; when it is reached the run stops with a message and what was meas
 
 With `--replicas 1,2` the modes are `memvq serve --replicas N` instead (Ray Serve replicas on a local Ray, Ray
 Serve's batching on), one per N (0: the single-process server, batching on), and the throughput of each is
-compared with the first's. The mean batch size is then summed over the replicas' own /metrics.
+compared with the first's. The mean batch size is then summed over the replicas' own /metrics. With
+`--kill-after K`, each mode of 2 or more replicas runs again with one of its replicas SIGKILLed once K requests
+are answered (Serve replaces it; the router retries what it was answering): no request may be lost or fail.
 
     python -m bench.bench_serve --store runs/minilm-mini [--model DIR] [--requests 2000] [--concurrency 16]
-    python -m bench.bench_serve --store runs/minilm-mini --replicas 1,2
+    python -m bench.bench_serve --store runs/minilm-mini --replicas 1,2 [--kill-after 200]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from memvq.pipelines.logs import configure_logging
@@ -79,6 +82,7 @@ class ModeResult:
     seconds: float = 0.0
     mean_batch: float | None = None
     stopped: str | None = None
+    killed: str | None = None  # the replica process killed during the load, if any
 
     @property
     def errors(self) -> int:
@@ -256,6 +260,28 @@ async def fire(url: str, requests: list[Planned], concurrency: int, outcomes: li
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+def replica_processes() -> list[psutil.Process]:
+    """The model replicas' processes of `memvq serve --replicas` on this machine (not its router's): Ray names them
+    `ray::ServeReplica:memvq:memvq`."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith("ray::ServeReplica:memvq:memvq") and "memvq-router" not in title:
+            found.append(process)
+    return found
+
+
+async def kill_a_replica(outcomes: list[Outcome], after: int, result: ModeResult) -> None:
+    """SIGKILL one model replica once `after` requests are answered."""
+    while sum(1 for o in outcomes if o.status is not None) < after:
+        await asyncio.sleep(0.01)
+    victims = replica_processes()
+    if victims:
+        victims[0].kill()
+        result.killed = f"pid {victims[0].pid}"
+        logger.info("killed replica process %d after %d answers", victims[0].pid, after)
+
+
 async def run_mode(
     args: argparse.Namespace,
     mode: str,
@@ -264,6 +290,7 @@ async def run_mode(
     deadline: float,
     logs: Path,
     replicas: int = 0,
+    kill_after: int = 0,
 ) -> ModeResult:
     result = ModeResult(mode, max_batch_size, len(requests))
     server = ServerProcess(args, max_batch_size, logs, replicas)
@@ -276,12 +303,16 @@ async def run_mode(
             before = await batch_stats(client, max(replicas, 1))
             logger.info("%s: %d requests from %d clients", mode, len(requests), args.concurrency)
             start = time.perf_counter()
+            killer = asyncio.ensure_future(kill_a_replica(result.outcomes, kill_after, result)) if kill_after else None
             try:
                 await asyncio.wait_for(
                     fire(server.url, requests, args.concurrency, result.outcomes), deadline - time.monotonic()
                 )
             except TimeoutError:
                 result.stopped = "the load"
+            finally:
+                if killer is not None:
+                    killer.cancel()
             result.seconds = time.perf_counter() - start
             after = await batch_stats(client, max(replicas, 1))
         if after[1] > before[1]:
@@ -316,17 +347,25 @@ async def bench(args: argparse.Namespace) -> int:
     requests = plan(load_questions(args.questions), args.requests, args.malformed_every, args.top_k)
     results = []
     if args.replicas:
-        modes = [(replicas_mode(n), args.batch_size, n) for n in args.replicas]
+        modes = [(replicas_mode(n), args.batch_size, n, 0) for n in args.replicas]
+        modes += [
+            (f"{replicas_mode(n)}, one killed after {args.kill_after} answers", args.batch_size, n, args.kill_after)
+            for n in args.replicas
+            if args.kill_after and n >= 2
+        ]
     else:
-        modes = [("batching on", args.batch_size, 0), ("batching off", 1, 0)]
+        modes = [("batching on", args.batch_size, 0, 0), ("batching off", 1, 0, 0)]
     with tempfile.TemporaryDirectory() as tmp:
-        for mode, size, replicas in modes:
+        for mode, size, replicas, kill_after in modes:
             try:
-                result = await run_mode(args, mode, size, requests, deadline, Path(tmp), replicas)
+                result = await run_mode(args, mode, size, requests, deadline, Path(tmp), replicas, kill_after)
             except RuntimeError as error:  # the server did not start
                 print(f"error: {mode}: {error}", file=sys.stderr)
                 return 2
             results.append(result)
+            if kill_after and result.killed is None:
+                print(f"error: {mode}: no replica process found to kill", file=sys.stderr)
+                return 2
             if result.stopped:
                 break
     valid = sum(r.valid for r in requests)
@@ -393,6 +432,12 @@ def main() -> None:
         default=None,
         help="compare `memvq serve --replicas N` for each N of a list like 1,2 (0: single process) instead of "
         "batching on and off",
+    )
+    parser.add_argument(
+        "--kill-after",
+        type=int,
+        default=0,
+        help="with --replicas: also run each N >= 2 with one replica SIGKILLed after this many answers",
     )
     args = parser.parse_args()
     configure_logging()

@@ -266,13 +266,20 @@ def replica_actor(replica: str):
     return ray.get_actor(name, namespace="serve")
 
 
+KILL_RUNS = int(os.environ.get("MEMVQ_KILL_RUNS", "2"))  # 10 for the issue's measurement
+
+
 @pytest.mark.slow
-def test_a_killed_replica_is_replaced_and_no_accepted_request_is_lost(cluster, client):
+@pytest.mark.parametrize("run", range(KILL_RUNS))
+def test_a_killed_replica_is_replaced_and_no_request_is_lost(cluster, run):
+    """100 requests from 8 clients (every 4th a streamed chat completion), one replica SIGKILLed after 20 answers:
+    every request is answered 200 (the router retries the killed replica's on the other), every stream complete."""
     import ray
 
     total, clients, kill_after = 100, 8, 20
     outcomes: list[tuple[int | None, str]] = []  # (status or None: no response, replica or error)
     killed: list[str] = []
+    chat = {"model": "memvq", "messages": [{"role": "user", "content": QUESTION}], "stream": True}
 
     async def load():
         done = asyncio.Event()
@@ -281,7 +288,14 @@ def test_a_killed_replica_is_replaced_and_no_accepted_request_is_lost(cluster, c
         async def worker(c: httpx.AsyncClient) -> None:
             for i in queue:
                 try:
-                    response = await c.post("/v1/answer", json={"question": f"{QUESTION} {i}"})
+                    if i % 4 == 3:
+                        response = await c.post("/v1/chat/completions", json=chat)
+                        complete = response.text.rstrip().endswith("data: [DONE]")
+                        if response.status_code == 200 and not complete:
+                            outcomes.append((None, f"stream cut: {response.text[-200:]}"))
+                            continue
+                    else:
+                        response = await c.post("/v1/answer", json={"question": f"{QUESTION} {i}"})
                 except httpx.HTTPError as error:
                     outcomes.append((None, f"{type(error).__name__}: {error}"))
                 else:
@@ -301,18 +315,19 @@ def test_a_killed_replica_is_replaced_and_no_accepted_request_is_lost(cluster, c
     start = time.monotonic()
     asyncio.run(load())
     statuses = Counter(status for status, _ in outcomes)
-    print(f"\n{total} requests from {clients} clients, replica {killed} killed after {kill_after}: {dict(statuses)}")
+    print(f"\nrun {run}: {total} requests, {clients} clients, replica {killed} killed after {kill_after}: {statuses}")
     assert len(outcomes) == total and killed
-    assert statuses[None] == 0, [detail for status, detail in outcomes if status is None]  # no hang, no reset
-    assert set(statuses) <= {200, 500, 502, 503, 504}, statuses
-    assert statuses[200] >= total - 2 * clients  # at most the requests in flight on the killed replica fail
+    assert statuses == {200: total}, [detail for status, detail in outcomes if status != 200]  # none lost
 
-    # Serve starts a new replica in its place: two replicas answer again, the killed one not among them.
+    # Serve starts a new replica in its place: two replicas answer again, the killed one not among them. (A new
+    # connection per request: a kept-alive one may be closed by the proxy's idle timeout just as it is reused.)
     seen: set[str] = set()
-    while len(seen) < 2:
-        assert time.monotonic() - start < 90, f"no replacement replica: answered by {seen}"
-        response = client.post("/v1/answer", json={"question": QUESTION})
-        if response.status_code == 200:
-            seen.add(response.headers[REPLICA_HEADER])
-        time.sleep(0.1)
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=cluster, headers={"X-API-Key": KEY}, timeout=60, limits=fresh) as once:
+        while len(seen) < 2:
+            assert time.monotonic() - start < 90, f"no replacement replica: answered by {seen}"
+            response = once.post("/v1/answer", json={"question": QUESTION})
+            if response.status_code == 200:
+                seen.add(response.headers[REPLICA_HEADER])
+            time.sleep(0.1)
     assert killed[0] not in seen

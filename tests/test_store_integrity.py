@@ -181,4 +181,10 @@ def test_a_server_stops_answering_when_its_store_changes(store_copy, tiny_reader
         assert ready.status_code == 503 and ready.json()["error"]["type"] == "store_changed"
         answered = client.post("/v1/answer", json=question)
         assert answered.status_code == 503 and "shards/shard-00001.codes.npy" in answered.json()["error"]["message"]
+        for path in ["/metrics", "/v1/models", "/", "/openapi.json"]:  # every route but /healthz says why
+            refused = client.get(path)
+            assert refused.status_code == 503, path
+            assert refused.json()["error"]["type"] in {"store_changed", "server_error"}, path
+        assert client.get("/v1/models").json()["error"]["code"] == "store_changed"  # OpenAI's shape there
+        assert client.get("/healthz").status_code == 200
     assert "store files changed under the server: shards/shard-00001.codes.npy" in caplog.text

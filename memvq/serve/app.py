@@ -39,7 +39,7 @@ from memvq.serve.batcher import (
     DynamicBatcher,
     QueueFullError,
 )
-from memvq.serve.guards import ApiKeyGuard, BodyGuard
+from memvq.serve.guards import ApiKeyGuard, BodyGuard, StoreGuard
 from memvq.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 from memvq.serve.openai_api import OpenAIErrors, openai_router
 from memvq.serve.page import page_router
@@ -234,8 +234,9 @@ def create_app(
     app.include_router(page_router())
     app.include_router(_health_routes(server, security))
     # Outermost last: metrics count every response, errors on the OpenAI routes are reshaped whoever answered them,
-    # the key is checked before the body is read.
+    # the key is checked before the store and the store before the body is read.
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(StoreGuard, changed=lambda: server.store_changed if server.watcher.damaged else None)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value())
     app.add_middleware(OpenAIErrors)

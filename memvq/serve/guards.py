@@ -1,5 +1,6 @@
-"""ASGI middleware that guards the query API around a request: the API key, and the body (its size limit and read
-deadline, then the client's presence while the app works on it).
+"""ASGI middleware that guards the query API around a request: the API key, the body (its size limit and read
+deadline, then the client's presence while the app works on it) and the store (nothing but /healthz is answered
+once its files changed under the server).
 
 Both answer with the JSON error body of `memvq.serve.schema` and never let the app read a body they refuse.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +21,22 @@ from memvq.serve.schema import error_response
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | PAGE_PATHS  # reachable without the API key (the page has no data)
+
+
+class StoreGuard:
+    """While `changed()` gives a reason (the store's files changed under the server), every route but /healthz gets
+    503 `store_changed` with it: the server cannot answer from a store it has not verified, and says why."""
+
+    def __init__(self, app: ASGIApp, changed: Callable[[], str | None]) -> None:
+        self.app = app
+        self.changed = changed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reason = self.changed() if scope["type"] == "http" and scope["path"] != "/healthz" else None
+        if reason is None:
+            await self.app(scope, receive, send)
+        else:
+            await error_response(503, "store_changed", reason)(scope, receive, send)
 
 
 class BodyGuard:

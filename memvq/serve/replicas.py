@@ -1,20 +1,25 @@
-"""`memvq serve --replicas N`: the same API as N Ray Serve replicas behind Ray Serve's HTTP proxy.
+"""`memvq serve --replicas N`: the same API as N Ray Serve replicas behind a router, behind Ray Serve's HTTP proxy.
 
 Each replica (`MemvqReplica`, one Ray actor) loads its own `RAGPipeline` (the store memory-mapped, so the
 replicas of one machine share its pages) and builds the app with `create_app`, the one definition of the routes,
 errors, API key, body guard, metrics and OpenAI routes. Only the batching differs: on a replica, questions go
 through Ray Serve's `@serve.batch` (`ServeBatcher`) in place of the in-process `DynamicBatcher`.
 
-- Ray Serve's proxy listens on HOST:PORT and routes each request to a replica (the one with fewer requests of two
-  picked at random); every response names its replica in the `X-Memvq-Replica` header.
+- Ray Serve's proxy listens on HOST:PORT and hands each request to the router (`Router`, the ingress: one actor,
+  no CPU reserved), which reads its body once (the size limit, the body deadline) and hands the whole request to
+  a replica (the one with fewer requests of two picked at random) through a deployment handle. A question is a
+  read: when the replica dies before it answers (or is gone when asked), the router asks another one, until
+  `retry_timeout_s`; only then the client gets 503 with Retry-After, in the API's error shape. A replica's whole
+  response comes back at once (a streamed chat completion too: its events arrive together). Every response names
+  its replica in the `X-Memvq-Replica` header.
 - /readyz and /metrics are answered by whichever replica gets the request: each replica has its own Prometheus
   registry (the response's `X-Memvq-Replica` tells which). Totals are the sum over replicas; Ray Serve exports its
   own per-replica metrics (`ray_serve_*`) on Ray's metrics port.
-- A replica whose process dies is replaced by Serve; the requests it was working on get a 5xx from the proxy, the
-  others go to the live replicas. A replica whose store files changed under it (the store watch) fails Serve's
-  health check and is replaced by one that opens (and verifies) the store again.
-- Limits: `max_queue` is also the number of requests the proxy queues before answering 503 (Ray Serve's
-  `max_queued_requests`); a replica takes at most twice `max_batch_size` requests at a time. The request-header
+- A replica whose process dies is replaced by Serve. A replica whose store files changed under it (the store
+  watch) answers 503 `store_changed` on every route but /healthz and logs it; it stays up (no restart loop:
+  restart `memvq serve` on a store that verifies).
+- Limits: `max_queue` is also the number of requests the replicas queue before the router answers 503
+  (`max_queued_requests`); a replica takes at most twice `max_batch_size` requests at a time. The request-header
   deadline and the access log are those of Ray Serve's proxy, not `runner.serve`'s.
 
 By default the command starts a local Ray and stops it (Serve with it) on exit; with `--ray-address` (or
@@ -30,14 +35,17 @@ import os
 import time
 from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import AsyncExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memvq.pipelines.config import LoadOptions
@@ -51,12 +59,15 @@ from memvq.serve.batcher import (
     call_model,
     notify,
 )
+from memvq.serve.openai_api import OPENAI_PATHS, openai_error
+from memvq.serve.schema import error_response
 from memvq.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "memvq"
 DEPLOYMENT_NAME = "memvq"
+ROUTER_NAME = "memvq-router"
 REPLICA_HEADER = "X-Memvq-Replica"
 
 
@@ -204,29 +215,168 @@ class ReplicaHeader:
         await self.app(scope, receive, named)
 
 
+@dataclass(frozen=True)
+class Forwarded:
+    """An HTTP request as the router read it (the whole body), handed to a replica."""
+
+    method: str
+    path: str
+    query_string: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    client: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A replica's whole HTTP response."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+async def call_app(app: ASGIApp, request: Forwarded) -> Reply:
+    """Run one request through an ASGI app in this process: its body is given at once (nothing to wait for; the
+    connection stays open until the response is complete) and the whole response is collected."""
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.path,
+        "raw_path": request.path.encode(),
+        "query_string": request.query_string,
+        "root_path": "",
+        "headers": request.headers,
+        "client": request.client,
+        "server": None,
+    }
+    delivered = False
+    never = asyncio.Event()
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await never.wait()  # the caller cancels this call if its client goes away
+        return {"type": "http.disconnect"}
+
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    if start is None:
+        raise RuntimeError(f"the app sent no response to {request.method} {request.path}")
+    return Reply(start["status"], list(start.get("headers", [])), b"".join(chunks))
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
-@serve.ingress()
 class MemvqReplica:
-    """One replica: a pipeline loaded from the store and reader, and the API over it with Ray Serve's batching."""
+    """One replica: a pipeline loaded from the store and reader, and the API over it with Ray Serve's batching;
+    the router hands it whole requests (`handle`)."""
 
     def __init__(self, store: str, model: str, load: LoadOptions, settings: ServeSettings) -> None:
         from memvq.pipelines.rag import RAGPipeline
 
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.pipeline = RAGPipeline.load(store, model, **load.model_dump())
+        self.app = create_app(self.pipeline, settings, watch=self.pipeline.store.watch, batcher=ServeBatcher)
+        self.app.add_middleware(ReplicaHeader, replica=self.replica)
+        self.server = self.app.state.server
+        self._running: AsyncExitStack | None = None
+        self._starting = asyncio.Lock()
+
+    async def _start(self) -> None:
+        """The app's lifespan (its batcher and store watch) from the first request on."""
+        async with self._starting:
+            if self._running is None:
+                stack = AsyncExitStack()
+                await stack.enter_async_context(self.app.router.lifespan_context(self.app))
+                self._running = stack
+                if self.server.watcher.damaged:
+                    logger.error("replica %s: %s", self.replica, self.server.store_changed)
+
+    async def handle(self, request: Forwarded) -> Reply:
+        await self._start()
+        return await call_app(self.app, request)
+
+
+# What a request to a replica raises when the replica dies under it or is gone before it starts: a question is a
+# read, so the router asks another replica.
+REPLICA_GONE: tuple[type[BaseException], ...] = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
+
+
+@serve.deployment(name=ROUTER_NAME)
+class Router:
+    """The HTTP ingress: reads a request's body once (the server's size limit and deadline), hands the request to a
+    replica and, when that replica dies before it answers, to another one, until `retry_timeout_s` has passed:
+    then 503 with Retry-After, in the API's error shape (OpenAI's on the OpenAI routes) like every error."""
+
+    def __init__(self, replicas: DeploymentHandle, settings: ServeSettings) -> None:
+        self.replicas = replicas
         self.settings = settings
-        self.server: Any = None
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        app = create_app(self.pipeline, self.settings, watch=self.pipeline.store.watch, batcher=ServeBatcher)
-        app.add_middleware(ReplicaHeader, replica=self.replica)
-        self.server = app.state.server
-        return app
+    async def _body(self, request: Request) -> bytes:
+        """The body, cut one byte past the size limit (the replica's guard answers 413 for it)."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.settings.max_body_bytes:
+                break
+        return b"".join(chunks)
 
-    def check_health(self) -> None:
-        """Serve's periodic health check: a replica whose store changed under it is unhealthy (and replaced)."""
-        if self.server is not None and self.server.watcher.damaged:
-            raise RuntimeError(self.server.store_changed)
+    def _error(self, path: str, status: int, kind: str, message: str, **headers: str) -> Response:
+        response = error_response(status, kind, message, **headers)
+        if path in OPENAI_PATHS:
+            response.body = openai_error(status, bytes(response.body))
+            response.init_headers({**headers, "content-type": "application/json"})
+        return response
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        try:
+            body = await asyncio.wait_for(self._body(request), self.settings.body_timeout_s)
+        except TimeoutError:
+            reason = f"the request body did not arrive within {self.settings.body_timeout_s:g} s"
+            return self._error(path, 408, "request_timeout", reason, Connection="close")
+        client = (request.client.host, request.client.port) if request.client else None
+        forwarded = Forwarded(request.method, path, request.url.query.encode(), request.headers.raw, body, client)
+        deadline = time.monotonic() + self.settings.retry_timeout_s
+        delay, failures = 0.05, 0
+        while True:
+            try:
+                reply = await self.replicas.handle.remote(forwarded)
+            except BackPressureError:
+                return self._error(path, 503, "overloaded", "too many requests waiting", **{"Retry-After": "1"})
+            except REPLICA_GONE as error:
+                failures += 1
+                if time.monotonic() + delay > deadline:
+                    message = (
+                        f"no replica answered within {self.settings.retry_timeout_s:g} s ({failures} died or were "
+                        f"unavailable under this request; the last: {type(error).__name__})"
+                    )
+                    logger.error("%s %s: %s", request.method, path, message)
+                    return self._error(path, 503, "unavailable", message, **{"Retry-After": "1"})
+                logger.warning(
+                    "%s %s: its replica is gone (%s), asking another", request.method, path, type(error).__name__
+                )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                continue
+            response = Response(reply.body, reply.status)
+            response.raw_headers = reply.headers
+            return response
 
 
 # -- deploying -----------------------------------------------------------------------------------------------------
@@ -240,8 +390,8 @@ def replica_app(
     load: LoadOptions | None = None,
     settings: ServeSettings | None = None,
 ) -> Any:
-    """The Serve application of `replicas` replicas (Ray must be initialised: each replica's CPUs and GPUs are a
-    share of the cluster's, at most one of each)."""
+    """The Serve application: the router (the HTTP ingress, no CPU of its own) over `replicas` replicas (Ray must be
+    initialised: each replica's CPUs and GPUs are a share of the cluster's, at most one of each)."""
     import ray
 
     if replicas < 1:
@@ -260,8 +410,13 @@ def replica_app(
         max_queued_requests=settings.max_queue,
         max_constructor_retry_count=3,
     )
+    router = Router.options(
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=settings.max_queue + 2 * replicas * settings.max_batch_size,
+    )
     store, model = str(Path(store).resolve()), str(Path(model).resolve())
-    return deployment.bind(store, model, load, settings)
+    return router.bind(deployment.bind(store, model, load, settings), settings)
 
 
 def _deployment_message() -> str:

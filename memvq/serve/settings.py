@@ -27,4 +27,9 @@ class ServeSettings(BaseModel):
     watch_interval_s: float = Field(
         default=5.0, gt=0.0, description="seconds between checks that the store's files did not change under it"
     )
+    retry_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="--replicas: a request whose replica dies is retried on another one for up to this long, then 503",
+    )
     api_key: SecretStr | None = Field(default=None, description="when set, all but /, /healthz and /readyz need it")
