@@ -238,7 +238,8 @@ async def send(client: httpx.AsyncClient, planned: Planned, outcome: Outcome) ->
     if not isinstance(body, dict):
         body = {}
     if planned.valid:
-        outcome.ok = response.status_code == 200 and isinstance(body.get("answer"), str) and "provenance" in body
+        answered = isinstance(body.get("answer"), str) or (body.get("answer", "") is None and body.get("abstained"))
+        outcome.ok = response.status_code == 200 and bool(answered) and "provenance" in body
     else:
         outcome.ok = 400 <= response.status_code < 500 and "error" in body
     if not outcome.ok:
