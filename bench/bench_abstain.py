@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memvq.data.kilt.metrics import exact_match
-from memvq.data.kilt.records import gold_answers, gold_evidence_sets, read_kilt_file, record_id
+from memvq.data.kilt.records import gold_evidence_sets, load_kilt, read_kilt_file, record_id
 from memvq.data.kilt.selective import selective_scores
-from memvq.pipelines.evaluate import EvalSettings, run_eval
+from memvq.pipelines.calibrate import threshold_for
+from memvq.pipelines.evaluate import EvalSettings, judged_outputs, run_eval
 from memvq.pipelines.logs import configure_logging
 
 CORPUS = "../shared/data/nq_open_oracle/wiki-mini-knowledgesource.jsonl"
@@ -64,15 +65,13 @@ class Judged:
 
 
 def judged(data: Path, predictions: Path, unsupported: set[str]) -> list[Judged]:
-    gold = {record_id(r): gold_answers(r) for r in read_kilt_file(data, need_input=True).records}
-    rows = []
-    for line in predictions.open(encoding="utf-8"):
-        record = json.loads(line)
-        output = record["output"][0]
-        answer = output.get("candidate") or output["answer"]
-        right = any(exact_match(answer, g) for g in gold[record["id"]])
-        rows.append(Judged(output["confidence"], output["abstained"], right, record["id"] in unsupported))
-    return rows
+    outputs = judged_outputs(read_kilt_file(data, need_input=True).records, load_kilt(predictions))
+    if outputs is None:
+        raise ValueError(f"{predictions}: answers without a confidence (a reader with the extract head is needed)")
+    return [
+        Judged(output["confidence"], output["abstained"], right, ident in unsupported)
+        for ident, output, right in outputs
+    ]
 
 
 def row(name: str, rows: list[Judged], threshold: float | None = None) -> dict[str, Any]:
@@ -95,10 +94,10 @@ def row(name: str, rows: list[Judged], threshold: float | None = None) -> dict[s
 
 
 def rule_threshold(rows: list[Judged], keep_right: float = 0.9) -> float:
-    """The largest threshold in 0.01 steps that keeps at least `keep_right` of the right answers."""
-    right = [r.confidence for r in rows if r.right]
-    kept = [t / 100 for t in range(100) if sum(c >= t / 100 for c in right) >= keep_right * len(right)]
-    return max(kept)
+    """The largest threshold in 0.01 steps that keeps at least `keep_right` of the right answers (`memvq
+    calibrate`'s rule, rounded down to a step)."""
+    exact = threshold_for([r.confidence for r in rows], [r.right for r in rows], keep_right)
+    return math.floor(round(100 * exact, 9)) / 100
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

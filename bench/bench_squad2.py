@@ -15,10 +15,10 @@ import argparse
 import json
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
-from memvq.data.kilt.metrics import normalize_answer
+from memvq.data.kilt.metrics import exact_match, normalize_answer
+from memvq.data.kilt.metrics import f1 as squad_f1
 from memvq.encoders.options import QueryOptions
 from memvq.pipelines.logs import configure_logging
 from memvq.pipelines.rag import RAGPipeline
@@ -27,28 +27,18 @@ SAMPLE = "../shared/data/haystack_samples/squad_v2_dev_small.json"
 BATCH = 16
 
 
-def exact(prediction: str, gold: str) -> int:
-    """The official script's compute_exact."""
-    return int(normalize_answer(prediction) == normalize_answer(gold))
-
-
 def f1(prediction: str, gold: str) -> float:
-    """The official script's compute_f1: an empty side scores 1 only against an empty side."""
-    pred, truth = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    if not pred or not truth:
-        return float(pred == truth)
-    same = sum((Counter(pred) & Counter(truth)).values())
-    if not same:
-        return 0.0
-    precision, recall = same / len(pred), same / len(truth)
-    return 2 * precision * recall / (precision + recall)
+    """The official script's compute_f1: SQuAD's token F1, where an empty side scores 1 only against an empty side."""
+    if not normalize_answer(prediction) or not normalize_answer(gold):
+        return float(normalize_answer(prediction) == normalize_answer(gold))
+    return squad_f1(prediction, gold)
 
 
 def scores(rows: list[tuple[str, list[str]]]) -> dict[str, float]:
     """Exact match and F1 (x 100) of (prediction, gold answers; [""] when unanswerable) pairs."""
     if not rows:
         return {"exact": 0.0, "f1": 0.0, "total": 0}
-    em = [max(exact(p, g) for g in golds) for p, golds in rows]
+    em = [max(exact_match(p, g) for g in golds) for p, golds in rows]
     f = [max(f1(p, g) for g in golds) for p, golds in rows]
     return {"exact": 100 * sum(em) / len(rows), "f1": 100 * sum(f) / len(rows), "total": len(rows)}
 

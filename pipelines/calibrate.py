@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from memvq.data.kilt import metrics as kilt_metrics
 from memvq.data.kilt.records import gold_answers, gold_evidence_sets, read_kilt_file, record_input
-from memvq.data.kilt.selective import auroc, expected_calibration_error
+from memvq.data.kilt.selective import auroc, expected_calibration_error, is_right
 from memvq.encoders.options import QueryOptions
 from memvq.memory.artifact import sha256_file
 from memvq.pipelines.confidence import Calibration, Evidence, fit_calibration
@@ -108,9 +107,7 @@ def calibrate(
                 if answer.evidence is None:
                     raise ValueError("only an extract-head reader has a confidence to calibrate")
                 evidence.append(answer.evidence)
-                correct.append(
-                    max(kilt_metrics.exact_match(answer.answer, gold) for gold in gold_answers(record)) == 1.0
-                )
+                correct.append(is_right(answer.answer, gold_answers(record)))
                 unsupported.append(hidden)
             bar.update(len(batch))
     calibration = fit_calibration(evidence, correct, settings.l2)

@@ -51,7 +51,7 @@ from memvq.data.kilt.records import (
     record_input,
     task_names,
 )
-from memvq.data.kilt.selective import selective_scores
+from memvq.data.kilt.selective import is_right, selective_scores
 from memvq.encoders.options import QueryOptions
 from memvq.memory.artifact import atomic_write, sha256_file
 from memvq.pipelines.config import LoadOptions
@@ -259,19 +259,29 @@ def score_records(
     }
 
 
-def selective_report(gold: Sequence[Mapping[str, Any]], guess: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """`selective_scores` of guesses that all carry a confidence (None otherwise): right is the exact match of the
-    answer it would give (`candidate` when it abstained) with a gold answer."""
+def judged_outputs(
+    gold: Sequence[Mapping[str, Any]], guess: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, Mapping[str, Any], bool]] | None:
+    """(id, output, right) per gold record with a guess, when every guess carries a confidence (None otherwise):
+    right is the exact match with a gold answer of the answer it would give (`candidate` when it abstained)."""
     outputs = {record_id(g): g["output"][0] for g in guess}
     if not outputs or not all("confidence" in output for output in outputs.values()):
         return None
-    rows = [(outputs[record_id(r)], gold_answers(r)) for r in gold if record_id(r) in outputs]
-    correct = [
-        max(kilt_metrics.exact_match(output.get("candidate") or output["answer"], a) for a in answers) == 1.0
-        for output, answers in rows
+    return [
+        (ident, output, is_right(output.get("candidate") or output["answer"], gold_answers(r)))
+        for r in gold
+        if (output := outputs.get(ident := record_id(r))) is not None
     ]
-    confidence = [float(output["confidence"]) for output, _ in rows]
-    return selective_scores(confidence, correct, [bool(output.get("abstained")) for output, _ in rows])
+
+
+def selective_report(gold: Sequence[Mapping[str, Any]], guess: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """`selective_scores` of guesses that all carry a confidence (None otherwise; see `judged_outputs`)."""
+    judged = judged_outputs(gold, guess)
+    if judged is None:
+        return None
+    confidence = [float(output["confidence"]) for _, output, _ in judged]
+    abstained = [bool(output.get("abstained")) for _, output, _ in judged]
+    return selective_scores(confidence, [right for _, _, right in judged], abstained)
 
 
 def score_predictions(

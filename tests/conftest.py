@@ -51,6 +51,18 @@ def verified_cache(tmp_path_factory) -> Path:
     return path
 
 
+def flip_byte(path: Path, at: int = -1, keep_mtime: bool = False) -> None:
+    """Flip one bit of one byte in place (same size); with `keep_mtime` the modification time is set back
+    afterwards."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    with open(path, "r+b") as handle:
+        handle.write(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def store_bytes(root: Path) -> dict[str, str]:
     """sha256 of every file of a store (hidden ones too: no temporary may be left), the manifest aside."""
     return {

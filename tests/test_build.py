@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import flip_byte, tiny_config
 
 from memvq.data.ingest.sources import CorpusError
 from memvq.memory.artifact import ManifestError
@@ -86,10 +86,7 @@ def test_damaged_or_unfinished_store_is_a_clear_error(tiny_store, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_store[0], copy)
-    codes = copy / "shards" / "shard-00001.codes.npy"
-    data = bytearray(codes.read_bytes())
-    data[-1] ^= 0xFF
-    codes.write_bytes(bytes(data))
+    flip_byte(copy / "shards" / "shard-00001.codes.npy")
     with pytest.raises(ManifestError, match=r"shard-00001\.codes\.npy fails its sha256"):
         MemoryStore.open(copy)
     MemoryStore.open(copy, verify=False)  # sizes still match: an explicit opt-out skips hashing

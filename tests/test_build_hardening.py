@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import assert_same_store, tiny_config
+from conftest import assert_same_store, flip_byte, tiny_config
 from typer.testing import CliRunner
 
 from memvq.cli import app
@@ -115,10 +115,7 @@ def test_a_resume_encodes_again_the_done_shards_that_fail_their_markers(
     _killed_after_encoding(out)
     marker = out / "shards" / "shard-00001.done.json"
     if damage == "a shard file":
-        codes = out / "shards" / "shard-00001.codes.npy"
-        data = bytearray(codes.read_bytes())
-        data[-1] ^= 0xFF
-        codes.write_bytes(bytes(data))
+        flip_byte(out / "shards" / "shard-00001.codes.npy")
     elif damage == "the sha256 in its marker":
         done = json.loads(marker.read_text())
         done["files"]["shards/shard-00001.emb.npy"]["sha256"] = "0" * 64
@@ -139,10 +136,7 @@ def test_a_finished_store_that_fails_its_check_is_not_called_complete(
 ):
     out = tmp_path / "store"
     shutil.copytree(tiny_store[0], out)
-    emb = out / "shards" / "shard-00000.emb.npy"
-    data = bytearray(emb.read_bytes())
-    data[-1] ^= 0xFF
-    emb.write_bytes(bytes(data))
+    flip_byte(out / "shards" / "shard-00000.emb.npy")
     with pytest.raises(ManifestError, match=r"fails its check \(it was finished before.*shard-00000\.emb\.npy"):
         build_index(mini_corpus, out, tiny_config(tiny_bert_path))
 

@@ -11,6 +11,8 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
@@ -116,23 +118,23 @@ def ray_children() -> list:
     return [p for p in psutil.Process().children(recursive=True) if p.is_running() and "ray" in " ".join(p.cmdline())]
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_store, tiny_reader_path):
-    """Two replicas of the tiny store and reader (API key on) on a local Ray this fixture starts and stops: the
-    proxy's URL. Afterwards no Ray process of the test's is left."""
+@contextmanager
+def local_replicas(store, reader, replicas: int, settings: ServeSettings) -> Iterator[str]:
+    """`replicas` replicas of a store and reader on a local Ray of the caller's own (RAY_ADDRESS set aside), started
+    and stopped here: the proxy's URL. Afterwards no Ray process of the test's is left."""
     from memvq.serve.replicas import replicas_running
 
-    address = os.environ.pop("RAY_ADDRESS", None)  # always a local Ray of the test's own
+    address = os.environ.pop("RAY_ADDRESS", None)
     port = free_port()
     try:
         with replicas_running(
-            tiny_store[0],
-            tiny_reader_path,
-            replicas=2,
+            store,
+            reader,
+            replicas=replicas,
             host="127.0.0.1",
             port=port,
             load=LoadOptions(device="cpu"),
-            settings=ServeSettings(**SETTINGS),
+            settings=settings,
         ):
             yield f"http://127.0.0.1:{port}"
     finally:
@@ -142,6 +144,13 @@ def cluster(tiny_store, tiny_reader_path):
     while ray_children() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not ray_children(), f"Ray processes left: {[p.cmdline()[:2] for p in ray_children()]}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_store, tiny_reader_path):
+    """Two replicas of the tiny store and reader (API key on): the proxy's URL."""
+    with local_replicas(tiny_store[0], tiny_reader_path, 2, ServeSettings(**SETTINGS)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import flip_byte
 from typer.testing import CliRunner
 
 from memvq.memory.artifact import CHECKSUM_KEY, ManifestError, header_checksum, read_artifact
@@ -21,17 +22,6 @@ def store_copy(tiny_store, tmp_path) -> Path:
     copy = tmp_path / "store"
     shutil.copytree(tiny_store[0], copy)
     return copy
-
-
-def flip_byte(path: Path, at: int = -1, keep_mtime: bool = False) -> None:
-    """Flip one byte in place (same size); with `keep_mtime` the modification time is set back afterwards."""
-    stat = path.stat()
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0x01
-    with open(path, "r+b") as handle:
-        handle.write(bytes(data))
-    if keep_mtime:
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def edit_manifest(root: Path, edit, recompute_checksum: bool) -> None:

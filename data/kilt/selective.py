@@ -5,12 +5,19 @@ and whether that answer is right (exact match), whether or not it was given."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from memvq.data.kilt.metrics import exact_match, metric_max_over_ground_truths
+
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def is_right(answer: str, gold: Iterable[str]) -> bool:
+    """Whether an answer matches one of the gold answers exactly (KILT normalisation): what "right" means here."""
+    return metric_max_over_ground_truths(exact_match, answer, gold) == 1.0
 
 
 def auroc(confidence: Sequence[float], correct: Sequence[bool]) -> float | None:
@@ -53,11 +60,15 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
 def at_threshold(confidence: Sequence[float], correct: Sequence[bool], threshold: float) -> dict[str, float | None]:
     """What answering only at confidence >= threshold keeps: coverage (share answered), the accuracy of the
     answered part, the share of right answers kept and of wrong answers removed."""
-    scores, labels = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=bool)
-    answered = scores >= threshold
+    answered = np.asarray(confidence, dtype=float) >= threshold
+    return {"threshold": threshold, **_answering(np.asarray(correct, dtype=bool), answered)}
+
+
+def _answering(labels: np.ndarray, answered: np.ndarray) -> dict[str, float | None]:
+    """Coverage, accuracy of the answered, right answers kept and wrong ones removed, of the answers given where
+    `answered` (labels: right or not)."""
     right, wrong = labels.sum(), (~labels).sum()
     return {
-        "threshold": threshold,
         "coverage": float(answered.mean()),
         "accuracy_answered": float(labels[answered].mean()) if answered.any() else None,
         "right_kept": float((labels & answered).sum() / right) if right else None,
@@ -90,10 +101,7 @@ def selective_scores(confidence: Sequence[float], correct: Sequence[bool], absta
         "ece": expected_calibration_error(confidence, correct),
         "accuracy_all": float(labels.mean()),
         "abstain_rate": float(skipped.mean()),
-        "coverage": float((~skipped).mean()),
-        "accuracy_answered": float(labels[~skipped].mean()) if (~skipped).any() else None,
-        "right_kept": float((labels & ~skipped).sum() / labels.sum()) if labels.any() else None,
-        "wrong_removed": float((~labels & skipped).sum() / (~labels).sum()) if (~labels).any() else None,
+        **_answering(labels, ~skipped),
         "area_under_risk_coverage": float(np.mean([risk for _, risk in curve])),
         "risk_coverage": [list(point) for point in curve[step - 1 :: step]],
         "thresholds": [at_threshold(confidence, correct, t) for t in THRESHOLDS],
