@@ -28,7 +28,7 @@ from memvq.encoders.hardware import autocast
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.build import build_index
 from memvq.pipelines.config import BuildConfig
-from memvq.pipelines.indexing.encode import length_sorted_batches
+from memvq.pipelines.indexing.encode import padded_batches
 from memvq.pipelines.logs import configure_logging
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle" / "wiki-mini-knowledgesource.jsonl"
@@ -70,7 +70,7 @@ class PeakMemory:
 
 def raw_forward_throughput(store: Path, config: BuildConfig) -> tuple[float, int]:
     """Passages/s of the bare model forward over the store's passages in the very batches the build makes (each
-    shard's `length_sorted_batches`), tokenised beforehand (not timed), in the build's precision, with Ray shut down
+    shard's `padded_batches`), tokenised beforehand (not timed), in the build's precision, with Ray shut down
     (nothing else running)."""
     import ray
 
@@ -82,12 +82,7 @@ def raw_forward_throughput(store: Path, config: BuildConfig) -> tuple[float, int
         table = pq.read_table(path, columns=["title", "text"])
         titles, texts = table.column("title").to_pylist(), table.column("text").to_pylist()
         count += len(texts)
-        for chosen in length_sorted_batches(titles, texts, config.encoder.batch_size):
-            batches.append(
-                backbone.tokenize_passages(
-                    [titles[i] for i in chosen], [texts[i] for i in chosen], config.encoder.max_passage_tokens
-                )
-            )
+        batches.extend(batch for _, batch in padded_batches(backbone, titles, texts, config))
     precision = config.resolved().encoder.precision  # the build's
     start = time.perf_counter()
     with torch.inference_mode(), autocast(backbone.device, precision):
