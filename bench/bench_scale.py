@@ -106,10 +106,12 @@ def size_name(passages: int | None) -> str:
     return f"{passages // 1000}k" if passages % 1000 == 0 else str(passages)
 
 
-def write_corpus(path: Path, passages: int, seed: int = 0, words_per_passage: int = 100) -> None:
+def write_corpus(
+    path: Path, passages: int, seed: int = 0, words_per_passage: int = 100, id_prefix: str = "syn"
+) -> None:
     """A KILT knowledge-source jsonl that chunks into exactly `passages` passages of `words_per_passage` words:
     documents of 1-6 passages whose paragraphs are random word windows (20-120 words) of the mini corpus's
-    paragraphs, titled after their first window's page, ids `syn-N`. Written line by line (atomically)."""
+    paragraphs, titled after their first window's page, ids `{id_prefix}-N`. Written line by line (atomically)."""
     pool: list[tuple[str, list[str]]] = []
     with open(CORPUS) as source:
         for line in source:
@@ -132,7 +134,7 @@ def write_corpus(path: Path, passages: int, seed: int = 0, words_per_passage: in
                 paragraphs.append(" ".join(window))
                 words -= len(window)
                 title = title or source_title
-            record = {"wikipedia_id": f"syn-{doc:08d}", "wikipedia_title": title, "text": [title, *paragraphs]}
+            record = {"wikipedia_id": f"{id_prefix}-{doc:08d}", "wikipedia_title": title, "text": [title, *paragraphs]}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             done, doc = done + count, doc + 1
     tmp.replace(path)

@@ -12,8 +12,13 @@ On disk a saved index is a directory with three files, each written atomically (
 
 - ``index.faiss`` -- the FAISS index, always written as a CPU index;
 - ``ids.npy``     -- int64 row ids, ``ids[i]`` = passage row of FAISS position ``i`` (mmapped on load);
-- ``index.json``  -- its ``memvq-index`` header (:mod:`memvq.memory.artifact`): the :class:`IndexConfig`, the other two
-  files' sizes and sha256, ``dim``, ``ntotal`` and the faiss version.
+- ``removed.npy`` -- (only once rows were removed) bool per FAISS position: the rows a store update deleted,
+  never returned by a search (a faiss ``IDSelector`` skips them; the vectors stay until the store is compacted);
+- ``index.json``  -- its ``memvq-index`` header (:mod:`memvq.memory.artifact`): the :class:`IndexConfig`, the other
+  files' sizes and sha256, ``dim``, ``ntotal`` (searchable rows) and the faiss version.
+
+An index grows with :meth:`PassageIndex.add` and loses rows with :meth:`PassageIndex.remove` (a store update: the
+trained structure of an IVF or PQ index is kept, so an update costs what its own rows cost).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
+REMOVED_FILE = "removed.npy"
 META_FILE = "index.json"
 INDEX_FORMAT = ArtifactFormat("memvq-index", 2, remake="rebuild the store with `memvq build-index`")
 
@@ -133,6 +139,26 @@ def _search_params(cpu_index: Any, config: IndexConfig) -> dict[str, int]:
     return params
 
 
+def _filtered_params(cpu_index: Any, config: IndexConfig, selector: Any) -> Any:
+    """faiss SearchParameters of this index type (its nprobe / efSearch from `config`) that skip what `selector`
+    rejects."""
+    ivf = faiss.try_extract_index_ivf(cpu_index)
+    if ivf is not None:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = config.nprobe
+        if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+            quantizer = faiss.SearchParametersHNSW()
+            quantizer.efSearch = config.ef_search
+            params.quantizer_params = quantizer
+    elif isinstance(_unwrap(cpu_index), faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = config.ef_search
+    else:
+        params = faiss.SearchParameters()
+    params.sel = selector
+    return params
+
+
 def _apply_params(index: Any, params: Mapping[str, int], on_gpu: bool) -> None:
     space = faiss.GpuParameterSpace() if on_gpu and hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
     for name, value in params.items():
@@ -211,7 +237,15 @@ class PassageIndex:
     Build with :meth:`build` or :meth:`load`; the constructor is internal.
     """
 
-    def __init__(self, index: Any, ids: np.ndarray, dim: int, config: IndexConfig, on_gpu: bool) -> None:
+    def __init__(
+        self,
+        index: Any,
+        ids: np.ndarray,
+        dim: int,
+        config: IndexConfig,
+        on_gpu: bool,
+        removed: np.ndarray | None = None,
+    ) -> None:
         if index.ntotal != len(ids):
             raise ValueError(f"faiss index holds {index.ntotal} vectors but the id map has {len(ids)}")
         self._index = index
@@ -219,6 +253,10 @@ class PassageIndex:
         self._dim = dim
         self._config = config
         self._on_gpu = on_gpu
+        self._removed = np.zeros(len(ids), dtype=bool) if removed is None else np.array(removed, dtype=bool)
+        if self._removed.shape != (len(ids),):
+            raise ValueError(f"the removed mask has shape {self._removed.shape}, the index {len(ids)} rows")
+        self._params: Any = None  # the search's filter, made when a search first needs it
 
     @classmethod
     def build(
@@ -300,8 +338,13 @@ class PassageIndex:
 
     @property
     def ntotal(self) -> int:
-        """Number of indexed passages."""
-        return len(self._ids)
+        """Number of searchable passages (indexed, not removed)."""
+        return len(self._ids) - int(self._removed.sum())
+
+    @property
+    def num_removed(self) -> int:
+        """Rows removed by `remove` (still in the FAISS index, never returned)."""
+        return int(self._removed.sum())
 
     @property
     def dim(self) -> int:
@@ -315,7 +358,7 @@ class PassageIndex:
 
     @property
     def ids(self) -> np.ndarray:
-        """Row ids, ``ids[i]`` = passage row of FAISS position ``i`` (read-only view)."""
+        """Row ids, ``ids[i]`` = passage row of FAISS position ``i``, removed ones too (read-only view)."""
         view = self._ids.view()
         view.flags.writeable = False
         return view
@@ -333,6 +376,33 @@ class PassageIndex:
     def __repr__(self) -> str:
         where = "gpu" if self._on_gpu else "cpu"
         return f"PassageIndex(factory={self._config.factory!r}, ntotal={self.ntotal}, dim={self._dim}, {where})"
+
+    # ----------------------------------------------------------------------- updates
+
+    def add(self, row_ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add rows (new row ids only) to the trained index; an IVF or PQ index is not trained again."""
+        ids, vecs = _check_batch(row_ids, vectors, self._dim, 0)
+        _check_unique(np.concatenate([np.asarray(self._ids), ids]))
+        if len(ids):
+            self._index.add(vecs)
+            self._ids = np.concatenate([np.asarray(self._ids), ids])
+            self._removed = np.concatenate([self._removed, np.zeros(len(ids), dtype=bool)])
+            self._params = None
+
+    def remove(self, row_ids: np.ndarray) -> int:
+        """Never return these rows again (their vectors stay in the FAISS index); returns how many were searchable."""
+        hit = np.isin(self._ids, np.asarray(row_ids, dtype=np.int64)) & ~self._removed
+        self._removed |= hit
+        self._params = None
+        return int(hit.sum())
+
+    def _filter(self) -> Any:
+        """The search parameters that skip removed rows (None: nothing is removed, or a GPU index, filtered after)."""
+        if self._params is None and self._removed.any() and not self._on_gpu:
+            self._bitmap = np.packbits(~self._removed, bitorder="little")  # kept alive beside its selector
+            selector = faiss.IDSelectorBitmap(len(self._removed), faiss.swig_ptr(self._bitmap))
+            self._params = _filtered_params(self._index, self._config, selector)
+        return self._params
 
     # ----------------------------------------------------------------------- search
 
@@ -364,9 +434,14 @@ class PassageIndex:
         rows = np.full((num, k), -1, dtype=np.int64)
         if self.ntotal == 0:
             return scores, rows
+        params = self._filter()
+        # a GPU index cannot take a selector: it is asked for the removed rows more and they are dropped after
+        wanted = k + self.num_removed if params is None else k
         for start in range(0, num, batch_size):
             stop = min(start + batch_size, num)
-            dist, pos = self._index.search(q[start:stop], k)
+            dist, pos = self._index.search(q[start:stop], wanted, params=params)
+            if wanted > k:
+                dist, pos = _drop_removed(dist, pos, self._removed, k)
             found = pos >= 0
             rows[start:stop][found] = self._ids[pos[found]]
             scores[start:stop] = np.where(found, dist, -np.inf)
@@ -382,12 +457,16 @@ class PassageIndex:
         ids = np.asarray(self._ids, dtype=np.int64)
         atomic_write(directory / INDEX_FILE, lambda tmp: faiss.write_index(cpu_index, str(tmp)))
         save_npy(directory / IDS_FILE, ids)
+        names = [INDEX_FILE, IDS_FILE]
+        if self._removed.any():
+            save_npy(directory / REMOVED_FILE, self._removed)
+            names.append(REMOVED_FILE)
         write_artifact(  # last: a directory with index.json is complete
             directory,
             META_FILE,
             INDEX_FORMAT,
             self._config.model_dump(mode="json"),
-            files={name: directory / name for name in (INDEX_FILE, IDS_FILE)},
+            files={name: directory / name for name in names},
             extra={"dim": self._dim, "ntotal": self.ntotal, "faiss_version": faiss.__version__},
         )
         logger.info("saved %r index (%d vectors) to %s", self._config.factory, self.ntotal, directory)
@@ -432,12 +511,29 @@ class PassageIndex:
             raise ValueError(f"{directory / INDEX_FILE}: dim {cpu_index.d}, but {META_FILE} says {dim}")
         if ids.ndim != 1 or ids.dtype != np.int64:
             raise ValueError(f"{directory / IDS_FILE}: expected 1-D int64, got {ids.dtype} {ids.shape}")
-        if not cpu_index.ntotal == len(ids) == ntotal:
+        removed = np.load(directory / REMOVED_FILE) if REMOVED_FILE in header.files else None
+        if removed is not None and (removed.dtype != np.bool_ or removed.shape != (len(ids),)):
             raise ValueError(
-                f"{directory}: {INDEX_FILE} holds {cpu_index.ntotal} vectors, {IDS_FILE} {len(ids)} ids, "
-                f"{META_FILE} says {ntotal}"
+                f"{directory / REMOVED_FILE}: expected {len(ids)} bools, got {removed.dtype} {removed.shape}"
+            )
+        live = len(ids) - (0 if removed is None else int(removed.sum()))
+        if not cpu_index.ntotal == len(ids) or live != ntotal:
+            raise ValueError(
+                f"{directory}: {INDEX_FILE} holds {cpu_index.ntotal} vectors, {IDS_FILE} {len(ids)} ids "
+                f"({live} not removed), {META_FILE} says {ntotal}"
             )
         config = config.model_copy(update={"use_gpu": use_gpu})
         placed, on_gpu = _place(cpu_index, _search_params(cpu_index, config), use_gpu)
         logger.info("loaded %r index (%d vectors, dim %d) from %s", config.factory, ntotal, dim, directory)
-        return cls(placed, ids, dim, config, on_gpu)
+        return cls(placed, ids, dim, config, on_gpu, removed)
+
+
+def _drop_removed(dist: np.ndarray, pos: np.ndarray, removed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `k` results per query that are not removed (padded with -1 / -inf)."""
+    out_dist = np.full((len(pos), k), -np.inf, dtype=np.float32)
+    out_pos = np.full((len(pos), k), -1, dtype=np.int64)
+    for i in range(len(pos)):
+        keep = (pos[i] >= 0) & ~removed[np.maximum(pos[i], 0)]
+        kept = np.flatnonzero(keep)[:k]
+        out_dist[i, : len(kept)], out_pos[i, : len(kept)] = dist[i, kept], pos[i, kept]
+    return out_dist, out_pos

@@ -4,9 +4,10 @@ and no codes or offsets; `has_memory` says which, and asking it for memory is a 
 
 Layout of a store directory::
 
-    manifest.json                       the memvq-store header (memory.artifact), written last: a store is
-                                        complete iff it exists; build config, backbone, codec, counts, shards,
-                                        the build report and the size and sha256 of every file below
+    manifest.json                       the memvq-store header (memory.artifact) of the store's current generation,
+                                        written last: a store is complete iff it exists; build config, backbone,
+                                        codec, counts, shards, the build (or update) report and the size and sha256
+                                        of every file it reads
     build_config.json, corpus.json      the build's config and corpus record (what a resume must match)
     plan.json                           the build's plan: documents, passages, shard sizes
     codec/                              (memory) the codec that made the codes (load with
@@ -17,8 +18,18 @@ Layout of a store directory::
     shards/shard-00000.offsets.npy      (memory) 'n+1' int64: passage i's tokens are codes[offsets[i]:offsets[i+1]]
     shards/shard-00000.emb.npy          'n d' float16 dense passage embeddings (the index's input)
     shards/shard-00000.done.json        the shard's done marker: its counts and the sha256 of its files
+    generations/00001/                  an update's (or compaction's) generation: its job record, its index,
+                                        deleted.npy (the rows deleted so far) and its manifest, published by
+                                        replacing manifest.json in one step (`memvq.pipelines.update`);
+                                        generations/00000/manifest.json keeps the build's manifest once updated
+    .writer.lock                        held (flock) by the update or compaction writing the store
 
-Passages are addressed by their global row id (0 .. num_passages - 1), the id the FAISS index returns.
+Generations: a build is generation 0. An update adds shards (new files; the rows after the last) and writes a new
+index and a new manifest naming its parent's; nothing a published manifest names is changed in place, so a reader
+keeps its generation while the next one is written, and sees the next one when it opens the store again.
+
+Passages are addressed by their global row id (0 .. num_rows - 1), the id the FAISS index returns; `num_passages`
+counts the rows not deleted by an update (the index never returns a deleted one).
 `get` reads only the rows asked for through memory maps, so it stays fast when the store exceeds RAM.
 
 Opening a store verifies it (unless `verify=False`): the manifest's own checksum, every file's size and sha256
@@ -56,7 +67,7 @@ from memvq.memory.index import PassageIndex
 from memvq.memory.integrity import FileWatch, VerifiedFiles
 from memvq.memory.location import is_uri
 
-STORE_FORMAT = ArtifactFormat("memvq-store", 2, remake="rebuild it with `memvq build-index`")
+STORE_FORMAT = ArtifactFormat("memvq-store", 3, remake="rebuild it with `memvq build-index`")
 MEMORY_SUFFIXES = ("codes.npy", "offsets.npy")  # the shard files of a store with memory only
 # what reading a damaged file raises from numpy, pyarrow and faiss
 _READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, pa.ArrowException)
@@ -116,7 +127,21 @@ class StoreLayout:
 
     @property
     def index_dir(self) -> Path:
+        """The build's index (generation 0); a later generation's is `generation_dir(g) / "index"`."""
         return self.root / "index"
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.root / "generations"
+
+    def generation_dir(self, generation: int) -> Path:
+        """Where an update writes generation `generation` (> 0) before publishing it, and keeps its files."""
+        return self.generations_dir / f"{generation:05d}"
+
+    @property
+    def writer_lock(self) -> Path:
+        """The lock file an update or compaction holds while it writes the store."""
+        return self.root / ".writer.lock"
 
     @property
     def shards_dir(self) -> Path:
@@ -144,6 +169,9 @@ class MemoryStore:
         self.manifest = manifest
         shards = manifest["shards"]
         self._row_starts = np.array([shard["row_start"] for shard in shards], dtype=np.int64)
+        self._shard_ids = [int(shard["shard"]) for shard in shards]
+        self.generation = int(manifest["generation"])
+        self.num_rows = int(manifest["num_rows"])
         self.num_passages = int(manifest["num_passages"])
         self.num_tokens = int(manifest["num_tokens"])
         self.watch = watch
@@ -152,22 +180,24 @@ class MemoryStore:
         self._tables: OrderedDict[int, pa.Table] = OrderedDict()
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> MemoryStore:
+    def open(cls, path: str | Path, verify: bool = True, manifest: Path | None = None) -> MemoryStore:
         """Open a store. `verify`: check the manifest's checksum, every file's sha256 (hashing only files not
         verified before in their present state) and the manifest's counts against the shard files; without it
-        only the manifest's checksum and the files' sizes are checked."""
+        only the manifest's checksum and the files' sizes are checked. `manifest`: open the generation this
+        manifest describes (an update checks its generation so before publishing it); default the store's."""
         if is_uri(path):
             raise ManifestError(f"{path} is a URI: copy the store to local disk first (`memvq fetch {path} DIR`)")
         root = Path(path)
         if not root.is_dir():
             raise ManifestError(f"no memory store at {root}: the directory does not exist")
-        if not (root / MANIFEST_NAME).is_file():
+        manifest_path = root / MANIFEST_NAME if manifest is None else Path(manifest)
+        if not manifest_path.is_file():
             raise ManifestError(
                 f"{root} has no store manifest ({MANIFEST_NAME}, written when a build finishes): if its build was "
                 "stopped, run the same build-index command again to finish it"
             )
         try:
-            header = read_artifact(root / MANIFEST_NAME, STORE_FORMAT, "store manifest")
+            header = read_artifact(manifest_path, STORE_FORMAT, "store manifest")
             if not verify:
                 header.verify(root, checksums=False)
                 return cls(root, header.to_json())
@@ -175,14 +205,13 @@ class MemoryStore:
             header.verify(root, sha256=verified.sha256)
         except ArtifactError as error:
             raise ManifestError(str(error)) from error
-        manifest = header.to_json()
-        store = cls(
-            root, manifest, watch=FileWatch(root, header.files, {MANIFEST_NAME: sha256_file(root / MANIFEST_NAME)})
-        )
+        fields = header.to_json()
+        watched = {manifest_path.relative_to(root).as_posix(): sha256_file(manifest_path)}
+        store = cls(root, fields, watch=FileWatch(root, header.files, watched))
         # the derived fields depend only on the manifest and the files: checked again when either changed
-        if verified.hashed_bytes or verified.checked != manifest[CHECKSUM_KEY]:
+        if verified.hashed_bytes or verified.checked != fields[CHECKSUM_KEY]:
             store.check_shards(header)
-            verified.remember_checked(manifest[CHECKSUM_KEY])
+            verified.remember_checked(fields[CHECKSUM_KEY])
         verified.save()
         return store
 
@@ -212,10 +241,15 @@ class MemoryStore:
                     f"{self.layout.shards_dir}: shard {shard} disagrees with the manifest: {'; '.join(problems)}"
                 )
         totals = (row, sum(int(entry["tokens"]) for entry in shards))
-        if totals != (self.num_passages, self.num_tokens):
+        if totals != (self.num_rows, self.num_tokens):
             raise StoreReadError(
                 f"{self.layout.manifest}: the shards hold {totals[0]} passages and {totals[1]} tokens, the manifest "
-                f"says {self.num_passages} and {self.num_tokens}"
+                f"says {self.num_rows} and {self.num_tokens}"
+            )
+        if self.num_rows - len(self.deleted_rows()) != self.num_passages:
+            raise StoreReadError(
+                f"{self.layout.manifest}: {self.num_rows} rows less {len(self.deleted_rows())} deleted are not the "
+                f"{self.num_passages} passages it says"
             )
 
     def _memory_problems(self, shard: int, passages: int, tokens: int) -> list[str]:
@@ -266,19 +300,41 @@ class MemoryStore:
         self._require_memory()
         return load_codec(self.layout.codec_dir)
 
+    @property
+    def index_dir(self) -> Path:
+        """This generation's index directory."""
+        return self.layout.root / self.manifest["index"]
+
     @cached_property
     def index(self) -> PassageIndex:
-        index = self._read(self.layout.index_dir, PassageIndex.load)
+        index = self._read(self.index_dir, PassageIndex.load)
         if index.ntotal != self.num_passages:
             raise StoreReadError(
-                f"{self.layout.index_dir}: the index holds {index.ntotal} passages, the store {self.num_passages}"
+                f"{self.index_dir}: the index holds {index.ntotal} passages, the store {self.num_passages}"
             )
         return index
 
+    def deleted_rows(self) -> np.ndarray:
+        """The rows updates deleted, sorted int64 (empty for a store never updated, or compacted since)."""
+        return self._deleted
+
+    @cached_property
+    def _deleted(self) -> np.ndarray:
+        name = self.manifest.get("deleted")
+        if name is None:
+            return np.empty(0, dtype=np.int64)
+        return self._read(self.layout.root / name, np.load)
+
+    def shard_rows(self) -> list[tuple[int, int, int]]:
+        """(shard, first row, passages) of every shard, in row order."""
+        return [
+            (int(entry["shard"]), int(entry["row_start"]), int(entry["passages"])) for entry in self.manifest["shards"]
+        ]
+
     def _locate(self, rows: np.ndarray) -> np.ndarray:
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_passages):
-            bad = rows[(rows < 0) | (rows >= self.num_passages)]
-            raise IndexError(f"passage rows {bad.tolist()} out of range [0, {self.num_passages})")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            bad = rows[(rows < 0) | (rows >= self.num_rows)]
+            raise IndexError(f"passage rows {bad.tolist()} out of range [0, {self.num_rows})")
         return np.searchsorted(self._row_starts, rows, side="right") - 1
 
     def _shard_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
@@ -297,11 +353,11 @@ class MemoryStore:
         """Codes of passages: rows 'b' -> (codes 'b l m' zero-padded, mask 'b l' bool); l = longest passage."""
         self._require_memory()
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        shards = self._locate(rows)
+        positions = self._locate(rows)
         pieces = []
-        for row, shard in zip(rows.tolist(), shards.tolist(), strict=True):
-            codes, offsets = self._shard_arrays(shard)
-            local = row - int(self._row_starts[shard])
+        for row, position in zip(rows.tolist(), positions.tolist(), strict=True):
+            codes, offsets = self._shard_arrays(self._shard_ids[position])
+            local = row - int(self._row_starts[position])
             start, stop = int(offsets[local]), int(offsets[local + 1])
             if max_tokens is not None:
                 stop = min(stop, start + max_tokens)
@@ -338,11 +394,11 @@ class MemoryStore:
     def passages(self, rows: Any) -> list[dict[str, Any]]:
         """Passage metadata (passage_id, doc_id, title, text, KILT paragraph range, ...) for rows, in order."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        shards = self._locate(rows)
+        positions = self._locate(rows)
         out = []
-        for row, shard in zip(rows.tolist(), shards.tolist(), strict=True):
-            table = self._shard_table(shard)
-            record = table.slice(row - int(self._row_starts[shard]), 1).to_pylist()[0]
+        for row, position in zip(rows.tolist(), positions.tolist(), strict=True):
+            table = self._shard_table(self._shard_ids[position])
+            record = table.slice(row - int(self._row_starts[position]), 1).to_pylist()[0]
             out.append({"row": row, **record})
         return out
 

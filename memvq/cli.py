@@ -188,6 +188,88 @@ def train_command(
     )
 
 
+@app.command("update")
+def update_command(
+    store: Annotated[Path, typer.Option(help="store built by build-index")],
+    add: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="corpus to add, in any format build-index reads (repeatable); a known id replaces its document"
+        ),
+    ] = None,
+    delete: Annotated[
+        Path | None, typer.Option(help="file of document ids (wikipedia_id) to delete, one per line")
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray the update starts and stops"
+        ),
+    ] = None,
+) -> None:
+    """Add, replace and delete documents of a store as its next generation (atomic, resumable, no rebuild)."""
+    from memvq.data.ingest.sources import CorpusError
+    from memvq.memory.artifact import ArtifactError
+    from memvq.pipelines.update import update_store
+
+    try:
+        report = update_store(store, add or [], delete, ray_address)
+    except (CorpusError, ArtifactError, OSError, ValueError) as error:
+        raise _fail(error) from error
+    typer.echo(f"\nstore {store} is at generation {report.generation}")
+    _echo_rows(
+        [
+            ("documents added", f"{report.documents_added:,}"),
+            ("documents replaced", f"{report.documents_replaced:,}"),
+            ("documents deleted", f"{report.documents_deleted:,}"),
+            ("unknown ids (not deleted)", f"{report.unknown_ids:,}" + _examples(report.unknown_examples)),
+            ("bad records skipped", f"{report.bad_records:,}"),
+            ("passages added / deleted", f"{report.passages_added:,} / {report.passages_deleted:,}"),
+            ("passages now", f"{report.passages:,} of {report.documents:,} documents"),
+            *((f"time: {stage}", f"{sec:.1f} s") for stage, sec in report.seconds.items()),
+        ]
+    )
+
+
+def _examples(examples: list[str]) -> str:
+    return f" (e.g. {', '.join(examples[:3])})" if examples else ""
+
+
+@app.command("compact")
+def compact_command(
+    store: Annotated[Path, typer.Option(help="store built by build-index and updated since")],
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace-seconds",
+            min=0.0,
+            help="seconds between publishing the compacted store and removing the old files (servers switch first)",
+        ),
+    ] = 15.0,
+) -> None:
+    """Rewrite a store without the rows its updates deleted (a new generation; the old files are removed)."""
+    from memvq.memory.artifact import ArtifactError
+    from memvq.pipelines.compact import compact_store
+
+    try:
+        report = compact_store(store, grace)
+    except (ArtifactError, OSError, ValueError) as error:
+        raise _fail(error) from error
+    if report is None:
+        typer.echo(f"store {store} holds no deleted rows: nothing to compact")
+        return
+    typer.echo(f"\nstore {store} is at generation {report.generation}")
+    _echo_rows(
+        [
+            ("passages", f"{report.passages:,} in {report.shards:,} shards"),
+            ("deleted rows dropped", f"{report.rows_dropped:,}"),
+            ("store size", f"{report.bytes_before / 2**20:.1f} MiB -> {report.bytes_after / 2**20:.1f} MiB"),
+            ("space won back", f"{report.bytes_freed / 2**20:.1f} MiB"),
+            *((f"time: {stage}", f"{sec:.1f} s") for stage, sec in report.seconds.items()),
+        ]
+    )
+
+
 @app.command("fetch")
 def fetch_command(
     uri: Annotated[str, typer.Argument(help="a store built to a pyarrow.fs URI (s3://, gs://, hdfs://, file://)")],

@@ -87,11 +87,12 @@ def build_index(
             given = None if codec_from is None else Path(codec_from)
             codec, source = train_codec(layout, config, plan, encoders, given)
             target.publish_codec()
-    resumed = bool(check_kept_shards(layout, plan, config.memory, target.remote))
+    shard_sizes = dict(enumerate(plan.shard_sizes))
+    resumed = bool(check_kept_shards(layout, shard_sizes, config.memory, target.remote))
     with clock.stage("encode"):
-        busy = encode_all_shards(layout, config, plan, ray_address, target.remote)
+        busy = encode_all_shards(layout, config, shard_sizes, ray_address, target.remote)
     with clock.stage("index"):
-        build_passage_index(layout, config, plan, encoders.index.hidden_size, target.remote)
+        build_passage_index(layout, config, shard_sizes, encoders.index.hidden_size, layout.index_dir, target.remote)
     markers = target.markers(len(plan.shard_sizes))
     report = build_report(plan, markers, codec, clock.seconds, None if resumed else busy)
     backbone = encoders.index.info.__dict__ | {

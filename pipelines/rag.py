@@ -213,6 +213,21 @@ class RAGPipeline:
         return pipeline
 
     @property
+    def generation(self) -> int:
+        """The generation of the store the answers come from (0: as built; each update or compaction adds one)."""
+        return self.store.generation
+
+    def with_store(self, store: MemoryStore) -> RAGPipeline:
+        """This pipeline over another generation of its store (or another store of the same encoder): the reader,
+        the question encoder and the calibration are shared, not loaded again."""
+        retriever = Retriever(
+            store, self.retriever.encoder, self.retriever.precision, self.retriever.max_question_tokens
+        )
+        if store.has_memory:
+            store.codec.to(self.device)
+        return RAGPipeline(store, self.reader, retriever, self.inputs, self.precision, self.calibration)
+
+    @property
     def config(self) -> ReaderConfig:
         """The reader's config, with the default `min_confidence` of its calibration when that sets one."""
         config = self.reader.config

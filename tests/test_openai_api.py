@@ -35,6 +35,7 @@ class FakePipeline:
 
     config = ReaderConfig(mode="fid", head="extract", top_k=2, rerank_k=2)
     precision = "fp32"
+    generation = 0
 
     def __init__(self, seconds: float = 0.0, span_passage: int = 0) -> None:
         self.seconds = seconds

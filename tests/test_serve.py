@@ -290,6 +290,7 @@ class FlakyPipeline:
         self.rag = rag
         self.config = rag.config
         self.precision = rag.precision
+        self.generation = rag.generation
         self.fail_next = True
 
     def answer(self, questions, **options):

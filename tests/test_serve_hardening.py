@@ -34,6 +34,7 @@ class FakePipeline:
 
     config = SimpleNamespace(mode="fid", top_k=3, rerank_k=2, max_answer_tokens=8, num_beams=1, min_confidence=0.0)
     precision = "fp32"
+    generation = 0
 
     def __init__(self, seconds: float = 0.0) -> None:
         self.seconds = seconds

@@ -28,6 +28,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 
 from memvq.encoders.options import QueryOptions
 from memvq.memory.integrity import FileWatch
+from memvq.memory.store import MemoryStore
 from memvq.pipelines.rag import RAGAnswer
 from memvq.retrieval.retriever import RetrievedPassage
 from memvq.serve.batcher import (
@@ -69,6 +70,7 @@ class QAPipeline(Protocol):
     def config(self) -> Any: ...
 
     precision: str  # "fp32" or "bf16": what the reader computes in
+    generation: int  # of the store the answers come from
 
     def answer(self, questions: list[str], options: QueryOptions | None) -> list[RAGAnswer]: ...
 
@@ -114,20 +116,30 @@ class Server:
     ) -> None:
         self.pipeline = pipeline
         self.settings = settings
-        self.watcher = StoreWatcher(watch, settings.watch_interval_s)
+        self.watcher = StoreWatcher(watch, settings.watch_interval_s, self.reopen)
         self.metrics = ServerMetrics()
         self.batcher = batcher(self._run, settings, self.metrics.observe_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.pending)
         self.ready = False
 
     def _run(self, questions: list[str], key: BatchKey) -> Sequence[Any]:
-        """One model call (on the batcher's worker thread)."""
+        """One model call (on the batcher's worker thread), on one generation of the store."""
+        pipeline = self.pipeline
         if key.op == "answer":
-            return self.pipeline.answer(questions, options=key.options)
+            return pipeline.answer(questions, options=key.options)
         start = time.perf_counter()
-        found = self.pipeline.retrieve(questions, options=key.options)
+        found = pipeline.retrieve(questions, options=key.options)
         ms = (time.perf_counter() - start) * 1000.0
         return [(passages, ms) for passages in found]
+
+    def reopen(self) -> FileWatch | None:
+        """Serve the store's generation published now (on the watch's thread): open and verify it, then give new
+        batches a pipeline over it; a batch running keeps the pipeline, and so the generation, it started with.
+        Returns the new generation's watch."""
+        store = MemoryStore.open(self.pipeline.store.layout.root)
+        self.pipeline = self.pipeline.with_store(store)
+        logger.info("serving generation %d of the store %s", store.generation, store.layout.root)
+        return store.watch
 
     @property
     def store_changed(self) -> str:
@@ -230,7 +242,7 @@ def create_app(
     models = request_models(settings)
     api, answer = _query_routes(server, models, security)
     app.include_router(api)
-    app.include_router(openai_router(pipeline, models[0], answer, security, ERROR_RESPONSES))
+    app.include_router(openai_router(lambda: server.pipeline, models[0], answer, security, ERROR_RESPONSES))
     app.include_router(page_router())
     app.include_router(_health_routes(server, security))
     # Outermost last: metrics count every response, errors on the OpenAI routes are reshaped whoever answered them,
@@ -311,8 +323,15 @@ def _health_routes(server: Server, security: list[Any]) -> APIRouter:
             return error_response(503, "store_changed", server.store_changed)
         if not server.ready or not server.batcher.running:
             return error_response(503, "unavailable", "not ready", **{"Retry-After": "1"})
-        config, precision = server.pipeline.config, server.pipeline.precision
-        return {"status": "ready", "reader": config.mode, "top_k": config.top_k, "precision": precision}
+        pipeline = server.pipeline
+        config, precision = pipeline.config, pipeline.precision
+        return {
+            "status": "ready",
+            "reader": config.mode,
+            "top_k": config.top_k,
+            "precision": precision,
+            "generation": pipeline.generation,
+        }
 
     @router.get("/metrics", dependencies=security, response_class=Response)
     async def metrics() -> Response:

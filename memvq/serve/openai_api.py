@@ -124,6 +124,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "memvq"
     precision: str = Field(description="memvq: what the reader computes in, fp32 or bf16")
+    generation: int = Field(description="memvq: the generation of the store answers come from (updates add one)")
 
 
 class ModelList(BaseModel):
@@ -146,12 +147,14 @@ class OpenAIErrorResponse(BaseModel):
 
 
 class Configured(Protocol):
-    """What these routes need of the pipeline: its reader's config and precision (`app.QAPipeline` has them)."""
+    """What these routes need of the pipeline: its reader's config and precision and its store's generation
+    (`app.QAPipeline` has them)."""
 
     @property
     def config(self) -> Any: ...
 
     precision: str
+    generation: int
 
 
 AnswerFn = Callable[[Any], Awaitable[AnswerResponse]]  # the /v1/answer endpoint: AnswerRequest -> AnswerResponse
@@ -206,13 +209,14 @@ def _events(completion: ChatCompletion) -> Iterator[str]:
 
 
 def openai_router(
-    pipeline: Configured,
+    current: Callable[[], Configured],
     answer_model: type[BaseModel],
     answer: AnswerFn,
     dependencies: Sequence[Any],
     errors: dict[int | str, dict[str, Any]],
 ) -> APIRouter:
-    """The routes; questions go to `answer` (the /v1/answer endpoint) as requests of `answer_model`. `errors`: the
+    """The routes; questions go to `answer` (the /v1/answer endpoint) as requests of `answer_model`; `current`: the
+    pipeline served now (a new generation of the store gives a new one). `errors`: the
     API's documented error statuses (their bodies documented here in OpenAI's shape)."""
     created = int(time.time())
     responses = {status: {**spec, "model": OpenAIErrorResponse} for status, spec in errors.items()}
@@ -221,7 +225,13 @@ def openai_router(
     @router.get("/models", response_model=ModelList)
     async def models() -> ModelList:
         """The one model: the loaded reader."""
-        card = ModelCard(id=reader_id(pipeline.config), created=created, precision=pipeline.precision)
+        pipeline = current()
+        card = ModelCard(
+            id=reader_id(pipeline.config),
+            created=created,
+            precision=pipeline.precision,
+            generation=pipeline.generation,
+        )
         return ModelList(data=[card])
 
     @router.post(
@@ -236,7 +246,7 @@ def openai_router(
         completion = ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
-            model=reader_id(pipeline.config),
+            model=reader_id(current().config),
             choices=[Choice(message=AssistantMessage(content=assistant_content(answered)))],
             memvq=answered,
         )

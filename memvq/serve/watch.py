@@ -2,9 +2,11 @@
 
 A file that changes under a running server (a rebuild into the same directory, a copy over it, a damaged disk)
 would be read through its memory map as if nothing happened. `StoreWatcher` runs `FileWatch.changed` (a stat per
-file, a sha256 only for files whose stamp moved) every `interval_s` on a thread; the first time it names a file,
-it logs one error line and the server stops answering (503 `store_changed`, /readyz 503) until it is restarted on
-a store that verifies.
+file, a sha256 only for files whose stamp moved) every `interval_s` on a thread. When the store's manifest changed
+(`memvq update` or `compact` published a new generation), it calls `reopen`, which opens and verifies the new
+generation and serves it from the next batch on: no restart, no request refused. Any other change, or a new
+generation that fails its check, is logged once and the server stops answering (503 `store_changed`, /readyz
+503) until it is restarted on a store that verifies.
 """
 
 from __future__ import annotations
@@ -12,18 +14,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
+from memvq.memory.artifact import MANIFEST_NAME
 from memvq.memory.integrity import FileWatch
 
 logger = logging.getLogger(__name__)
 
 
 class StoreWatcher:
-    """Runs a `FileWatch` on a timer; `damaged` names the files that no longer match (empty while all is well)."""
+    """Runs a `FileWatch` on a timer; `damaged` names the files that no longer match (empty while all is well).
+    `reopen`: serve the store's new generation and return its watch (called when the manifest changed)."""
 
-    def __init__(self, watch: FileWatch | None, interval_s: float) -> None:
+    def __init__(
+        self, watch: FileWatch | None, interval_s: float, reopen: Callable[[], FileWatch | None] | None = None
+    ) -> None:
         self.watch = watch
         self.interval_s = interval_s
+        self.reopen = reopen
         self.damaged: list[str] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -32,6 +40,12 @@ class StoreWatcher:
         if self.watch is None or self.damaged:
             return self.damaged
         damaged = await asyncio.to_thread(self.watch.changed)
+        if MANIFEST_NAME in damaged and self.reopen is not None:
+            try:
+                self.watch = await asyncio.to_thread(self.reopen)
+                return []
+            except Exception as error:  # the new generation does not verify: refuse, as for any other change
+                logger.error("the store's new manifest does not open: %s", error)
         if damaged:
             self.damaged = damaged
             logger.error(

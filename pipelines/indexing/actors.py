@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from memvq.memory.location import STAGING_ENV, RemoteStore, clear, is_uri
 from memvq.memory.store import StoreLayout, shard_suffixes
 from memvq.pipelines.config import BuildConfig
 from memvq.pipelines.indexing.encode import Encoders, encode_shard
-from memvq.pipelines.indexing.plan import Plan
 from memvq.pipelines.local_ray import ray_for_build
 
 log = logging.getLogger(__name__)
@@ -188,29 +187,34 @@ def plan_actors(nodes: list[dict[str, Any]], config: BuildConfig, shards: int) -
     return slots[: min(config.num_workers or len(slots), shards)]
 
 
-def done_shards(layout: StoreLayout, remote: RemoteStore | None, count: int) -> set[int]:
-    """The shards (of `count`) with a done marker, in the store or at `remote` (listed once)."""
+def done_shards(layout: StoreLayout, remote: RemoteStore | None, shards: Iterable[int]) -> set[int]:
+    """The `shards` with a done marker, in the store or at `remote` (listed once)."""
     if remote is None:
-        return {shard for shard in range(count) if layout.shard_done(shard).is_file()}
+        return {shard for shard in shards if layout.shard_done(shard).is_file()}
     listed = set(remote.files(layout.relative(layout.shards_dir)))
-    return {shard for shard in range(count) if layout.relative(layout.shard_done(shard)) in listed}
+    return {shard for shard in shards if layout.relative(layout.shard_done(shard)) in listed}
 
 
 def encode_all_shards(
-    layout: StoreLayout, config: BuildConfig, plan: Plan, ray_address: str | None, remote: RemoteStore | None = None
+    layout: StoreLayout,
+    config: BuildConfig,
+    shard_sizes: Mapping[int, int],
+    ray_address: str | None,
+    remote: RemoteStore | None = None,
 ) -> float:
-    """Encode every shard without a done marker with encoder actors (`plan_actors`) on the build's Ray
+    """Encode every shard of `shard_sizes` (shard -> passages: a plan's, or an update's new shards) without a done
+    marker with encoder actors (`plan_actors`) on the build's Ray
     (`memvq.pipelines.local_ray.ray_for_build`: a local Ray it stops at the end, or the cluster at `ray_address`),
     each pinned to its node and writing its shards into the store (uploading them to `remote`, a store at a URI).
 
     Returns the seconds the actors spent encoding (their busy time, without Ray start-up and model loading)."""
     import ray
 
-    finished = done_shards(layout, remote, len(plan.shard_sizes))
-    todo = [shard for shard in range(len(plan.shard_sizes)) if shard not in finished]
+    finished = done_shards(layout, remote, shard_sizes)
+    todo = [shard for shard in shard_sizes if shard not in finished]
     if not todo:
         return 0.0
-    passages = {shard: plan.shard_sizes[shard] for shard in todo}
+    passages = {shard: shard_sizes[shard] for shard in todo}
     with ray_for_build(ray_address):
         slots = plan_actors(ray.nodes(), config, len(todo))
         log.info(

@@ -4,7 +4,7 @@ build report, and the manifest, written last: it names every file of the store w
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,14 +67,22 @@ def _shard_emb(layout: StoreLayout, remote: RemoteStore | None, shard: int) -> I
 
 
 def build_passage_index(
-    layout: StoreLayout, config: BuildConfig, plan: Plan, dim: int, remote: RemoteStore | None = None
+    layout: StoreLayout,
+    config: BuildConfig,
+    shard_sizes: Mapping[int, int],
+    dim: int,
+    out: Path,
+    remote: RemoteStore | None = None,
 ) -> PassageIndex:
-    """FAISS index over the shards' embeddings, streamed shard by shard: memory is one shard's embeddings, the
-    training sample (at most `config.index.train_size` rows) and the index itself, never the whole corpus. With
-    `remote` (a store at a URI), each shard's embeddings are downloaded into staging one at a time."""
+    """FAISS index over the embeddings of the shards `shard_sizes` (shard -> passages, in row order from row 0),
+    streamed shard by shard, saved in `out`: memory is one shard's embeddings, the training sample (at most
+    `config.index.train_size` rows) and the index itself, never the whole corpus. With `remote` (a store at a URI),
+    each shard's embeddings are downloaded into staging one at a time."""
+    shards = list(shard_sizes.items())
+    starts = np.concatenate([[0], np.cumsum([size for _, size in shards])]).astype(np.int64)
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for shard, start in enumerate(plan.row_starts):
+        for (shard, _), start in zip(shards, starts, strict=False):
             with _shard_emb(layout, remote, shard) as path:
                 emb = np.load(path).astype(np.float32)
             yield np.arange(start, start + len(emb), dtype=np.int64), emb
@@ -82,15 +90,15 @@ def build_passage_index(
     sample = None
     if config.index.factory != "Flat":
         # only the training rows are read (through memory maps), straight into one preallocated array
-        rows = training_rows(plan.passages, config.index)
+        rows = training_rows(int(starts[-1]), config.index)
         sample = np.empty((len(rows), dim), dtype=np.float32)
-        for shard, (start, size) in enumerate(zip(plan.row_starts, plan.shard_sizes, strict=True)):
+        for (shard, size), start in zip(shards, starts, strict=False):
             lo, hi = np.searchsorted(rows, [start, start + size])
             if hi > lo:
                 with _shard_emb(layout, remote, shard) as path:
                     sample[lo:hi] = np.load(path, mmap_mode="r")[rows[lo:hi] - start]
     index = PassageIndex.build(batches(), dim=dim, config=config.index, train_sample=sample)
-    index.save(layout.index_dir)
+    index.save(out)
     return index
 
 
@@ -158,8 +166,13 @@ def write_manifest(
             "corpus": built.corpus,
             "num_documents": plan.documents,
             "num_passages": plan.passages,
+            "num_rows": plan.passages,
             "num_tokens": report.tokens,
             "shards": shards,
+            "index": layout.relative(layout.index_dir),
+            "deleted": None,
+            "generation": 0,
+            "parent": None,
             "report": report.model_dump(),
         },
     )

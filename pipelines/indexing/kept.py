@@ -6,6 +6,7 @@ and is encoded again, so a manifest is only ever written from markers that hold.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,18 @@ from memvq.memory.artifact import ArtifactError, file_record, read_json
 from memvq.memory.location import RemoteStore
 from memvq.memory.store import StoreLayout, shard_suffixes
 from memvq.pipelines.indexing.actors import done_shards
-from memvq.pipelines.indexing.plan import Plan
 
 log = logging.getLogger(__name__)
 
 
-def check_kept_shards(layout: StoreLayout, plan: Plan, memory: bool, remote: RemoteStore | None = None) -> set[int]:
-    """The done shards that hold what their markers say (kept); the others' markers are removed (here and at
-    `remote`) so the encode step writes them again."""
+def check_kept_shards(
+    layout: StoreLayout, shard_sizes: Mapping[int, int], memory: bool, remote: RemoteStore | None = None
+) -> set[int]:
+    """The done shards of `shard_sizes` (shard -> passages) that hold what their markers say (kept); the others'
+    markers are removed (here and at `remote`) so the encode step writes them again."""
     kept = set()
-    for shard in sorted(done_shards(layout, remote, len(plan.shard_sizes))):
-        problem = _problem(layout, shard, plan.shard_sizes[shard], memory, remote)
+    for shard in sorted(done_shards(layout, remote, shard_sizes)):
+        problem = _problem(layout, shard, shard_sizes[shard], memory, remote)
         if problem is None:
             kept.add(shard)
             continue

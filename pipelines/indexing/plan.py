@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from memvq.data.ingest.corpus import corpus_files, iter_documents
 from memvq.data.ingest.passages import ChunkReport, Passage, iter_passages
-from memvq.data.ingest.sources import IngestReport
+from memvq.data.ingest.sources import Document, IngestReport
 from memvq.memory.artifact import ManifestError, atomic_write, file_record, read_json, write_json
 from memvq.memory.store import StoreLayout
 from memvq.pipelines.config import BuildConfig
@@ -54,24 +54,7 @@ def plan_passages(corpus: Path, layout: StoreLayout, config: BuildConfig) -> Pla
         return Plan(**{field.name: saved[field.name] for field in dataclasses.fields(Plan)})
     report, chunking = IngestReport(), ChunkReport()
     documents = iter_documents(corpus, fmt=config.format, report=report)
-    passages = iter_passages(
-        documents,
-        words_per_passage=config.chunking.words_per_passage,
-        skip_title_paragraph=config.chunking.skip_title_paragraph,
-        max_passage_chars=config.chunking.max_passage_chars,
-        report=chunking,
-    )
-    shard_sizes: list[int] = []
-    with tqdm(desc="plan: chunking corpus", unit=" passages") as bar:
-        for rows in _batched(passages, config.shard_size):
-            table = pa.Table.from_pylist(
-                [{name: getattr(passage, name) for name in PASSAGE_SCHEMA.names} for passage in rows],
-                schema=PASSAGE_SCHEMA,
-            )
-            path = layout.shard_file(len(shard_sizes), "passages.parquet")
-            atomic_write(path, lambda tmp, table=table: pq.write_table(table, tmp, compression="zstd"))
-            shard_sizes.append(len(rows))
-            bar.update(len(rows))
+    shard_sizes = write_passage_shards(chunk(documents, config, chunking), layout, config.shard_size, 0, "plan")
     bad = [f"{record.path}:{record.line}: {record.reason}" for record in report.bad_records]
     plan = Plan(report.documents, sum(shard_sizes), len(bad), report.duplicate_ids, chunking.split_words, shard_sizes)
     write_json(layout.plan, dataclasses.asdict(plan) | {"bad_record_examples": bad[:100]})
@@ -89,6 +72,36 @@ def plan_passages(corpus: Path, layout: StoreLayout, config: BuildConfig) -> Pla
             plan.split_words,
         )
     return plan
+
+
+def chunk(documents: Iterable[Document], config: BuildConfig, report: ChunkReport) -> Iterator[Passage]:
+    """The passages of documents, cut by the config's chunking."""
+    return iter_passages(
+        documents,
+        words_per_passage=config.chunking.words_per_passage,
+        skip_title_paragraph=config.chunking.skip_title_paragraph,
+        max_passage_chars=config.chunking.max_passage_chars,
+        report=report,
+    )
+
+
+def write_passage_shards(
+    passages: Iterable[Passage], layout: StoreLayout, shard_size: int, first_shard: int, step: str
+) -> list[int]:
+    """Write passages as parquet shards `first_shard`, `first_shard + 1`, ... of `shard_size` passages; returns
+    their sizes."""
+    shard_sizes: list[int] = []
+    with tqdm(desc=f"{step}: chunking corpus", unit=" passages") as bar:
+        for rows in _batched(iter(passages), shard_size):
+            table = pa.Table.from_pylist(
+                [{name: getattr(passage, name) for name in PASSAGE_SCHEMA.names} for passage in rows],
+                schema=PASSAGE_SCHEMA,
+            )
+            path = layout.shard_file(first_shard + len(shard_sizes), "passages.parquet")
+            atomic_write(path, lambda tmp, table=table: pq.write_table(table, tmp, compression="zstd"))
+            shard_sizes.append(len(rows))
+            bar.update(len(rows))
+    return shard_sizes
 
 
 def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
