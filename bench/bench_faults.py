@@ -6,7 +6,10 @@
 2. build: a build of `--build-docs` pages with a tiny random BERT, killed (SIGKILL) at a random moment `--kills`
    times, then run to the end: its files must be byte-identical to an uninterrupted build's, and no Ray process of
    the killed runs may be left.
-3. serve: `memvq serve` on `--store` with the embedded reader; clients send 4 x 64-question batches and hang up
+3. update: `memvq update` of a tiny store killed (SIGKILL) at a random moment `--kills` times: the store must open
+   whole after each kill (its previous generation, or the new one), and the update run again must end with the
+   uninterrupted update's files.
+4. serve: `memvq serve` on `--store` with the embedded reader; clients send 4 x 64-question batches and hang up
    after 1 s, then one question is timed; clients that stay must all be answered, and the timed question must not
    wait behind the abandoned work (its latency beside one 16-question batch's).
 
@@ -178,7 +181,54 @@ def build_faults(docs: int, kills: int, work: Path) -> list[Row]:
     ]
 
 
-# -- 3. serve ----------------------------------------------------------------------------------------------------
+# -- 3. update ---------------------------------------------------------------------------------------------------
+
+
+def update_faults(docs: int, kills: int, work: Path) -> list[Row]:
+    """A tiny store of `docs` pages updated with the next `docs // 4` pages and a quarter of its own deleted, killed
+    at a random moment of the update `kills` times: after each kill the store must open whole (the previous
+    generation, or the new one when the kill came after its publish), and the update run again must end with the
+    uninterrupted update's files."""
+    (work / "update").mkdir()
+    corpus, config = tiny_build_setup(work / "update", docs + docs // 4)
+    pages = corpus.read_text().splitlines(keepends=True)
+    (base_corpus := work / "update" / "base.jsonl").write_text("".join(pages[:docs]))
+    (added := work / "update" / "added.jsonl").write_text("".join(pages[docs:]))
+    (delete := work / "update" / "delete.txt").write_text(
+        "".join(json.loads(line)["wikipedia_id"] + "\n" for line in pages[: docs // 4])
+    )
+    base = work / "update" / "base"
+    subprocess.run(build_command(base_corpus, base, config), check=True, capture_output=True, cwd=ROOT)
+
+    def update(store: Path) -> list[str]:
+        return [sys.executable, "-m", "memvq.cli", "update", "--store", str(store), "--add", str(added),
+                "--delete", str(delete)]  # fmt: skip
+
+    reference = work / "update" / "reference"
+    shutil.copytree(base, reference)
+    start = time.perf_counter()
+    subprocess.run(update(reference), check=True, capture_output=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    whole = identical = 0
+    for trial in range(kills):
+        out = work / "update" / f"killed-{trial}"
+        shutil.copytree(base, out)
+        driver = subprocess.Popen(update(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(random.uniform(0.1, 1.0) * seconds)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        with contextlib.suppress(ArtifactError):
+            whole += MemoryStore.open(out).generation in (0, 1)
+        finished = subprocess.run(update(out), capture_output=True, cwd=ROOT)
+        identical += finished.returncode == 0 and store_files(out) == store_files(reference)
+    return [
+        Row("update", f"killed mid-update, store opened ({docs} pages)", kills, whole, kills - whole,
+            "the previous generation, or the new one"),
+        Row("update", "killed mid-update, rerun", kills, identical, kills - identical, "identical to uninterrupted"),
+    ]  # fmt: skip
+
+
+# -- 4. serve ----------------------------------------------------------------------------------------------------
 
 
 async def serve_faults(args: argparse.Namespace, work: Path) -> list[Row]:
@@ -236,7 +286,7 @@ def main() -> None:
     parser.add_argument("--build-docs", type=int, default=80)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["store", "build", "serve"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["store", "build", "update", "serve"])
     args = parser.parse_args()
     configure_logging()
     random.seed(args.seed)
@@ -248,6 +298,8 @@ def main() -> None:
             rows += store_faults(args.store, args.flips, work)
         if "build" not in args.skip:
             rows += build_faults(args.build_docs, args.kills, work)
+        if "update" not in args.skip:
+            rows += update_faults(args.build_docs, args.kills, work)
         if "serve" not in args.skip:
             rows += asyncio.run(serve_faults(args, work))
     print(table(rows))

@@ -341,3 +341,31 @@ def test_gpu_path_with_fake_gpu_faiss(
     assert not hnsw.on_gpu  # None: falls back to CPU
     with pytest.raises(ValueError, match="cannot run on GPU"):
         PassageIndex.build([], DIM, IndexConfig(factory="HNSW32", use_gpu=True))
+
+
+# ----------------------------------------------------------------------------- updates: add and remove
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", IVFPQ])
+def test_removed_rows_are_never_found_and_added_ones_are(
+    factory: str, ann_data: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """A store update: rows removed from a trained index are skipped by every search (even asked for all rows), rows
+    added are found, and both survive save and load; the trained structure is kept (no retraining)."""
+    base, queries = ann_data
+    first, extra = base[:1500], base[1500:]
+    config = IndexConfig(factory=factory, nprobe=64, train_size=1000, use_gpu=False)
+    index = PassageIndex.build([(np.arange(1500), first)], DIM, config, train_sample=first)
+    removed = np.arange(0, 1500, 3)
+    assert index.remove(removed) == len(removed) and index.remove(removed) == 0
+    index.add(np.arange(1500, 2000), extra)
+    with pytest.raises(ValueError, match="more than once"):
+        index.add(np.array([1600]), extra[:1])
+    index.save(tmp_path)
+    for searched in (index, PassageIndex.load(tmp_path, use_gpu=False)):
+        assert searched.ntotal == 2000 - len(removed) and searched.num_removed == len(removed)
+        _, rows = searched.search(np.concatenate([queries, base[removed[:20]]]), k=2000)
+        found = rows[rows >= 0]
+        assert not np.isin(found, removed).any()
+        _, own = searched.search(extra[:20], k=1)  # an added row is its own nearest neighbour
+        assert np.mean(own[:, 0] == np.arange(1500, 1520)) >= (1.0 if factory == "Flat" else 0.8)
