@@ -75,6 +75,12 @@ class IndexConfig(BaseModel):
         None, description="None: GPU faiss when available and the type supports it; True: require it; False: CPU"
     )
     seed: int = Field(0, description="seed of the training subsample")
+    rerank: int = Field(
+        4,
+        ge=1,
+        description="an approximate index (any but Flat) is asked for rerank x k candidates, which the store "
+        "scores again by exact inner product with its fp16 embeddings (`MemoryStore.search`); 1: its own scores",
+    )
 
     @field_validator("factory")
     @classmethod

@@ -314,6 +314,36 @@ class MemoryStore:
             )
         return index
 
+    def search(self, queries: np.ndarray, k: int, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k passages by inner product: (scores 'q k' float32, rows 'q k' int64), best first, -inf / -1 where
+        the store holds fewer. An approximate index (any but Flat) gives `rerank` x k candidates (None: its config's
+        `rerank`), re-scored exactly with the stored fp16 embeddings (memory-mapped: only the candidates' rows are
+        read)."""
+        factor = 1 if self.index.config.factory == "Flat" else rerank or self.index.config.rerank
+        scores, rows = self.index.search(queries, k * factor)
+        if factor == 1:
+            return scores, rows
+        queries = np.asarray(queries, dtype=np.float32).reshape(len(rows), -1)
+        found = rows >= 0
+        exact = np.full(rows.shape, -np.inf, dtype=np.float32)
+        vectors = self.embeddings_of(rows[found])
+        exact[found] = np.einsum("nd,nd->n", vectors, np.repeat(queries, found.sum(axis=1), axis=0))
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+    def embeddings_of(self, rows: Any) -> np.ndarray:
+        """Dense embeddings of passages 'n d' float32, in the order of `rows` (read through the shards' maps)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        positions = self._locate(rows)
+        out: np.ndarray | None = None
+        for position in np.unique(positions).tolist():
+            chosen = positions == position
+            emb = self.embeddings(self._shard_ids[position])
+            if out is None:
+                out = np.empty((len(rows), emb.shape[1]), dtype=np.float32)
+            out[chosen] = emb[rows[chosen] - int(self._row_starts[position])]
+        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
     def deleted_rows(self) -> np.ndarray:
         """The rows updates deleted, sorted int64 (empty for a store never updated, or compacted since)."""
         return self._deleted

@@ -106,7 +106,7 @@ def _retrieve_all(out: Path, tasks: Sequence[TaskData], retriever: Retriever, k:
                 for start in range(0, len(examples), batch):
                     questions = [e.question for e in examples[start : start + batch]]
                     chunk = slice(start, start + len(questions))
-                    scores[chunk], found[chunk] = retriever.store.index.search(retriever.embed(questions), k)
+                    scores[chunk], found[chunk] = retriever.store.search(retriever.embed(questions), k)
                     bar.update(len(questions))
                 rows[f"{task.config.name}/{split}"] = found
                 rows[f"{task.config.name}/{split}/scores"] = scores

@@ -1,4 +1,5 @@
-"""The retriever: questions -> dense embeddings (the store's own encoder, frozen) -> FAISS top-K passages.
+"""The retriever: questions -> dense embeddings (the store's own encoder, frozen) -> the store's top-K passages (its
+FAISS index; an approximate one's candidates re-scored exactly: `MemoryStore.search`).
 
 It owns the question side of dense retrieval and what a retrieved passage carries (KILT provenance: wikipedia_id,
 title, paragraph range, score). The question encoder is the full backbone the store was built with, untouched by
@@ -84,7 +85,7 @@ class Retriever:
         if not questions:
             return []
         k = min(k, self.store.num_passages)
-        scores, rows = self.store.index.search(self.embed(questions), k)
+        scores, rows = self.store.search(self.embed(questions), k)
         found = [
             [(int(row), float(score)) for row, score in zip(r, s, strict=True) if row >= 0]
             for r, s in zip(rows, scores, strict=True)
