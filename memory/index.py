@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ IDS_FILE = "ids.npy"
 REMOVED_FILE = "removed.npy"
 META_FILE = "index.json"
 INDEX_FORMAT = ArtifactFormat("memvq-index", 2, remake="rebuild the store with `memvq build-index`")
+
+#: The "auto" index is exact (Flat) for stores of fewer passages than this (`IndexConfig.resolved`).
+AUTO_FLAT_BELOW = 32_768
 
 #: FAISS k-means wants at least this many training points per centroid (it warns below).
 MIN_POINTS_PER_CENTROID = 39
@@ -61,10 +65,11 @@ class IndexConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     factory: str = Field(
-        "Flat",
+        "auto",
         min_length=1,
-        description="faiss.index_factory string, e.g. Flat, HNSW32, IVF1024,PQ32x8; the metric is always inner "
-        "product, and no IDMap (the row ids live in ids.npy)",
+        description="faiss.index_factory string, e.g. Flat, HNSW32, IVF1024,PQ32x8 (the metric is always inner "
+        "product, and no IDMap: the row ids live in ids.npy), or auto: Flat below 32,768 passages, else "
+        "IVF{4 sqrt(n)},PQ{dim / 12}x8 re-ranked (`IndexConfig.resolved`)",
     )
     train_size: int = Field(
         100_000, ge=1, description="vectors of the training sample for index types that train (`training_rows`)"
@@ -76,11 +81,25 @@ class IndexConfig(BaseModel):
     )
     seed: int = Field(0, description="seed of the training subsample")
     rerank: int = Field(
-        4,
+        30,
         ge=1,
         description="an approximate index (any but Flat) is asked for rerank x k candidates, which the store "
         "scores again by exact inner product with its fp16 embeddings (`MemoryStore.search`); 1: its own scores",
     )
+
+    def resolved(self, num_passages: int, dim: int) -> IndexConfig:
+        """This config with factory "auto" made concrete for `num_passages` vectors of `dim` (any other: itself).
+        The rule, measured by bench/bench_index.py on 2 cores (docs/benchmarks.md, "The index rule"): exact Flat
+        search below `AUTO_FLAT_BELOW` passages (14.6 ms a question at 100k, so under ~5 ms there); above, IVF with
+        about 4 sqrt(n) lists and PQ of about dim / 12 bytes per vector, searched at nprobe 16 with `rerank` x k
+        candidates re-scored exactly (at 1M: recall@10 0.994 of exact, 1.3 ms a question, 55 bytes per passage)."""
+        if self.factory != "auto":
+            return self
+        if num_passages < AUTO_FLAT_BELOW:
+            return self.model_copy(update={"factory": "Flat"})
+        lists = 2 ** round(math.log2(4 * math.sqrt(num_passages)))
+        codes = max(m for m in range(1, max(1, dim // 12) + 1) if dim % m == 0)
+        return self.model_copy(update={"factory": f"IVF{lists},PQ{codes}x8"})
 
     @field_validator("factory")
     @classmethod
@@ -281,6 +300,8 @@ class PassageIndex:
         """
         _check_dim(dim)
         dim = int(dim)
+        if config.factory == "auto":
+            raise ValueError("the index factory is auto: resolve it for the passage count first (IndexConfig.resolved)")
         started = time.perf_counter()
         index = _new_cpu_index(config.factory, dim)
         if not index.is_trained:
@@ -532,6 +553,20 @@ class PassageIndex:
         placed, on_gpu = _place(cpu_index, _search_params(cpu_index, config), use_gpu)
         logger.info("loaded %r index (%d vectors, dim %d) from %s", config.factory, ntotal, dim, directory)
         return cls(placed, ids, dim, config, on_gpu, removed)
+
+
+def rerank_exact(
+    queries: np.ndarray, rows: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best `k` of each query's candidate rows 'q c' (-1: none) by exact inner product with their vectors
+    (`vectors_of(rows)` -> 'n d', e.g. a store's fp16 embeddings): (scores 'q k' float32, rows 'q k' int64)."""
+    queries = np.asarray(queries, dtype=np.float32).reshape(len(rows), -1)
+    found = rows >= 0
+    exact = np.full(rows.shape, -np.inf, dtype=np.float32)
+    vectors = np.asarray(vectors_of(rows[found]), dtype=np.float32)
+    exact[found] = np.einsum("nd,nd->n", vectors, np.repeat(queries, found.sum(axis=1), axis=0))
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
 def _drop_removed(dist: np.ndarray, pos: np.ndarray, removed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

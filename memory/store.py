@@ -63,7 +63,7 @@ from memvq.memory.artifact import (
     sha256_file,
 )
 from memvq.memory.codecs import CODEC_FILE, MemoryCodec, load_codec
-from memvq.memory.index import PassageIndex
+from memvq.memory.index import PassageIndex, rerank_exact
 from memvq.memory.integrity import FileWatch, VerifiedFiles
 from memvq.memory.location import is_uri
 
@@ -323,13 +323,7 @@ class MemoryStore:
         scores, rows = self.index.search(queries, k * factor)
         if factor == 1:
             return scores, rows
-        queries = np.asarray(queries, dtype=np.float32).reshape(len(rows), -1)
-        found = rows >= 0
-        exact = np.full(rows.shape, -np.inf, dtype=np.float32)
-        vectors = self.embeddings_of(rows[found])
-        exact[found] = np.einsum("nd,nd->n", vectors, np.repeat(queries, found.sum(axis=1), axis=0))
-        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
+        return rerank_exact(queries, rows, self.embeddings_of, k)
 
     def embeddings_of(self, rows: Any) -> np.ndarray:
         """Dense embeddings of passages 'n d' float32, in the order of `rows` (read through the shards' maps)."""

@@ -266,4 +266,4 @@ def test_an_approximate_index_is_reranked_by_exact_scores(shared_data, tmp_path)
     print(f"{store.num_rows} passages, recall@10 of exact: IVF-PQ {recall(plain):.3f}, x10 {recall(reranked):.3f}")
     assert recall(reranked) >= 0.95 > recall(plain)
     np.testing.assert_allclose(scores, np.take_along_axis(exact, reranked, axis=1), rtol=1e-5, atol=1e-5)
-    assert store.index.config.rerank == 4  # the default, saved with the index
+    assert store.index.config.rerank == 30  # the default, saved with the index

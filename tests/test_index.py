@@ -71,7 +71,7 @@ def ivfpq_index(ann_data: tuple[np.ndarray, np.ndarray]) -> PassageIndex:
 
 def test_flat_search_equals_numpy_brute_force(small: tuple[np.ndarray, np.ndarray]) -> None:
     base, queries = small
-    index = PassageIndex.build([(np.arange(len(base)), base)], DIM, IndexConfig(use_gpu=False))
+    index = PassageIndex.build([(np.arange(len(base)), base)], DIM, IndexConfig(factory="Flat", use_gpu=False))
     assert (index.ntotal, index.dim, index.on_gpu) == (len(base), DIM, False)
 
     scores, rows = index.search(queries, k=10)
@@ -87,7 +87,7 @@ def test_non_contiguous_row_ids_are_mapped_back(small: tuple[np.ndarray, np.ndar
     base, queries = small
     rng = np.random.default_rng(7)
     row_ids = rng.choice(10**12, size=len(base), replace=False).astype(np.int64)  # large, unsorted, sparse
-    index = PassageIndex.build(_batches(row_ids, base, [123, 0, 377]), DIM, IndexConfig(use_gpu=False))
+    index = PassageIndex.build(_batches(row_ids, base, [123, 0, 377]), DIM, IndexConfig(factory="Flat", use_gpu=False))
 
     _, rows = index.search(queries, k=5)
 
@@ -98,7 +98,7 @@ def test_non_contiguous_row_ids_are_mapped_back(small: tuple[np.ndarray, np.ndar
 
 def test_single_query_batching_and_padding(small: tuple[np.ndarray, np.ndarray]) -> None:
     base, queries = small
-    index = PassageIndex.build([(np.arange(30) + 100, base[:30])], DIM, IndexConfig(use_gpu=False))
+    index = PassageIndex.build([(np.arange(30) + 100, base[:30])], DIM, IndexConfig(factory="Flat", use_gpu=False))
 
     one_scores, one_rows = index.search(queries[3], k=4)
     assert one_scores.shape == one_rows.shape == (1, 4)
@@ -113,7 +113,7 @@ def test_single_query_batching_and_padding(small: tuple[np.ndarray, np.ndarray])
 
 
 def test_empty_stream_gives_empty_results() -> None:
-    index = PassageIndex.build(iter([]), DIM, IndexConfig(use_gpu=False))
+    index = PassageIndex.build(iter([]), DIM, IndexConfig(factory="Flat", use_gpu=False))
     scores, rows = index.search(np.ones(DIM, dtype=np.float32), k=3)
     assert index.ntotal == 0
     assert (rows == -1).all() and np.isneginf(scores).all()
@@ -184,7 +184,9 @@ def test_load_missing_directory_or_file_is_clear(tmp_path: Path, small: tuple[np
     assert isinstance(info.value, IndexFileNotFoundError) and info.value.filename == str(tmp_path / "nope")
 
     base, _ = small
-    PassageIndex.build([(np.arange(10), base[:10])], DIM, IndexConfig(use_gpu=False)).save(tmp_path / "idx")
+    PassageIndex.build([(np.arange(10), base[:10])], DIM, IndexConfig(factory="Flat", use_gpu=False)).save(
+        tmp_path / "idx"
+    )
     (tmp_path / "idx" / "ids.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"ids\.npy"):
         PassageIndex.load(tmp_path / "idx")
@@ -192,7 +194,7 @@ def test_load_missing_directory_or_file_is_clear(tmp_path: Path, small: tuple[np
 
 def test_load_rejects_inconsistent_files(tmp_path: Path, small: tuple[np.ndarray, np.ndarray]) -> None:
     base, _ = small
-    PassageIndex.build([(np.arange(10), base[:10])], DIM, IndexConfig(use_gpu=False)).save(tmp_path)
+    PassageIndex.build([(np.arange(10), base[:10])], DIM, IndexConfig(factory="Flat", use_gpu=False)).save(tmp_path)
     np.save(tmp_path / "ids.npy", np.arange(9, dtype=np.int64))
     with pytest.raises(ValueError, match=r"10 vectors, ids\.npy 9 ids"):
         PassageIndex.load(tmp_path)
@@ -258,7 +260,7 @@ def test_bad_train_sample_is_a_clear_error(ann_data: tuple[np.ndarray, np.ndarra
 
 def test_query_dim_and_k_errors(small: tuple[np.ndarray, np.ndarray]) -> None:
     base, queries = small
-    index = PassageIndex.build([(np.arange(len(base)), base)], DIM, IndexConfig(use_gpu=False))
+    index = PassageIndex.build([(np.arange(len(base)), base)], DIM, IndexConfig(factory="Flat", use_gpu=False))
     with pytest.raises(ValueError, match=r"queries must have shape \(n, 64\)"):
         index.search(queries[:, :32], k=5)
     with pytest.raises(ValueError, match=r"queries must have shape"):
@@ -274,7 +276,7 @@ def test_query_dim_and_k_errors(small: tuple[np.ndarray, np.ndarray]) -> None:
 
 def test_bad_batches_are_rejected(small: tuple[np.ndarray, np.ndarray]) -> None:
     base, _ = small
-    config = IndexConfig(use_gpu=False)
+    config = IndexConfig(factory="Flat", use_gpu=False)
     cases = [
         ([(np.arange(5), base[:5, :10])], r"batch 0 vectors must have shape \(n, 64\)"),
         ([(np.arange(5), base[:5]), (np.arange(5, 9), base[5:10])], "batch 1: 4 row_ids but 5 vectors"),
@@ -298,13 +300,26 @@ def test_config_validation_and_json() -> None:
         IndexConfig.model_validate({"factory": "Flat", "bogus": 1})
     with pytest.raises(ValueError, match="invalid faiss factory string 'NotAnIndex'"):
         PassageIndex.build([], DIM, IndexConfig(factory="NotAnIndex"))
+    with pytest.raises(ValueError, match="resolve it"):
+        PassageIndex.build([], DIM, IndexConfig())
+
+
+def test_the_auto_index_rule() -> None:
+    """Exact below 32,768 passages; above, IVF at about 4 sqrt(n) lists and PQ of about dim / 12 bytes (a divisor of
+    dim), re-ranked from 30 x k candidates; a factory given is kept."""
+    assert IndexConfig().resolved(32_767, 384).factory == "Flat"
+    assert IndexConfig().resolved(1_000_000, 384).factory == "IVF4096,PQ32x8"
+    assert IndexConfig().resolved(22_000_000, 768).factory == "IVF16384,PQ64x8"
+    assert IndexConfig().resolved(100_000, 64).factory == "IVF1024,PQ4x8"
+    assert IndexConfig().rerank == 30
+    assert IndexConfig(factory="HNSW32").resolved(10**6, 384).factory == "HNSW32"
 
 
 def test_use_gpu_true_without_gpu_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
     with pytest.raises(ValueError, match="use_gpu=True but faiss sees no GPU"):
-        PassageIndex.build([], DIM, IndexConfig(use_gpu=True))
-    assert not PassageIndex.build([], DIM, IndexConfig(use_gpu=None)).on_gpu
+        PassageIndex.build([], DIM, IndexConfig(factory="Flat", use_gpu=True))
+    assert not PassageIndex.build([], DIM, IndexConfig(factory="Flat", use_gpu=None)).on_gpu
 
 
 def test_gpu_path_with_fake_gpu_faiss(
@@ -328,7 +343,7 @@ def test_gpu_path_with_fake_gpu_faiss(
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
     monkeypatch.setattr(faiss, "index_gpu_to_cpu", to_cpu, raising=False)
 
-    index = PassageIndex.build([(np.arange(len(base)), base)], DIM, IndexConfig())
+    index = PassageIndex.build([(np.arange(len(base)), base)], DIM, IndexConfig(factory="Flat"))
     assert index.on_gpu and moved == ["to"]
     expected = _exact(queries, base, 5)[1]
     np.testing.assert_array_equal(index.search(queries, 5)[1], expected)

@@ -74,12 +74,14 @@ def build_passage_index(
     out: Path,
     remote: RemoteStore | None = None,
 ) -> PassageIndex:
-    """FAISS index over the embeddings of the shards `shard_sizes` (shard -> passages, in row order from row 0),
-    streamed shard by shard, saved in `out`: memory is one shard's embeddings, the training sample (at most
+    """FAISS index over the embeddings of the shards `shard_sizes` (shard -> passages, in row order from row 0), of
+    the config's type (auto: by the number of passages, `IndexConfig.resolved`), streamed shard by shard, saved in
+    `out`: memory is one shard's embeddings, the training sample (at most
     `config.index.train_size` rows) and the index itself, never the whole corpus. With `remote` (a store at a URI),
     each shard's embeddings are downloaded into staging one at a time."""
     shards = list(shard_sizes.items())
     starts = np.concatenate([[0], np.cumsum([size for _, size in shards])]).astype(np.int64)
+    index_config = config.index.resolved(int(starts[-1]), dim)
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for (shard, _), start in zip(shards, starts, strict=False):
@@ -88,16 +90,16 @@ def build_passage_index(
             yield np.arange(start, start + len(emb), dtype=np.int64), emb
 
     sample = None
-    if config.index.factory != "Flat":
+    if index_config.factory != "Flat":
         # only the training rows are read (through memory maps), straight into one preallocated array
-        rows = training_rows(int(starts[-1]), config.index)
+        rows = training_rows(int(starts[-1]), index_config)
         sample = np.empty((len(rows), dim), dtype=np.float32)
         for (shard, size), start in zip(shards, starts, strict=False):
             lo, hi = np.searchsorted(rows, [start, start + size])
             if hi > lo:
                 with _shard_emb(layout, remote, shard) as path:
                     sample[lo:hi] = np.load(path, mmap_mode="r")[rows[lo:hi] - start]
-    index = PassageIndex.build(batches(), dim=dim, config=config.index, train_sample=sample)
+    index = PassageIndex.build(batches(), dim=dim, config=index_config, train_sample=sample)
     index.save(out)
     return index
 
