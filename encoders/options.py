@@ -1,5 +1,5 @@
-"""The query knobs: how many passages are retrieved and kept, how long the answer may be, the beam size and the
-confidence below which the answer abstains.
+"""The query knobs: how passages are retrieved and how many are kept, how long the answer may be, the beam size and
+the confidence below which the answer abstains.
 
 `QueryOptions` is the one carrier of these knobs, from the CLI flags, `EvalSettings`, the HTTP request and the
 server's batch key through `RAGPipeline` to the reader; a field left None means the reader config's value, and
@@ -7,6 +7,8 @@ server's batch key through `RAGPipeline` to the reader; a field left None means 
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +27,9 @@ class QueryOptions(BaseModel):
     min_confidence: float | None = Field(
         default=None, ge=0.0, le=1.0, description="extract head: abstain below this confidence (0: always answer)"
     )
+    retrieval: Literal["dense", "lexical", "hybrid"] | None = Field(
+        default=None, description="dense, lexical (BM25) or hybrid retrieval (default: the pipeline's)"
+    )
 
     def resolved(self, config: ReaderConfig) -> QueryOptions:
         """Every knob set: the ones left None from `config`; the default rerank_k is cut to top_k.
@@ -40,4 +45,5 @@ class QueryOptions(BaseModel):
             max_answer_tokens=self.max_answer_tokens or config.max_answer_tokens,
             num_beams=self.num_beams or config.num_beams,
             min_confidence=config.min_confidence if self.min_confidence is None else self.min_confidence,
+            retrieval=self.retrieval,
         )

@@ -45,6 +45,9 @@ REMOVED_FILE = "removed.npy"
 META_FILE = "index.json"
 INDEX_FORMAT = ArtifactFormat("memvq-index", 2, remake="rebuild the store with `memvq build-index`")
 
+#: The most results a GPU index returns per query (faiss-gpu's limit): its removed rows are filtered after a search.
+GPU_MAX_K = 2048
+
 #: The "auto" index is exact (Flat) for stores of fewer passages than this (`IndexConfig.resolved`).
 AUTO_FLAT_BELOW = 32_768
 
@@ -426,9 +429,9 @@ class PassageIndex:
     def _filter(self) -> Any:
         """The search parameters that skip removed rows (None: nothing is removed, or a GPU index, filtered after)."""
         if self._params is None and self._removed.any() and not self._on_gpu:
-            self._bitmap = np.packbits(~self._removed, bitorder="little")  # kept alive beside its selector
-            selector = faiss.IDSelectorBitmap(len(self._removed), faiss.swig_ptr(self._bitmap))
-            self._params = _filtered_params(self._index, self._config, selector)
+            self._bitmap = np.packbits(~self._removed, bitorder="little")  # both kept alive beside the params
+            self._selector = faiss.IDSelectorBitmap(len(self._removed), faiss.swig_ptr(self._bitmap))
+            self._params = _filtered_params(self._index, self._config, self._selector)
         return self._params
 
     # ----------------------------------------------------------------------- search
@@ -463,7 +466,7 @@ class PassageIndex:
             return scores, rows
         params = self._filter()
         # a GPU index cannot take a selector: it is asked for the removed rows more and they are dropped after
-        wanted = k + self.num_removed if params is None else k
+        wanted = min(k + self.num_removed, max(k, GPU_MAX_K)) if params is None else k
         for start in range(0, num, batch_size):
             stop = min(start + batch_size, num)
             dist, pos = self._index.search(q[start:stop], wanted, params=params)

@@ -13,6 +13,7 @@ Layout of a store directory::
     codec/                              (memory) the codec that made the codes (load with
                                         memory.codecs.load_codec) and source.json, where the build took it from
     index/                              the FAISS passage index (memory.index.PassageIndex)
+    lexical/                            (BuildConfig.lexical) the BM25 index of the passages (retrieval.lexical)
     shards/shard-00000.passages.parquet passage rows [start, start + n) with their text and KILT provenance
     shards/shard-00000.codes.npy        (memory) 'tokens m' uint8/uint16 codes of every token of those passages
     shards/shard-00000.offsets.npy      (memory) 'n+1' int64: passage i's tokens are codes[offsets[i]:offsets[i+1]]
@@ -131,6 +132,11 @@ class StoreLayout:
         return self.root / "index"
 
     @property
+    def lexical_dir(self) -> Path:
+        """The build's BM25 index (generation 0); a later generation's is `generation_dir(g) / "lexical"`."""
+        return self.root / "lexical"
+
+    @property
     def generations_dir(self) -> Path:
         return self.root / "generations"
 
@@ -197,7 +203,11 @@ class MemoryStore:
                 "stopped, run the same build-index command again to finish it"
             )
         try:
+            # the manifest's sha256 as read: a generation published meanwhile changes it, so the watch sees it
+            manifest_sha256 = sha256_file(manifest_path)
             header = read_artifact(manifest_path, STORE_FORMAT, "store manifest")
+            if sha256_file(manifest_path) != manifest_sha256:
+                return cls.open(path, verify, manifest)  # replaced between the two reads: read the new one
             if not verify:
                 header.verify(root, checksums=False)
                 return cls(root, header.to_json())
@@ -206,7 +216,7 @@ class MemoryStore:
         except ArtifactError as error:
             raise ManifestError(str(error)) from error
         fields = header.to_json()
-        watched = {manifest_path.relative_to(root).as_posix(): sha256_file(manifest_path)}
+        watched = {manifest_path.relative_to(root).as_posix(): manifest_sha256}
         store = cls(root, fields, watch=FileWatch(root, header.files, watched))
         # the derived fields depend only on the manifest and the files: checked again when either changed
         if verified.hashed_bytes or verified.checked != fields[CHECKSUM_KEY]:
@@ -337,6 +347,17 @@ class MemoryStore:
                 out = np.empty((len(rows), emb.shape[1]), dtype=np.float32)
             out[chosen] = emb[rows[chosen] - int(self._row_starts[position])]
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+    @property
+    def lexical_dir(self) -> Path | None:
+        """This generation's BM25 index directory (None: the store was built without one)."""
+        name = self.manifest.get("lexical")
+        return None if name is None else self.layout.root / name
+
+    @property
+    def default_retrieval(self) -> str:
+        """The retrieval mode a query gets unless it asks for another (the build config's `retrieval`)."""
+        return str(self.manifest["config"].get("retrieval", "dense"))
 
     def deleted_rows(self) -> np.ndarray:
         """The rows updates deleted, sorted int64 (empty for a store never updated, or compacted since)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel
@@ -24,6 +24,8 @@ from memvq.pipelines.config import BuildConfig, EncoderConfig, LoadOptions, Opti
 from memvq.pipelines.evaluate import EvalSettings
 from memvq.pipelines.logs import configure_logging
 from memvq.serve.settings import ServeSettings
+
+Retrieval = Literal["dense", "lexical", "hybrid"]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="memvq: compressed retrieval-augmented memory.")
 
@@ -316,6 +318,7 @@ def query_command(
     device: str = setting(LoadOptions, "device"),
     precision: Precision = setting(LoadOptions, "precision"),
     verify: bool = setting(LoadOptions, "verify"),
+    retrieval: Retrieval | None = setting(LoadOptions, "retrieval"),
 ) -> None:
     """Answer one question from the memory: the answer (or that it abstained), its confidence, the passages read and
     the time per stage."""
@@ -326,7 +329,7 @@ def query_command(
     try:
         options = _query_options(top_k, rerank_k, max_answer_tokens, num_beams, min_confidence)
         start = time.perf_counter()
-        rag = RAGPipeline.load(store, model, device=device, verify=verify, precision=precision)
+        rag = RAGPipeline.load(store, model, device=device, verify=verify, precision=precision, retrieval=retrieval)
         load_ms = (time.perf_counter() - start) * 1000
         [result] = rag.answer([question], options)
     except (ArtifactError, FileNotFoundError, IncompatibleModelError, ValueError) as error:
@@ -401,6 +404,7 @@ def eval_command(
         EvalSettings, "rank_keys", default=_joined(EvalSettings, "rank_keys"), note="comma-separated"
     ),
     passage_text: bool = setting(EvalSettings, "passage_text"),
+    retrieval: Retrieval | None = setting(LoadOptions, "retrieval"),
 ) -> None:
     """Answer KILT-format questions with the store and reader, write KILT predictions and a metrics report."""
     from memvq.data.kilt.records import KiltFormatError
@@ -420,7 +424,7 @@ def eval_command(
         settings = EvalSettings(
             batch_size=batch_size, query=query, limit=limit, ks=ks_values, rank_keys=keys, passage_text=passage_text
         )
-        load = LoadOptions(device=device, precision=precision, verify=verify)
+        load = LoadOptions(device=device, precision=precision, verify=verify, retrieval=retrieval)
         if predictions is not None and (store is not None or model is not None):
             typer.echo("note: --predictions given, so --store/--model are not used (no model is run)")
         report = run_eval(data, out, settings, store=store, model=model, load=load, predictions=predictions)
@@ -518,6 +522,7 @@ def serve_command(
     device: str = setting(LoadOptions, "device"),
     precision: Precision = setting(LoadOptions, "precision"),
     verify: bool = setting(LoadOptions, "verify"),
+    retrieval: Retrieval | None = setting(LoadOptions, "retrieval"),
     max_batch_size: int = setting(ServeSettings, "max_batch_size"),
     max_wait_ms: float = setting(ServeSettings, "max_wait_ms"),
     api_key: str | None = setting(ServeSettings, "api_key", envvar="MEMVQ_API_KEY", show_default=False),
@@ -554,7 +559,7 @@ def serve_command(
             body_timeout_s=body_timeout,
             watch_interval_s=watch_interval,
         )
-        load = LoadOptions(device=device, precision=precision, verify=verify)
+        load = LoadOptions(device=device, precision=precision, verify=verify, retrieval=retrieval)
         reader = model or default_reader_path()
         if replicas is not None:
             _serve_replicas(store, reader, replicas, host, port, ray_address, load, settings)

@@ -7,7 +7,8 @@
              without memory (`memory = false`: passages and the dense index, what a fid reader reads)
 3. encode    Ray encoder actors write the shards: memory codes and dense embeddings (`indexing.actors`,
              `indexing.encode`)
-4. index     the FAISS index from the shards' embeddings, then the manifest, last (`indexing.finalize`)
+4. index     the FAISS index from the shards' embeddings, the BM25 index of their passages (`BuildConfig.lexical`),
+             then the manifest, last (`indexing.finalize`)
 
 Every file is written atomically and each step leaves a marker, so a build killed at any point and started
 again skips what is done and ends with the same bytes as an uninterrupted one; it is refused with another config
@@ -30,7 +31,14 @@ from memvq.pipelines.config import BuildConfig
 from memvq.pipelines.indexing.actors import encode_all_shards
 from memvq.pipelines.indexing.codec import train_codec
 from memvq.pipelines.indexing.encode import Encoders
-from memvq.pipelines.indexing.finalize import BuildReport, Built, build_passage_index, build_report, write_manifest
+from memvq.pipelines.indexing.finalize import (
+    BuildReport,
+    Built,
+    build_lexical_index,
+    build_passage_index,
+    build_report,
+    write_manifest,
+)
 from memvq.pipelines.indexing.kept import check_kept_shards
 from memvq.pipelines.indexing.plan import check_corpus, plan_passages
 from memvq.pipelines.indexing.sync import BuildTarget
@@ -93,6 +101,9 @@ def build_index(
         busy = encode_all_shards(layout, config, shard_sizes, ray_address, target.remote)
     with clock.stage("index"):
         build_passage_index(layout, config, shard_sizes, encoders.index.hidden_size, layout.index_dir, target.remote)
+    if config.lexical:
+        with clock.stage("lexical"):
+            build_lexical_index(layout, shard_sizes, layout.lexical_dir, target.remote)
     markers = target.markers(len(plan.shard_sizes))
     report = build_report(plan, markers, codec, clock.seconds, None if resumed else busy)
     backbone = encoders.index.info.__dict__ | {

@@ -36,7 +36,7 @@ from memvq.pipelines.generations import (
     writer_lock,
 )
 from memvq.pipelines.indexing.encode import save_shard
-from memvq.pipelines.indexing.finalize import build_passage_index
+from memvq.pipelines.indexing.finalize import build_lexical_index, build_passage_index
 from memvq.pipelines.indexing.kept import check_kept_shards
 from memvq.pipelines.timing import Stopwatch
 from memvq.pipelines.update import check_generation
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # Seconds between publishing the compacted generation and removing the old files: three times `memvq serve`'s
 # default watch interval (5 s), so that a server has moved to the new generation before its files go.
 PRUNE_GRACE_S = 15.0
+HASH_SECONDS_PER_GB = 2.0  # and twice the time a first open takes to hash the new generation's files (1 s per GB)
 
 
 class CompactReport(BaseModel):
@@ -63,7 +64,8 @@ class CompactReport(BaseModel):
 
 def compact_store(store: str | Path, grace_s: float = PRUNE_GRACE_S) -> CompactReport | None:
     """Rewrite `store` without its deleted rows as its next generation; None when it has none to drop. The old
-    files are removed `grace_s` seconds after the new generation is published."""
+    files are removed `grace_s` seconds (plus 2 s per GB of the new generation, the time a server takes to verify
+    it) after the new generation is published."""
     layout = StoreLayout(local_store(store))
     MemoryStore.open(layout.root)  # a store, verified, before anything is locked or written
     with writer_lock(layout, "compact"):
@@ -75,6 +77,8 @@ def compact_store(store: str | Path, grace_s: float = PRUNE_GRACE_S) -> CompactR
                 prune(layout, [parent.manifest])
             log.info("%s has no deleted rows: nothing to compact", layout.root)
             return None
+        if parent.num_passages == 0:
+            raise ValueError(f"every passage of {layout.root} is deleted: build a new store instead of compacting")
         config = BuildConfig.model_validate(parent.manifest["config"])
         pending = begin(layout, parent, {"kind": "compact"})
         clock = Stopwatch()
@@ -89,11 +93,15 @@ def compact_store(store: str | Path, grace_s: float = PRUNE_GRACE_S) -> CompactR
         with clock.stage("index"):
             dim = int(parent.embeddings(parent.shard_rows()[0][0]).shape[1])
             build_passage_index(layout, config, shards, dim, pending.index_dir)
+        if parent.lexical_dir is not None:
+            with clock.stage("lexical"):
+                build_lexical_index(layout, shards, pending.lexical_dir)
         with clock.stage("publish"):
             manifest = _write_manifest(pending, shards, clock.seconds)
             check_generation(pending)
             publish(pending, manifest)
-        time.sleep(grace_s)
+        # a server verifies the new generation's files (about 1 s per GB) before it moves to it
+        time.sleep(grace_s + store_bytes(manifest) / 1e9 * HASH_SECONDS_PER_GB)
         with clock.stage("prune"):
             freed = prune(layout, [manifest])
         report = CompactReport.model_validate({**manifest["compact"], "bytes_freed": freed, "seconds": clock.seconds})
@@ -152,7 +160,8 @@ def _write_manifest(pending: Pending, shards: dict[int, int], seconds: dict[str,
         entries.append({"shard": shard, "row_start": row, "passages": done["passages"], "tokens": done["tokens"]})
         files.update(done["files"])
         row += done["passages"]
-    for path in sorted(pending.index_dir.iterdir()):
+    lexical = [*pending.lexical_dir.iterdir()] if pending.parent.lexical_dir is not None else []
+    for path in sorted([*pending.index_dir.iterdir(), *lexical]):
         if path.is_file() and not path.name.startswith("."):
             files[layout.relative(path)] = path
     tokens = sum(entry["tokens"] for entry in entries)
@@ -172,6 +181,7 @@ def _write_manifest(pending: Pending, shards: dict[int, int], seconds: dict[str,
         "num_tokens": tokens,
         "shards": entries,
         "index": layout.relative(pending.index_dir),
+        "lexical": layout.relative(pending.lexical_dir) if lexical else None,
         "deleted": None,
         "compact": report.model_dump(),
     }

@@ -93,6 +93,12 @@ class BuildConfig(FileConfig):
     )
     codec: CodecConfig = CodecConfig()
     index: IndexConfig = IndexConfig()
+    lexical: bool = Field(
+        True, description="build a BM25 index of the passages beside the dense one (lexical and hybrid retrieval)"
+    )
+    retrieval: Literal["dense", "lexical", "hybrid"] = Field(
+        "dense", description="the store's default retrieval mode (a query may ask for another: QueryOptions)"
+    )
     shard_size: int = Field(256, ge=1, description="passages per shard (one Ray task each)")
     codec_source: Literal["auto", "fit"] = Field(
         "auto",
@@ -186,6 +192,11 @@ class LoadOptions(_Frozen):
         True,
         description="check the store before reading it: its manifest, every file's sha256 (files unchanged since "
         "they were last verified are not hashed again) and its shard counts",
+    )
+    retrieval: Literal["dense", "lexical", "hybrid"] | None = Field(
+        None,
+        description="retrieval mode of the questions that name none: dense (FAISS), lexical (BM25) or hybrid (both, "
+        "fused by reciprocal rank); default: the store's (its build config's retrieval)",
     )
 
 

@@ -104,6 +104,10 @@ class Pending:
         return self.dir / "index"
 
     @property
+    def lexical_dir(self) -> Path:
+        return self.dir / "lexical"
+
+    @property
     def manifest(self) -> Path:
         return self.dir / PENDING_MANIFEST
 
@@ -113,6 +117,12 @@ def published_job(store: MemoryStore, job: dict[str, Any]) -> bool:
     published)."""
     recorded = store.manifest.get("job") or {}
     return {key: value for key, value in recorded.items() if key != "parent"} == job
+
+
+def published_parent(layout: StoreLayout, store: MemoryStore) -> dict[str, Any]:
+    """The manifest of the generation `store`'s current one was made from (kept in its generation directory)."""
+    parent = store.manifest["parent"]
+    return read_json(layout.generation_dir(parent["generation"]) / PENDING_MANIFEST, "parent generation manifest")
 
 
 def begin(layout: StoreLayout, parent: MemoryStore, job: dict[str, Any]) -> Pending:
@@ -170,18 +180,23 @@ def publish(pending: Pending, manifest: dict[str, Any]) -> None:
 
 
 def prune(layout: StoreLayout, manifests: list[dict[str, Any]]) -> int:
-    """Remove the shard, index and deleted-row files none of `manifests` names (a generation's manifest and job
-    record stay, as its history); returns the bytes removed."""
+    """Remove the shard, index, lexical index and deleted-row files none of `manifests` names (a generation's
+    manifest and job record stay, as its history); returns the bytes removed."""
     named = _named_files(layout, manifests)
     freed = 0
-    candidates = [*layout.shards_dir.glob("*"), *layout.index_dir.glob("*"), *layout.generations_dir.rglob("*")]
+    candidates = [
+        *layout.shards_dir.glob("*"),
+        *layout.index_dir.glob("*"),
+        *layout.lexical_dir.glob("*"),
+        *layout.generations_dir.rglob("*"),
+    ]
     for path in sorted(candidates):
         history = path.name in (JOB_FILE, PENDING_MANIFEST) and path.parent.parent == layout.generations_dir
         if not path.is_file() or history or layout.relative(path) in named or _is_named_marker(layout, path, named):
             continue
         freed += path.stat().st_size
         path.unlink()
-    for directory in sorted({*layout.generations_dir.rglob("*"), layout.index_dir}, reverse=True):
+    for directory in sorted({*layout.generations_dir.rglob("*"), layout.index_dir, layout.lexical_dir}, reverse=True):
         if directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
     return freed

@@ -198,7 +198,7 @@ class RAGPipeline:
         model = model or default_reader_path()
         reader = load_reader(model, device=device)
         calibration = load_calibration(model, reader_weights_sha256(model))
-        retriever = Retriever.for_store(opened, device, resolved)
+        retriever = Retriever.for_store(opened, device, resolved, mode=settings.retrieval)
         pipeline = cls(opened, reader, retriever, precision=resolved, calibration=calibration)
         if opened.has_memory:
             opened.codec.to(device)
@@ -240,8 +240,10 @@ class RAGPipeline:
         return self.calibration.confidence(evidence) if self.calibration else evidence.raw_confidence()
 
     def retrieve(self, questions: list[str], options: QueryOptions | None = None) -> list[list[RetrievedPassage]]:
-        """The top-K passages of each question (K: `options.top_k`, None: the reader config's)."""
-        return self.retriever.search(questions, (options or QueryOptions()).resolved(self.config).top_k)
+        """The top-K passages of each question (K: `options.top_k`, None: the reader config's), by the options'
+        retrieval mode (None: the pipeline's)."""
+        options = (options or QueryOptions()).resolved(self.config)
+        return self.retriever.search(questions, options.top_k, options.retrieval)
 
     @torch.no_grad()
     def answer(

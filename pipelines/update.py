@@ -6,7 +6,8 @@
              chunking) and written as new shards after the last; the rows deleted so far (`deleted.npy`)
 2. encode    the new shards, by the build's Ray encoder actors, with the store's own encoder, precision and codec
              (never refitted), so a passage's memory and embedding are the bytes a build would write
-3. index     the parent's index, less the deleted rows, plus the new ones (its trained structure kept)
+3. index     the parent's index, less the deleted rows, plus the new ones (its trained structure kept); the BM25
+             index built again over every row (its word statistics are the whole corpus's; deleted rows are masked)
 4. publish   the manifest of the new generation, checked like a finished build, then made the store's in one step
 
 A document whose id the store holds is replaced: its passages are deleted and the new ones added. Deletions are
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,9 +52,11 @@ from memvq.pipelines.generations import (
     prune,
     publish,
     published_job,
+    published_parent,
     writer_lock,
 )
 from memvq.pipelines.indexing.actors import encode_all_shards
+from memvq.pipelines.indexing.finalize import build_lexical_index
 from memvq.pipelines.indexing.kept import check_kept_shards
 from memvq.pipelines.indexing.plan import chunk, record_corpus, write_passage_shards
 from memvq.pipelines.local_ray import stop_orphaned_ray
@@ -123,6 +127,7 @@ def update_store(
         }
         if published_job(parent, job):
             log.info("%s already holds this update (generation %d)", layout.root, parent.generation)
+            prune(layout, [parent.manifest, published_parent(layout, parent)])  # if killed before it pruned
             return UpdateReport.model_validate(parent.manifest["update"])
         config = BuildConfig.model_validate(parent.manifest["config"])
         stop_orphaned_ray()
@@ -135,6 +140,10 @@ def update_store(
             busy = encode_all_shards(layout, config, plan.shards, ray_address)
         with clock.stage("index"):
             index = _index(pending, plan)
+        if pending.parent.lexical_dir is not None:
+            with clock.stage("lexical"):  # BM25's statistics are the corpus's: built again over every row
+                rows = {shard: size for shard, _, size in pending.parent.shard_rows()} | plan.shards
+                build_lexical_index(layout, rows, pending.lexical_dir)
         markers = [read_json(layout.shard_done(shard), "shard marker") for shard in plan.shards]
         report = UpdateReport(
             generation=pending.generation,
@@ -162,12 +171,15 @@ def update_store(
 
 def check_generation(pending: Pending) -> MemoryStore:
     """Open the pending generation as a reader would (every file's sha256, the counts, the index): a generation that
-    readers would refuse is never published (its manifest is removed, so a run again writes it anew)."""
+    readers would refuse is never published (its manifest and indexes are removed, so a run again writes them
+    anew; a damaged shard is caught by the shard check of that run)."""
     try:
         store = MemoryStore.open(pending.layout.root, manifest=pending.manifest)
         _ = store.index
     except ArtifactError as error:
         pending.manifest.unlink(missing_ok=True)
+        for directory in (pending.index_dir, pending.lexical_dir):  # written again by the next run
+            shutil.rmtree(directory, ignore_errors=True)
         raise ManifestError(
             f"generation {pending.generation} of {pending.layout.root} fails its check, so it is not published (the "
             f"store stays at generation {pending.parent.generation}; run the same command again): {error}"
@@ -200,11 +212,17 @@ def _plan(pending: Pending, config: BuildConfig, corpora: list[Path], delete: Pa
         return UpdatePlan(**{field.name: saved[field.name] for field in dataclasses.fields(UpdatePlan)})
     live = live_documents(pending.parent)
     to_delete = read_ids(delete) if delete is not None else []
-    report, added_ids = IngestReport(), []
+    report, added_ids, duplicates = IngestReport(), [], []
 
     def documents() -> Iterator[Document]:
+        """The added corpora's documents; an id an earlier corpus gave is skipped and counted (the first is kept)."""
+        seen: set[str] = set()
         for corpus in corpora:
             for document in iter_documents(corpus, fmt=config.format, report=report):
+                if document.doc_id in seen:
+                    duplicates.append(document.doc_id)
+                    continue
+                seen.add(document.doc_id)
                 added_ids.append(document.doc_id)
                 yield document
 
@@ -216,6 +234,9 @@ def _plan(pending: Pending, config: BuildConfig, corpora: list[Path], delete: Pa
     replaced = [doc for doc in added_ids if doc in live]
     deleted = [doc for doc in to_delete if doc in live and doc not in added]
     unknown = [doc for doc in to_delete if doc not in live]
+    if duplicates:
+        log.warning("%d documents repeat an id an earlier --add corpus gave (first: %s): skipped", len(duplicates),
+                    duplicates[0])  # fmt: skip
     if unknown:
         log.warning("%d ids to delete are not in the store (first: %s)", len(unknown), unknown[0])
     gone = sorted(row for doc in [*replaced, *deleted] for row in live[doc])
@@ -228,7 +249,7 @@ def _plan(pending: Pending, config: BuildConfig, corpora: list[Path], delete: Pa
         deleted=len(deleted),
         unknown=len(unknown),
         unknown_examples=unknown[:UNKNOWN_EXAMPLES],
-        bad_records=len(report.bad_records),
+        bad_records=len(report.bad_records) + len(duplicates),
         passages_deleted=len(gone),
     )
     write_json(marker, dataclasses.asdict(plan))
@@ -255,11 +276,12 @@ def _write_manifest(
 ) -> dict[str, Any]:
     """The pending generation's manifest: the parent's, with the new shards, the new index and the deleted rows."""
     layout, parent = pending.layout, pending.parent.manifest
-    old_index = pending.parent.index_dir
+    replaced = [pending.parent.index_dir, pending.parent.lexical_dir]
     files: dict[str, Any] = {
         name: record
         for name, record in parent["files"].items()
-        if not (layout.root / name).is_relative_to(old_index) and name != parent.get("deleted")
+        if not any(d is not None and (layout.root / name).is_relative_to(d) for d in replaced)
+        and name != parent.get("deleted")
     }
     shards = list(parent["shards"])
     row = int(parent["num_rows"])
@@ -268,7 +290,8 @@ def _write_manifest(
         files.update(done["files"])
         row += done["passages"]
     deleted = pending.dir / "deleted.npy"
-    for path in sorted([deleted, *pending.index_dir.iterdir()]):
+    lexical = [*pending.lexical_dir.iterdir()] if pending.parent.lexical_dir is not None else []
+    for path in sorted([deleted, *pending.index_dir.iterdir(), *lexical]):
         if path.is_file() and not path.name.startswith("."):
             files[layout.relative(path)] = file_record(path)
     deleted_rows = np.load(deleted)
@@ -279,6 +302,7 @@ def _write_manifest(
         "num_tokens": int(parent["num_tokens"]) + sum(done["tokens"] for done in markers),
         "shards": shards,
         "index": layout.relative(pending.index_dir),
+        "lexical": layout.relative(pending.lexical_dir) if lexical else None,
         "deleted": layout.relative(deleted) if len(deleted_rows) else None,
         "update": report.model_dump(),
     }

@@ -1,5 +1,6 @@
-"""The retriever: questions -> dense embeddings (the store's own encoder, frozen) -> the store's top-K passages (its
-FAISS index; an approximate one's candidates re-scored exactly: `MemoryStore.search`).
+"""The retriever: questions -> the store's top-K passages, by one of three modes: `dense` (the store's own encoder,
+frozen, over its FAISS index; an approximate index's candidates re-scored exactly: `MemoryStore.search`), `lexical`
+(BM25 over the passages' words: `retrieval.lexical`) or `hybrid` (both, fused by reciprocal rank).
 
 It owns the question side of dense retrieval and what a retrieved passage carries (KILT provenance: wikipedia_id,
 title, paragraph range, score). The question encoder is the full backbone the store was built with, untouched by
@@ -9,7 +10,7 @@ reader training, so questions and passages live in the same embedding space.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from memvq.encoders.backbone import Backbone
 from memvq.encoders.hardware import Resolved, autocast
 from memvq.memory.store import MemoryStore
+from memvq.retrieval.lexical import LexicalIndex
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,22 @@ class RetrievedPassage:
         return RetrievedPassage(**{**asdict(self), "score": float(score)})
 
 
+Mode = Literal["dense", "lexical", "hybrid"]
+MODES: tuple[Mode, ...] = ("dense", "lexical", "hybrid")
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): a passage scores sum(1 / (RRF_K + rank))
+HYBRID_DEPTH = 50  # each mode's candidates fused for hybrid retrieval (at least K)
+# The lexical list's weight in the fusion (the dense list's is 1): tuned on the train split's questions
+# (docs/benchmarks.md, "Retrieval modes").
+LEXICAL_WEIGHT = 0.1
+
 # Question tokens the retriever embeds: the whole question, as the encoder was trained to embed sentences (NQ
 # questions are under 30 tokens); the reader keeps fewer of them beside each passage (`ReaderConfig`).
 QUESTION_TOKENS = 64
 
 
 class Retriever:
-    """Dense retrieval over a store's FAISS index with the store's encoder."""
+    """Retrieval over a store: its FAISS index with the store's encoder, its BM25 index, or both; `mode` is what a
+    search gets unless it asks for another (default: the store's, set at build time)."""
 
     def __init__(
         self,
@@ -58,20 +69,28 @@ class Retriever:
         encoder: Backbone,
         precision: Resolved = "fp32",
         max_question_tokens: int = QUESTION_TOKENS,
+        mode: Mode | None = None,
     ) -> None:
         self.store = store
         self.encoder = encoder
         self.precision = precision
         self.max_question_tokens = max_question_tokens
+        self.mode: Mode = mode or store.default_retrieval  # type: ignore[assignment]
+        self.lexical_weight = LEXICAL_WEIGHT
+        self.lexical = None if store.lexical_dir is None else LexicalIndex.load(store.lexical_dir)
 
     @classmethod
     def for_store(
-        cls, store: MemoryStore, device: str | torch.device = "cpu", precision: Resolved = "fp32"
+        cls,
+        store: MemoryStore,
+        device: str | torch.device = "cpu",
+        precision: Resolved = "fp32",
+        mode: Mode | None = None,
     ) -> Retriever:
         """The retriever of a store, with the encoder named in its manifest, run in `precision`."""
         info = store.manifest["backbone"]
         encoder = Backbone.from_pretrained(info["model_path"], memory_layers=info["memory_layers"])
-        return cls(store, encoder.to(device), precision)
+        return cls(store, encoder.to(device), precision, mode=mode)
 
     @torch.no_grad()
     def embed(self, questions: list[str]) -> np.ndarray:
@@ -80,12 +99,27 @@ class Retriever:
             embedded = self.encoder.embed_texts(questions, self.max_question_tokens)
         return embedded.float().cpu().numpy()
 
-    def search(self, questions: list[str], k: int) -> list[list[RetrievedPassage]]:
-        """The top-k passages of each question, best first (fewer when the store holds fewer)."""
+    def search(self, questions: list[str], k: int, mode: Mode | None = None) -> list[list[RetrievedPassage]]:
+        """The top-k passages of each question, best first (fewer when the store holds fewer; lexical: those that
+        share a word with the question, then dense ones if they are fewer than k). Each passage's score is its
+        dense inner product with the question, whatever ranked it (the scale the reader's confidence is calibrated
+        on)."""
         if not questions:
             return []
         k = min(k, self.store.num_passages)
-        scores, rows = self.store.search(self.embed(questions), k)
+        mode = mode or self.mode
+        embedded = self.embed(questions)
+        if mode == "dense":
+            scores, rows = self.store.search(embedded, k)
+        else:
+            depth = min(max(k, HYBRID_DEPTH), self.store.num_passages)
+            _, rows = self._lexical(mode).search(questions, depth if mode == "hybrid" else k, self.store.deleted_rows())
+            if mode == "hybrid":
+                ranked = [self.store.search(embedded, depth)[1], rows]
+                rows = reciprocal_rank_fusion(ranked, k, weights=[1.0, self.lexical_weight])
+            elif (rows < 0).any():  # fewer passages share a word with the question than asked: dense ones follow
+                rows = topped_up(rows, self.store.search(embedded, k)[1])
+            scores = self._dense_scores(embedded, rows)
         found = [
             [(int(row), float(score)) for row, score in zip(r, s, strict=True) if row >= 0]
             for r, s in zip(rows, scores, strict=True)
@@ -96,6 +130,55 @@ class Retriever:
             out.append([passage_from_record(records[position + i], score) for i, (_, score) in enumerate(hits)])
             position += len(hits)
         return out
+
+    def _lexical(self, mode: str) -> LexicalIndex:
+        if mode not in MODES:
+            raise ValueError(f"unknown retrieval mode {mode!r}: one of {', '.join(MODES)}")
+        if self.lexical is None:
+            raise ValueError(
+                f"{mode} retrieval needs the store's BM25 index, and {self.store.layout.root} has none (built with "
+                "lexical = false, or by an older memvq): rebuild it, or ask for dense retrieval"
+            )
+        return self.lexical
+
+    def _dense_scores(self, embedded: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Inner products of the questions with the passages `rows` 'q k' (-inf where a row is -1)."""
+        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+        found = rows >= 0
+        if found.any():
+            vectors = self.store.embeddings_of(rows[found])
+            scores[found] = np.einsum("nd,nd->n", vectors, np.repeat(embedded, found.sum(axis=1), axis=0))
+        return scores
+
+
+def reciprocal_rank_fusion(
+    rankings: list[np.ndarray], k: int, constant: int = RRF_K, weights: list[float] | None = None
+) -> np.ndarray:
+    """Rows 'q k' ranked by the sum over `rankings` (each 'q n', best first, -1 for none) of weight / (constant +
+    rank), rank from 1 (weights: 1 each unless given); ties go to the row ranked first by the first ranking that has
+    it. -1 pads."""
+    weights = weights or [1.0] * len(rankings)
+    fused = np.full((len(rankings[0]), k), -1, dtype=np.int64)
+    for q in range(len(fused)):
+        scores: dict[int, float] = {}
+        for ranking, weight in zip(rankings, weights, strict=True):
+            for rank, row in enumerate(ranking[q].tolist(), start=1):
+                if row >= 0:
+                    scores[row] = scores.get(row, 0.0) + weight / (constant + rank)
+        best = sorted(scores, key=lambda row: -scores[row])[:k]  # sorted is stable: first seen wins a tie
+        fused[q, : len(best)] = best
+    return fused
+
+
+def topped_up(rows: np.ndarray, more: np.ndarray) -> np.ndarray:
+    """Rows 'q k' with their -1 slots filled, in order, by the rows of `more` 'q n' they do not hold yet."""
+    out = rows.copy()
+    for q in range(len(rows)):
+        kept = [row for row in rows[q].tolist() if row >= 0]
+        extra = [row for row in more[q].tolist() if row >= 0 and row not in kept]
+        filled = (kept + extra)[: rows.shape[1]]
+        out[q] = filled + [-1] * (rows.shape[1] - len(filled))
+    return out
 
 
 def passage_from_record(record: dict[str, Any], score: float) -> RetrievedPassage:

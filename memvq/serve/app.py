@@ -27,6 +27,7 @@ from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from memvq.encoders.options import QueryOptions
+from memvq.memory.artifact import ArtifactError
 from memvq.memory.integrity import FileWatch
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.rag import RAGAnswer
@@ -136,7 +137,14 @@ class Server:
         """Serve the store's generation published now (on the watch's thread): open and verify it, then give new
         batches a pipeline over it; a batch running keeps the pipeline, and so the generation, it started with.
         Returns the new generation's watch."""
-        store = MemoryStore.open(self.pipeline.store.layout.root)
+        old = self.pipeline.store
+        store = MemoryStore.open(old.layout.root)
+        if store.manifest["backbone"] != old.manifest["backbone"] or store.manifest["codec"] != old.manifest["codec"]:
+            raise ArtifactError(
+                f"{old.layout.root} now holds a store of another encoder or codec (not a generation of the one "
+                "served): restart the server on it"
+            )
+        _ = store.index  # loaded now, so that the prune of an older generation cannot remove it under a reader
         self.pipeline = self.pipeline.with_store(store)
         logger.info("serving generation %d of the store %s", store.generation, store.layout.root)
         return store.watch

@@ -96,6 +96,12 @@ def _knob(name: str, limit: float) -> tuple[Any, None]:
     return Annotated[info.annotation, info, limited], None
 
 
+def _retrieval() -> tuple[Any, None]:
+    """The request's retrieval mode field (QueryOptions': dense, lexical or hybrid; null: the server's)."""
+    info = QueryOptions.model_fields["retrieval"]
+    return Annotated[info.annotation, Field(description=f"{info.description}")], None
+
+
 def query_options(request: BaseModel) -> QueryOptions:
     """The query knobs of a request (those it does not expose: the reader's)."""
     return QueryOptions.model_validate(request.model_dump(include=set(QueryOptions.model_fields)))
@@ -113,6 +119,7 @@ def request_models(settings: ServeSettings) -> RequestModels:
         "rerank_k": _knob("rerank_k", settings.max_top_k),
         "max_answer_tokens": _knob("max_answer_tokens", settings.max_answer_tokens),
         "min_confidence": _knob("min_confidence", 1.0),
+        "retrieval": _retrieval(),
         "return_passages": (bool, Field(default=False, description="include each passage's text in provenance")),
     }
     config = ConfigDict(strict=True, extra="forbid")
@@ -128,6 +135,7 @@ def request_models(settings: ServeSettings) -> RequestModels:
         __config__=config,
         question=(question, ...),
         top_k=_knob("top_k", settings.max_top_k),
+        retrieval=_retrieval(),
         return_passages=(bool, Field(default=True, description="include each passage's text")),
     )
     return RequestModels(answer, batch, retrieve)

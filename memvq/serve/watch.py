@@ -21,6 +21,8 @@ from memvq.memory.integrity import FileWatch
 
 logger = logging.getLogger(__name__)
 
+REOPEN_ATTEMPTS = 3  # a store changed under the server is opened again up to this many times before it is refused
+
 
 class StoreWatcher:
     """Runs a `FileWatch` on a timer; `damaged` names the files that no longer match (empty while all is well).
@@ -41,11 +43,13 @@ class StoreWatcher:
             return self.damaged
         damaged = await asyncio.to_thread(self.watch.changed)
         if MANIFEST_NAME in damaged and self.reopen is not None:
-            try:
-                self.watch = await asyncio.to_thread(self.reopen)
-                return []
-            except Exception as error:  # the new generation does not verify: refuse, as for any other change
-                logger.error("the store's new manifest does not open: %s", error)
+            for attempt in range(REOPEN_ATTEMPTS):
+                try:
+                    self.watch = await asyncio.to_thread(self.reopen)
+                    return []
+                except Exception as error:  # e.g. a generation pruned while it was verified: the next one is read
+                    logger.warning("the store's new generation does not open (%s): %s", attempt + 1, error)
+            logger.error("the store's new manifest does not open after %d attempts", REOPEN_ATTEMPTS)
         if damaged:
             self.damaged = damaged
             logger.error(

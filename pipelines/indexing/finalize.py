@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from memvq.memory.artifact import MANIFEST_NAME, write_artifact
@@ -19,6 +20,8 @@ from memvq.memory.location import RemoteStore
 from memvq.memory.store import STORE_FORMAT, StoreLayout
 from memvq.pipelines.config import BuildConfig
 from memvq.pipelines.indexing.plan import Plan
+from memvq.retrieval.lexical import HEADER as LEXICAL_HEADER
+from memvq.retrieval.lexical import LexicalIndex
 
 
 class BuildReport(BaseModel):
@@ -54,9 +57,9 @@ class Built:
 
 
 @contextlib.contextmanager
-def _shard_emb(layout: StoreLayout, remote: RemoteStore | None, shard: int) -> Iterator[Path]:
-    """The path of a shard's emb.npy: in the store, or downloaded from `remote` into staging (removed after)."""
-    path = layout.shard_file(shard, "emb.npy")
+def _shard_file(layout: StoreLayout, remote: RemoteStore | None, shard: int, suffix: str) -> Iterator[Path]:
+    """The path of a shard's file: in the store, or downloaded from `remote` into staging (removed after)."""
+    path = layout.shard_file(shard, suffix)
     if remote is None:
         yield path
         return
@@ -85,7 +88,7 @@ def build_passage_index(
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for (shard, _), start in zip(shards, starts, strict=False):
-            with _shard_emb(layout, remote, shard) as path:
+            with _shard_file(layout, remote, shard, "emb.npy") as path:
                 emb = np.load(path).astype(np.float32)
             yield np.arange(start, start + len(emb), dtype=np.int64), emb
 
@@ -97,11 +100,28 @@ def build_passage_index(
         for (shard, size), start in zip(shards, starts, strict=False):
             lo, hi = np.searchsorted(rows, [start, start + size])
             if hi > lo:
-                with _shard_emb(layout, remote, shard) as path:
+                with _shard_file(layout, remote, shard, "emb.npy") as path:
                     sample[lo:hi] = np.load(path, mmap_mode="r")[rows[lo:hi] - start]
     index = PassageIndex.build(batches(), dim=dim, config=index_config, train_sample=sample)
     index.save(out)
     return index
+
+
+def build_lexical_index(
+    layout: StoreLayout, shard_sizes: Mapping[int, int], out: Path, remote: RemoteStore | None = None
+) -> None:
+    """The BM25 index of the shards' passages (title and text, in row order) in `out`; kept when its header is
+    there (a resumed build). With `remote`, each shard's passages are downloaded into staging one at a time."""
+    if (out / LEXICAL_HEADER).is_file():
+        return
+
+    def passages() -> Iterator[tuple[str, str]]:
+        for shard in shard_sizes:
+            with _shard_file(layout, remote, shard, "passages.parquet") as path:
+                table = pq.read_table(path, columns=["title", "text"])
+            yield from zip(table.column("title").to_pylist(), table.column("text").to_pylist(), strict=True)
+
+    LexicalIndex.build(passages(), out)
 
 
 def build_report(
@@ -145,7 +165,8 @@ def write_manifest(
         shards.append({"shard": shard, "row_start": start, "passages": done["passages"], "tokens": done["tokens"]})
         files.update(done["files"])
     codec_files = [*layout.codec_dir.iterdir()] if codec is not None else []
-    for path in sorted([*codec_files, *layout.index_dir.iterdir()]):
+    lexical_files = [*layout.lexical_dir.iterdir()] if built.config.lexical else []
+    for path in sorted([*codec_files, *layout.index_dir.iterdir(), *lexical_files]):
         if path.is_file() and not path.name.startswith("."):
             files[layout.relative(path)] = path
     header = write_artifact(
@@ -172,6 +193,7 @@ def write_manifest(
             "num_tokens": report.tokens,
             "shards": shards,
             "index": layout.relative(layout.index_dir),
+            "lexical": layout.relative(layout.lexical_dir) if built.config.lexical else None,
             "deleted": None,
             "generation": 0,
             "parent": None,

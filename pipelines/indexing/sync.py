@@ -13,6 +13,7 @@ from memvq.memory.artifact import MANIFEST_NAME, ManifestError, read_json
 from memvq.memory.index import META_FILE
 from memvq.memory.location import RemoteStore, clear, default_staging, is_uri
 from memvq.memory.store import StoreLayout
+from memvq.retrieval.lexical import HEADER as LEXICAL_HEADER
 
 
 @dataclass
@@ -85,9 +86,13 @@ class BuildTarget:
             self.remote.upload_dir(self.layout.codec_dir, codec_dir, last=self.layout.codec_file.name)
 
     def publish_store(self) -> None:
-        """The index, then the manifest (last of all: the store is complete); the staging directory emptied."""
+        """The index and the lexical index, then the manifest (last of all: the store is complete); the staging
+        directory emptied."""
         if self.remote is not None:
             self.remote.upload_dir(self.layout.index_dir, self._relative(self.layout.index_dir), last=META_FILE)
+            if self.layout.lexical_dir.is_dir():
+                lexical = self.layout.lexical_dir
+                self.remote.upload_dir(lexical, self._relative(lexical), last=LEXICAL_HEADER)
             self._publish(self.layout.manifest)
             self.done()
 

@@ -1,0 +1,86 @@
+"""Retrieval modes side by side: page R-precision, recall@5 and @20, and ms per question, for dense, lexical and
+hybrid retrieval over one store, per KILT question file; one run, printed as a markdown table.
+
+R-precision: of a question's R gold pages, the share among the pages of its first R distinct retrieved pages;
+recall@k: whether a gold page is among the pages of its top k passages. ms/question: the retrieval of batches of 64
+questions (the question embedding included), after one warm-up batch. The reader's EM per mode comes from
+`memvq eval --retrieval MODE` (docs/benchmarks.md, "Retrieval modes").
+
+    python -m bench.bench_retrieval --store runs/demo --data runs/splits/nq-dev.jsonl [--data ...] [--limit 270]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.logs import configure_logging
+from memvq.retrieval.retriever import LEXICAL_WEIGHT, MODES, Retriever
+
+BATCH = 64
+
+
+def load(path: Path, limit: int | None) -> tuple[list[str], list[set[str]]]:
+    """Questions and their gold pages (wikipedia_id of every provenance record)."""
+    questions, gold = [], []
+    for line in path.read_text().splitlines()[:limit]:
+        record = json.loads(line)
+        pages = {p["wikipedia_id"] for out in record["output"] for p in out.get("provenance", [])}
+        if pages:
+            questions.append(record["input"])
+            gold.append(pages)
+    return questions, gold
+
+
+def scores(pages: list[list[str]], gold: list[set[str]]) -> dict[str, float]:
+    """R-precision and recall@5 / @20 of ranked pages (one list per question, with repeats) against gold pages."""
+    rprec, recall5, recall20 = [], [], []
+    for ranked, wanted in zip(pages, gold, strict=True):
+        distinct = list(dict.fromkeys(ranked))
+        rprec.append(len(set(distinct[: len(wanted)]) & wanted) / len(wanted))
+        recall5.append(bool(set(ranked[:5]) & wanted))
+        recall20.append(bool(set(ranked[:20]) & wanted))
+    return {"R-prec": float(np.mean(rprec)), "recall@5": float(np.mean(recall5)), "recall@20": float(np.mean(recall20))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--data", type=Path, action="append", required=True)
+    parser.add_argument("--limit", type=int, default=None, help="the first N questions of each file")
+    parser.add_argument(
+        "--lexical-weight", type=float, nargs="*", default=None, help="hybrid: the lexical list's weights to compare"
+    )
+    args = parser.parse_args()
+    configure_logging(logging.WARNING)
+    retriever = Retriever.for_store(MemoryStore.open(args.store))
+    retriever.search(["warm up"] * BATCH, 20, "hybrid")
+    print("| questions | mode | R-prec | recall@5 | recall@20 | ms/question |\n|---|---|---:|---:|---:|---:|")
+    for path in args.data:
+        questions, gold = load(path, args.limit)
+        runs = [(mode, None) for mode in MODES if mode != "hybrid" or not args.lexical_weight]
+        runs += [("hybrid", weight) for weight in args.lexical_weight or []]
+        for mode, weight in runs:
+            retriever.lexical_weight = LEXICAL_WEIGHT if weight is None else weight
+            start = time.perf_counter()
+            found = [
+                hits
+                for first in range(0, len(questions), BATCH)
+                for hits in retriever.search(questions[first : first + BATCH], 20, mode)
+            ]
+            ms = 1000 * (time.perf_counter() - start) / len(questions)
+            result = scores([[p.wikipedia_id for p in hits] for hits in found], gold)
+            print(
+                f"| {path.stem} ({len(questions)}) | {mode if weight is None else f'hybrid, lexical x{weight:g}'} | "
+                f"{result['R-prec']:.3f} | {result['recall@5']:.3f} | {result['recall@20']:.3f} | {ms:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

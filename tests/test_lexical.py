@@ -1,0 +1,123 @@
+"""The lexical (BM25) index in the store and the three retrieval modes: built, verified and resumable like the rest
+of the store; lexical and hybrid retrieval find a passage that shares only a rare word with its question; the modes
+through the pipeline, the API and a store update."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import flip_byte, store_bytes, tiny_config
+
+from memvq.memory.artifact import ManifestError
+from memvq.memory.store import MemoryStore
+from memvq.pipelines.build import build_index
+from memvq.pipelines.update import update_store
+from memvq.retrieval.retriever import Retriever, reciprocal_rank_fusion, topped_up
+
+RARE = {
+    "wikipedia_id": "Quokka",
+    "wikipedia_title": "Quokka",
+    "text": ["Quokka", "The quokka is a small macropod about the size of a domestic cat, found on Rottnest Island."],
+}
+QUESTION = "where does the quokka live"
+
+
+@pytest.fixture(scope="module")
+def lexical_store(tiny_bert_path, mini_corpus, tmp_path_factory) -> Path:
+    """The 40 shared pages and one page whose title word no other page has, built with the tiny random BERT (its
+    dense retrieval is no better than chance: what finds the page is its word)."""
+    root = tmp_path_factory.mktemp("lexical")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(mini_corpus.read_text() + json.dumps(RARE) + "\n")
+    build_index(corpus, root / "store", tiny_config(tiny_bert_path))
+    return root / "store"
+
+
+def test_the_build_keeps_a_verified_lexical_index(lexical_store, tmp_path):
+    store = MemoryStore.open(lexical_store)
+    assert store.lexical_dir == lexical_store / "lexical"
+    named = [name for name in store.manifest["files"] if name.startswith("lexical/")]
+    assert "lexical/lexical.json" in named and len(named) >= 4
+    copy = tmp_path / "store"
+    shutil.copytree(lexical_store, copy)
+    flip_byte(copy / sorted(name for name in named if name.endswith(".npy"))[0])
+    with pytest.raises(ManifestError, match="lexical/"):
+        MemoryStore.open(copy)
+
+
+def test_a_build_stopped_before_its_lexical_index_resumes_to_the_same_files(lexical_store, tiny_bert_path, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(lexical_store, copy)
+    (copy / "manifest.json").unlink()
+    shutil.rmtree(copy / "lexical")
+    corpus = Path(json.loads((lexical_store / "corpus.json").read_text())["path"])
+    build_index(corpus, copy, tiny_config(tiny_bert_path))
+    assert store_bytes(copy) == store_bytes(lexical_store)
+
+
+def test_lexical_and_hybrid_find_the_page_only_its_word_names(lexical_store):
+    store = MemoryStore.open(lexical_store)
+    retriever = Retriever.for_store(store)
+    assert retriever.mode == "dense"  # the store's default
+    lexical = retriever.search([QUESTION], 5, "lexical")[0]
+    hybrid = retriever.search([QUESTION], 5, "hybrid")[0]
+    assert lexical[0].wikipedia_id == "Quokka" and len(lexical) == 5  # the rest: dense passages after the match
+    assert "Quokka" in {p.wikipedia_id for p in hybrid}
+    dense_rank = [p.wikipedia_id for p in retriever.search([QUESTION], store.num_passages, "dense")[0]]
+    assert dense_rank[0] != "Quokka", "the tiny model's dense retrieval must not rank it first by itself"
+    # every mode scores a passage by its dense inner product (the reader's confidence scale)
+    by_row = {p.row: p.score for p in retriever.search([QUESTION], store.num_passages, "dense")[0]}
+    assert all(np.isclose(p.score, by_row[p.row], atol=1e-5) for p in hybrid)
+
+
+def test_unknown_modes_and_stores_without_the_index_are_clear_errors(
+    lexical_store, tiny_bert_path, mini_corpus, tmp_path
+):
+    retriever = Retriever.for_store(MemoryStore.open(lexical_store))
+    with pytest.raises(ValueError, match="unknown retrieval mode 'sparse'"):
+        retriever.search([QUESTION], 3, "sparse")  # type: ignore[arg-type]
+    build_index(mini_corpus, tmp_path / "dense-only", tiny_config(tiny_bert_path, lexical=False))
+    dense_only = Retriever.for_store(MemoryStore.open(tmp_path / "dense-only"))
+    assert dense_only.search([QUESTION], 3, "dense")
+    with pytest.raises(ValueError, match="has none"):
+        dense_only.search([QUESTION], 3, "hybrid")
+
+
+def test_fusion_and_top_up():
+    dense = np.array([[5, 1, 2, -1]])
+    lexical = np.array([[2, 7, -1, -1]])
+    assert reciprocal_rank_fusion([dense, lexical], 3).tolist() == [[2, 5, 1]]  # in both lists beats first once
+    assert topped_up(np.array([[7, -1, -1]]), np.array([[3, 7, 4]])).tolist() == [[7, 3, 4]]
+
+
+def test_an_update_masks_deleted_rows_in_every_mode(lexical_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(lexical_store, store)
+    (tmp_path / "delete.txt").write_text("Quokka\n")
+    update_store(store, delete=tmp_path / "delete.txt")
+    opened = MemoryStore.open(store)
+    assert opened.lexical_dir == store / "generations" / "00001" / "lexical"
+    retriever = Retriever.for_store(opened)
+    for mode in ("dense", "lexical", "hybrid"):
+        found = retriever.search([QUESTION], opened.num_passages, mode)[0]
+        assert "Quokka" not in {p.wikipedia_id for p in found}, mode
+
+
+def test_the_api_takes_a_retrieval_mode(lexical_store, tiny_reader_path):
+    from fastapi.testclient import TestClient
+
+    from memvq.pipelines.rag import RAGPipeline
+    from memvq.serve.app import create_app
+
+    rag = RAGPipeline.load(lexical_store, tiny_reader_path, device="cpu")
+    with TestClient(create_app(rag)) as client:
+        lexical = client.post("/v1/retrieve", json={"question": QUESTION, "top_k": 3, "retrieval": "lexical"})
+        assert lexical.status_code == 200 and lexical.json()["passages"][0]["wikipedia_id"] == "Quokka"
+        hybrid = client.post("/v1/retrieve", json={"question": QUESTION, "top_k": 5, "retrieval": "hybrid"})
+        assert "Quokka" in {p["wikipedia_id"] for p in hybrid.json()["passages"]}
+        assert client.post("/v1/answer", json={"question": QUESTION, "retrieval": "hybrid"}).status_code == 200
+        assert client.post("/v1/retrieve", json={"question": QUESTION, "retrieval": "bm25"}).status_code == 422
