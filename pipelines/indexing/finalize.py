@@ -111,8 +111,13 @@ def build_lexical_index(
     layout: StoreLayout, shard_sizes: Mapping[int, int], out: Path, remote: RemoteStore | None = None
 ) -> None:
     """The BM25 index of the shards' passages (title and text, in row order) in `out`; kept when its header is
-    there (a resumed build). With `remote`, each shard's passages are downloaded into staging one at a time."""
+    there (a resumed build; at `remote`, its files are fetched instead of the passages). With `remote`, each shard's
+    passages are downloaded into staging one at a time."""
     if (out / LEXICAL_HEADER).is_file():
+        return
+    if remote is not None and remote.exists(layout.relative(out / LEXICAL_HEADER)):
+        for name in sorted(remote.files(layout.relative(out)), key=lambda name: name.endswith(LEXICAL_HEADER)):
+            remote.download(name, layout.root / name)  # the manifest hashes them; the header last
         return
 
     def passages() -> Iterator[tuple[str, str]]:
