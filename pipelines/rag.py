@@ -219,10 +219,9 @@ class RAGPipeline:
 
     def with_store(self, store: MemoryStore) -> RAGPipeline:
         """This pipeline over another generation of its store (or another store of the same encoder): the reader,
-        the question encoder and the calibration are shared, not loaded again."""
-        retriever = Retriever(
-            store, self.retriever.encoder, self.retriever.precision, self.retriever.max_question_tokens
-        )
+        the question encoder, the retrieval mode and the calibration are shared, not loaded again."""
+        old = self.retriever
+        retriever = Retriever(store, old.encoder, old.precision, old.max_question_tokens, old.mode)
         if store.has_memory:
             store.codec.to(self.device)
         return RAGPipeline(store, self.reader, retriever, self.inputs, self.precision, self.calibration)

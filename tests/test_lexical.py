@@ -94,6 +94,14 @@ def test_fusion_and_top_up():
     assert topped_up(np.array([[7, -1, -1]]), np.array([[3, 7, 4]])).tolist() == [[7, 3, 4]]
 
 
+def test_a_pipeline_keeps_its_retrieval_mode_over_a_new_generation(lexical_store, tiny_reader_path):
+    from memvq.pipelines.rag import RAGPipeline
+
+    rag = RAGPipeline.load(lexical_store, tiny_reader_path, device="cpu", retrieval="lexical")
+    assert rag.retriever.mode == "lexical"
+    assert rag.with_store(MemoryStore.open(lexical_store)).retriever.mode == "lexical"  # what a server's reload does
+
+
 def test_an_update_masks_deleted_rows_in_every_mode(lexical_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(lexical_store, store)
