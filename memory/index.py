@@ -558,16 +558,24 @@ class PassageIndex:
         return cls(placed, ids, dim, config, on_gpu, removed)
 
 
+def exact_scores(queries: np.ndarray, rows: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Inner products 'q c' float32 of each query with the vectors of its rows 'q c' (`vectors_of(rows)` -> 'n d');
+    -inf where a row is -1."""
+    queries = np.asarray(queries, dtype=np.float32).reshape(len(rows), -1)
+    found = rows >= 0
+    exact = np.full(rows.shape, -np.inf, dtype=np.float32)
+    if found.any():
+        vectors = np.asarray(vectors_of(rows[found]), dtype=np.float32)
+        exact[found] = np.einsum("nd,nd->n", vectors, np.repeat(queries, found.sum(axis=1), axis=0))
+    return exact
+
+
 def rerank_exact(
     queries: np.ndarray, rows: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray], k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best `k` of each query's candidate rows 'q c' (-1: none) by exact inner product with their vectors
     (`vectors_of(rows)` -> 'n d', e.g. a store's fp16 embeddings): (scores 'q k' float32, rows 'q k' int64)."""
-    queries = np.asarray(queries, dtype=np.float32).reshape(len(rows), -1)
-    found = rows >= 0
-    exact = np.full(rows.shape, -np.inf, dtype=np.float32)
-    vectors = np.asarray(vectors_of(rows[found]), dtype=np.float32)
-    exact[found] = np.einsum("nd,nd->n", vectors, np.repeat(queries, found.sum(axis=1), axis=0))
+    exact = exact_scores(queries, rows, vectors_of)
     order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
 

@@ -64,7 +64,7 @@ from memvq.memory.artifact import (
     sha256_file,
 )
 from memvq.memory.codecs import CODEC_FILE, MemoryCodec, load_codec
-from memvq.memory.index import PassageIndex, rerank_exact
+from memvq.memory.index import PassageIndex, exact_scores, rerank_exact
 from memvq.memory.integrity import FileWatch, VerifiedFiles
 from memvq.memory.location import is_uri
 
@@ -334,6 +334,10 @@ class MemoryStore:
         if factor == 1:
             return scores, rows
         return rerank_exact(queries, rows, self.embeddings_of, k)
+
+    def scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact inner products 'q k' of queries 'q d' with their passages `rows` 'q k' (-inf where a row is -1)."""
+        return exact_scores(queries, rows, self.embeddings_of)
 
     def embeddings_of(self, rows: Any) -> np.ndarray:
         """Dense embeddings of passages 'n d' float32, in the order of `rows` (read through the shards' maps)."""

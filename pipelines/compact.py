@@ -30,13 +30,14 @@ from memvq.pipelines.generations import (
     begin,
     generation_fields,
     local_store,
+    pending_indexes,
     prune,
     publish,
     store_bytes,
     writer_lock,
 )
 from memvq.pipelines.indexing.encode import save_shard
-from memvq.pipelines.indexing.finalize import build_lexical_index, build_passage_index
+from memvq.pipelines.indexing.finalize import build_lexical_index, build_passage_index, shard_entries
 from memvq.pipelines.indexing.kept import check_kept_shards
 from memvq.pipelines.timing import Stopwatch
 from memvq.pipelines.update import check_generation
@@ -71,9 +72,8 @@ def compact_store(store: str | Path, grace_s: float = PRUNE_GRACE_S) -> CompactR
     with writer_lock(layout, "compact"):
         parent = MemoryStore.open(layout.root)
         if not len(parent.deleted_rows()):
-            if (parent.manifest.get("job") or {}).get(
-                "kind"
-            ) == "compact":  # finish a compaction killed before it pruned
+            made_by = (parent.manifest.get("job") or {}).get("kind")
+            if made_by == "compact":  # finish a compaction killed before it pruned
                 prune(layout, [parent.manifest])
             log.info("%s has no deleted rows: nothing to compact", layout.root)
             return None
@@ -91,8 +91,7 @@ def compact_store(store: str | Path, grace_s: float = PRUNE_GRACE_S) -> CompactR
                 if shard not in kept:
                     _copy_rows(parent, rows, shard)
         with clock.stage("index"):
-            dim = int(parent.embeddings(parent.shard_rows()[0][0]).shape[1])
-            build_passage_index(layout, config, shards, dim, pending.index_dir)
+            build_passage_index(layout, config, shards, parent.index.dim, pending.index_dir)
         if parent.lexical_dir is not None:
             with clock.stage("lexical"):
                 build_lexical_index(layout, shards, pending.lexical_dir)
@@ -101,7 +100,7 @@ def compact_store(store: str | Path, grace_s: float = PRUNE_GRACE_S) -> CompactR
             check_generation(pending)
             publish(pending, manifest)
         # a server verifies the new generation's files (about 1 s per GB) before it moves to it
-        time.sleep(grace_s + store_bytes(manifest) / 1e9 * HASH_SECONDS_PER_GB)
+        time.sleep(grace_s + store_bytes(manifest["files"]) / 1e9 * HASH_SECONDS_PER_GB)
         with clock.stage("prune"):
             freed = prune(layout, [manifest])
         report = CompactReport.model_validate({**manifest["compact"], "bytes_freed": freed, "seconds": clock.seconds})
@@ -151,41 +150,33 @@ def _tokens(store: MemoryStore, table: pa.Table, lengths: list[int]) -> int:
 
 
 def _write_manifest(pending: Pending, shards: dict[int, int], seconds: dict[str, float]) -> dict:
-    """The compacted generation's manifest: the new shards from row 0, the new index, the parent's codec."""
+    """The compacted generation's manifest: the new shards from row 0, the new indexes, the parent's codec."""
     layout, parent = pending.layout, pending.parent.manifest
-    files = {name: record for name, record in parent["files"].items() if name.startswith("codec/")}
-    entries, row = [], 0
-    for shard in shards:
-        done = read_json(layout.shard_done(shard), "shard marker")
-        entries.append({"shard": shard, "row_start": row, "passages": done["passages"], "tokens": done["tokens"]})
-        files.update(done["files"])
-        row += done["passages"]
-    lexical = [*pending.lexical_dir.iterdir()] if pending.parent.lexical_dir is not None else []
-    for path in sorted([*pending.index_dir.iterdir(), *lexical]):
-        if path.is_file() and not path.name.startswith("."):
-            files[layout.relative(path)] = path
-    tokens = sum(entry["tokens"] for entry in entries)
+    markers = {shard: read_json(layout.shard_done(shard), "shard marker") for shard in shards}
+    entries, shard_files, row = shard_entries(markers)
+    indexes, index_fields = pending_indexes(pending)
+    codec = {name: record for name, record in parent["files"].items() if name.startswith("codec/")}
+    files = codec | shard_files | indexes
     report = CompactReport(
         generation=pending.generation,
         passages=row,
         rows_dropped=int(parent["num_rows"]) - row,
         shards=len(entries),
-        bytes_before=store_bytes(parent),
-        bytes_after=0,
+        bytes_before=store_bytes(parent["files"]),
+        bytes_after=store_bytes(files),
         bytes_freed=0,
         seconds=dict(seconds),
     )
-    extra = generation_fields(pending) | {
-        "num_rows": row,
-        "num_passages": row,
-        "num_tokens": tokens,
-        "shards": entries,
-        "index": layout.relative(pending.index_dir),
-        "lexical": layout.relative(pending.lexical_dir) if lexical else None,
-        "deleted": None,
-        "compact": report.model_dump(),
-    }
-    header = write_artifact(pending.dir, "manifest.json", STORE_FORMAT, parent["config"], files=files, extra=extra)
-    after = sum(int(record["bytes"]) for record in header.files.values())
-    extra["compact"] = report.model_copy(update={"bytes_after": after}).model_dump()
-    return write_artifact(pending.dir, "manifest.json", STORE_FORMAT, parent["config"], header.files, extra).to_json()
+    extra = (
+        generation_fields(pending)
+        | index_fields
+        | {
+            "num_rows": row,
+            "num_passages": row,
+            "num_tokens": sum(entry["tokens"] for entry in entries),
+            "shards": entries,
+            "deleted": None,
+            "compact": report.model_dump(),
+        }
+    )
+    return write_artifact(pending.dir, "manifest.json", STORE_FORMAT, parent["config"], files, extra).to_json()

@@ -20,14 +20,15 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memvq.memory.artifact import CHECKSUM_KEY, ManifestError, atomic_write, read_json, write_json
+from memvq.memory.artifact import CHECKSUM_KEY, FileRecord, ManifestError, atomic_write, read_json, write_json
 from memvq.memory.location import is_uri
 from memvq.memory.store import MemoryStore, StoreLayout
+from memvq.pipelines.indexing.finalize import directory_files
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def begin(layout: StoreLayout, parent: MemoryStore, job: dict[str, Any]) -> Pend
 def discard(pending: Pending) -> None:
     """Remove what an unpublished generation wrote: its directory and the shard files no kept manifest names."""
     shutil.rmtree(pending.dir, ignore_errors=True)
-    named = _named_files(pending.layout, [pending.parent.manifest])
+    named = _named_files([pending.parent.manifest])
     for path in sorted(pending.layout.shards_dir.glob("*")):
         if pending.layout.relative(path) not in named and not _is_named_marker(pending.layout, path, named):
             path.unlink(missing_ok=True)
@@ -168,6 +169,17 @@ def generation_fields(pending: Pending) -> dict[str, Any]:
     }
 
 
+def pending_indexes(pending: Pending) -> tuple[dict[str, FileRecord], dict[str, str | None]]:
+    """The pending generation's dense index and (when its parent has one) BM25 index: their files' records, and the
+    manifest fields naming their directories."""
+    lexical = pending.lexical_dir if pending.parent.lexical_dir is not None else None
+    fields = {
+        "index": pending.layout.relative(pending.index_dir),
+        "lexical": None if lexical is None else pending.layout.relative(lexical),
+    }
+    return directory_files(pending.layout, [pending.index_dir, lexical]), fields
+
+
 def publish(pending: Pending, manifest: dict[str, Any]) -> None:
     """Make `manifest` (written at `pending.manifest`, checked by the caller) the store's: the parent's is kept in
     its generation directory, then manifest.json is replaced in one step."""
@@ -182,7 +194,7 @@ def publish(pending: Pending, manifest: dict[str, Any]) -> None:
 def prune(layout: StoreLayout, manifests: list[dict[str, Any]]) -> int:
     """Remove the shard, index, lexical index and deleted-row files none of `manifests` names (a generation's
     manifest and job record stay, as its history); returns the bytes removed."""
-    named = _named_files(layout, manifests)
+    named = _named_files(manifests)
     freed = 0
     candidates = [
         *layout.shards_dir.glob("*"),
@@ -202,7 +214,7 @@ def prune(layout: StoreLayout, manifests: list[dict[str, Any]]) -> int:
     return freed
 
 
-def _named_files(layout: StoreLayout, manifests: list[dict[str, Any]]) -> set[str]:
+def _named_files(manifests: list[dict[str, Any]]) -> set[str]:
     return {name for manifest in manifests for name in manifest["files"]}
 
 
@@ -213,6 +225,6 @@ def _is_named_marker(layout: StoreLayout, path: Path, named: set[str]) -> bool:
     return False
 
 
-def store_bytes(manifest: dict[str, Any]) -> int:
-    """The bytes of the files a manifest names."""
-    return sum(int(record["bytes"]) for record in manifest["files"].values())
+def store_bytes(files: Mapping[str, FileRecord]) -> int:
+    """The bytes of the files a manifest names (its `files` records)."""
+    return sum(int(record["bytes"]) for record in files.values())

@@ -49,6 +49,7 @@ from memvq.pipelines.generations import (
     begin,
     generation_fields,
     local_store,
+    pending_indexes,
     prune,
     publish,
     published_job,
@@ -56,7 +57,7 @@ from memvq.pipelines.generations import (
     writer_lock,
 )
 from memvq.pipelines.indexing.actors import encode_all_shards
-from memvq.pipelines.indexing.finalize import build_lexical_index
+from memvq.pipelines.indexing.finalize import build_lexical_index, shard_entries
 from memvq.pipelines.indexing.kept import check_kept_shards
 from memvq.pipelines.indexing.plan import chunk, record_corpus, write_passage_shards
 from memvq.pipelines.local_ray import stop_orphaned_ray
@@ -283,30 +284,25 @@ def _write_manifest(
         if not any(d is not None and (layout.root / name).is_relative_to(d) for d in replaced)
         and name != parent.get("deleted")
     }
-    shards = list(parent["shards"])
-    row = int(parent["num_rows"])
-    for shard, done in zip(plan.shards, markers, strict=True):
-        shards.append({"shard": shard, "row_start": row, "passages": done["passages"], "tokens": done["tokens"]})
-        files.update(done["files"])
-        row += done["passages"]
+    added, added_files, row = shard_entries(dict(zip(plan.shards, markers, strict=True)), int(parent["num_rows"]))
     deleted = pending.dir / "deleted.npy"
-    lexical = [*pending.lexical_dir.iterdir()] if pending.parent.lexical_dir is not None else []
-    for path in sorted([deleted, *pending.index_dir.iterdir(), *lexical]):
-        if path.is_file() and not path.name.startswith("."):
-            files[layout.relative(path)] = file_record(path)
     deleted_rows = np.load(deleted)
-    extra = generation_fields(pending) | {
-        "num_documents": report.documents,
-        "num_rows": row,
-        "num_passages": row - len(deleted_rows),
-        "num_tokens": int(parent["num_tokens"]) + sum(done["tokens"] for done in markers),
-        "shards": shards,
-        "index": layout.relative(pending.index_dir),
-        "lexical": layout.relative(pending.lexical_dir) if lexical else None,
-        "deleted": layout.relative(deleted) if len(deleted_rows) else None,
-        "update": report.model_dump(),
-    }
-    if not len(deleted_rows):
-        files.pop(layout.relative(deleted), None)
+    if len(deleted_rows):
+        files[layout.relative(deleted)] = file_record(deleted)
+    indexes, index_fields = pending_indexes(pending)
+    extra = (
+        generation_fields(pending)
+        | index_fields
+        | {
+            "num_documents": report.documents,
+            "num_rows": row,
+            "num_passages": row - len(deleted_rows),
+            "num_tokens": int(parent["num_tokens"]) + sum(done["tokens"] for done in markers),
+            "shards": [*parent["shards"], *added],
+            "deleted": layout.relative(deleted) if len(deleted_rows) else None,
+            "update": report.model_dump(),
+        }
+    )
+    files |= added_files | indexes
     header = write_artifact(pending.dir, "manifest.json", STORE_FORMAT, parent["config"], files=files, extra=extra)
     return header.to_json()

@@ -119,7 +119,7 @@ class Retriever:
                 rows = reciprocal_rank_fusion(ranked, k, weights=[1.0, self.lexical_weight])
             elif (rows < 0).any():  # fewer passages share a word with the question than asked: dense ones follow
                 rows = topped_up(rows, self.store.search(embedded, k)[1])
-            scores = self._dense_scores(embedded, rows)
+            scores = self.store.scores(embedded, rows)
         found = [
             [(int(row), float(score)) for row, score in zip(r, s, strict=True) if row >= 0]
             for r, s in zip(rows, scores, strict=True)
@@ -140,15 +140,6 @@ class Retriever:
                 "lexical = false, or by an older memvq): rebuild it, or ask for dense retrieval"
             )
         return self.lexical
-
-    def _dense_scores(self, embedded: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Inner products of the questions with the passages `rows` 'q k' (-inf where a row is -1)."""
-        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
-        found = rows >= 0
-        if found.any():
-            vectors = self.store.embeddings_of(rows[found])
-            scores[found] = np.einsum("nd,nd->n", vectors, np.repeat(embedded, found.sum(axis=1), axis=0))
-        return scores
 
 
 def reciprocal_rank_fusion(

@@ -99,7 +99,7 @@ def _knob(name: str, limit: float) -> tuple[Any, None]:
 def _retrieval() -> tuple[Any, None]:
     """The request's retrieval mode field (QueryOptions': dense, lexical or hybrid; null: the server's)."""
     info = QueryOptions.model_fields["retrieval"]
-    return Annotated[info.annotation, Field(description=f"{info.description}")], None
+    return Annotated[info.annotation, Field(description=info.description)], None
 
 
 def query_options(request: BaseModel) -> QueryOptions:

@@ -4,7 +4,7 @@ build report, and the manifest, written last: it names every file of the store w
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from memvq.memory.artifact import MANIFEST_NAME, write_artifact
+from memvq.memory.artifact import MANIFEST_NAME, FileRecord, file_record, write_artifact
 from memvq.memory.codecs import MemoryCodec, compression_ratio
 from memvq.memory.index import PassageIndex, training_rows
 from memvq.memory.location import RemoteStore
@@ -159,21 +159,41 @@ def build_report(
     )
 
 
+def shard_entries(
+    markers: Mapping[int, dict[str, Any]], row: int = 0
+) -> tuple[list[dict[str, Any]], dict[str, FileRecord], int]:
+    """The manifest's entries of shards (shard -> its done marker, in row order, the first at `row`), the records of
+    their files (as their encoder hashed them) and the row after the last."""
+    entries, files = [], {}
+    for shard, done in markers.items():
+        entries.append({"shard": shard, "row_start": row, "passages": done["passages"], "tokens": done["tokens"]})
+        files.update(done["files"])
+        row += done["passages"]
+    return entries, files, row
+
+
+def directory_files(layout: StoreLayout, directories: Iterable[Path | None]) -> dict[str, FileRecord]:
+    """The records (size, sha256) of the files of `directories` (None: none) by their name in the store, hidden
+    ones (temporaries) left out."""
+    paths = [path for directory in directories if directory is not None for path in directory.iterdir()]
+    return {
+        layout.relative(path): file_record(path)
+        for path in sorted(paths)
+        if path.is_file() and not path.name.startswith(".")
+    }
+
+
 def write_manifest(
     layout: StoreLayout, built: Built, markers: list[dict[str, Any]], report: BuildReport
 ) -> dict[str, Any]:
     """The store manifest (its memvq-store header), from what was built, the shards' done markers (in shard order,
     with the records of the shard files their encoder hashed) and the build report."""
     plan, codec = built.plan, built.codec
-    shards, files = [], {}
-    for shard, (start, done) in enumerate(zip(plan.row_starts, markers, strict=True)):
-        shards.append({"shard": shard, "row_start": start, "passages": done["passages"], "tokens": done["tokens"]})
-        files.update(done["files"])
-    codec_files = [*layout.codec_dir.iterdir()] if codec is not None else []
-    lexical_files = [*layout.lexical_dir.iterdir()] if built.config.lexical else []
-    for path in sorted([*codec_files, *layout.index_dir.iterdir(), *lexical_files]):
-        if path.is_file() and not path.name.startswith("."):
-            files[layout.relative(path)] = path
+    shards, files, _ = shard_entries(dict(enumerate(markers)))
+    codec_dir = layout.codec_dir if codec is not None else None
+    files |= directory_files(
+        layout, [codec_dir, layout.index_dir, layout.lexical_dir if built.config.lexical else None]
+    )
     header = write_artifact(
         layout.root,
         MANIFEST_NAME,
