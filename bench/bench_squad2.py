@@ -4,22 +4,31 @@ The shared sample (`haystack_samples/squad_v2_dev_small.json`: 626 questions ove
 built into a store of its own paragraphs (`memvq build-index`, resumable), every question is answered over it
 (retrieval included: open-book over the 2 articles) and scored as the official SQuAD 2.0 script scores it: an
 abstention is the empty answer, right for an unanswerable question; exact match and F1 over all questions, the
-answerable ones (HasAns) and the unanswerable ones (NoAns). No question of the sample is trained or calibrated on.
+answerable ones (HasAns) and the unanswerable ones (NoAns), and the AUROC of the confidence for "answerable" (1.0:
+every answerable question more confident than every unanswerable one; 0.5: no separation).
 
-    python -m bench.bench_squad2 --out runs/squad2 [--model READER] [--build-config configs/build-minilm.toml]
+Its answerable questions are SQuAD v1.1 dev questions of two articles on the training side of the embedded reader's
+split (trained on); its unanswerable ones are trained on only by a config with an `unanswerable` task
+(configs/train-minilm-squad2.toml): `--held-out CONFIG` answers only the questions that task holds out (its dev
+side). No question of the sample is calibrated on.
+
+    python -m bench.bench_squad2 --out runs/squad2 [--model READER] [--build-config configs/build-minilm.toml] \
+        [--held-out configs/train-minilm-squad2.toml]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from memvq.data.kilt.metrics import exact_match, normalize_answer
 from memvq.data.kilt.metrics import f1 as squad_f1
+from memvq.data.kilt.selective import auroc
+from memvq.data.tasks import in_dev, iter_squad
 from memvq.encoders.options import QueryOptions
+from memvq.pipelines.config import TrainConfig
 from memvq.pipelines.logs import configure_logging
 from memvq.pipelines.rag import RAGPipeline
 
@@ -49,18 +58,20 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="reader directory (default: the embedded one)")
     parser.add_argument("--sample", type=Path, default=Path(SAMPLE))
     parser.add_argument("--build-config", type=Path, default=Path("configs/build-minilm.toml"))
+    parser.add_argument(
+        "--held-out", type=Path, default=None, help="a train config: only the questions its unanswerable task holds out"
+    )
     args = parser.parse_args()
     configure_logging()
     store = args.out / "store"
     build = [str(Path(sys.executable).parent / "memvq"), "build-index", "--corpus", str(args.sample)]
     build += ["--out", str(store), "--format", "squad", "--config", str(args.build_config), "--no-memory"]
     subprocess.run(build, check=True)
-    questions = [
-        (qa["question"], [a["text"] for a in qa["answers"]] if not qa.get("is_impossible") else [""])
-        for article in json.loads(args.sample.read_text())["data"]
-        for paragraph in article["paragraphs"]
-        for qa in paragraph["qas"]
-    ]
+    examples = list(iter_squad(args.sample, unanswerable=True))
+    if args.held_out is not None:
+        task = next(t for t in TrainConfig.from_file(args.held_out).tasks if t.unanswerable)
+        examples = [e for e in examples if in_dev(e.group, task.dev_fraction)]
+    questions = [(e.question, list(e.answers)) for e in examples]
     rag = RAGPipeline.load(store, args.model)
     threshold = rag.config.min_confidence
     answered: list[tuple[str, float]] = []  # (the answer it would give, its confidence)
@@ -68,8 +79,10 @@ def main() -> None:
         batch = [q for q, _ in questions[start : start + BATCH]]
         for result in rag.answer(batch, QueryOptions(min_confidence=0.0)):
             answered.append((result.answer, result.confidence or 0.0))
+    separation = auroc([conf for _, conf in answered], [golds != [""] for _, golds in questions])
     print(
-        f"{len(questions)} questions, {sum(g == [''] for _, g in questions)} unanswerable; min_confidence {threshold}"
+        f"{len(questions)} questions, {sum(g == [''] for _, g in questions)} unanswerable; min_confidence {threshold}; "
+        f"AUROC of the confidence for answerable vs unanswerable {separation:.3f}"
     )
     print("| answers | all EM / F1 | HasAns EM / F1 | NoAns EM / F1 | abstained (HasAns / NoAns) |")
     print("|---|---|---|---|---|")

@@ -33,6 +33,11 @@ class TaskConfig(BaseModel):
     dev_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="held out: by article (SQuAD) or by id (KILT)")
     weight: float = Field(1.0, gt=0.0, description="share of the training mix")
     max_dev: int = Field(200, ge=0, description="dev questions scored at each evaluation")
+    unanswerable: bool = Field(
+        False,
+        description="SQuAD 2.0: keep the questions its paragraph cannot answer (is_impossible), with the empty "
+        "answer as gold: no span of any passage read is a positive, so the head learns its no-answer position",
+    )
 
 
 @dataclass(frozen=True)
@@ -46,14 +51,18 @@ class QAExample:
     record: dict[str, Any]  # the KILT-format record (what `memvq eval` reads)
 
 
-def iter_squad(path: str | Path) -> Iterator[QAExample]:
-    """SQuAD v1.1 json -> examples in KILT form (the article title as provenance), streamed article by article."""
+def iter_squad(path: str | Path, unanswerable: bool = False) -> Iterator[QAExample]:
+    """SQuAD v1.1 / 2.0 json -> examples in KILT form (the article title as provenance), streamed article by
+    article. SQuAD 2.0's unanswerable questions are skipped, or kept with the empty answer ("", as the official
+    SQuAD 2.0 script scores them) when `unanswerable`."""
     with open(path, "rb") as handle:
         for article in ijson.items(handle, "data.item", use_float=True):
             title = article["title"].replace("_", " ")
             for paragraph in article["paragraphs"]:
                 for qa in paragraph["qas"]:
                     answers = tuple(dict.fromkeys(a["text"].strip() for a in qa["answers"] if a["text"].strip()))
+                    if not answers and unanswerable and qa.get("is_impossible"):
+                        answers = ("",)
                     if not answers:
                         continue
                     provenance = [{"wikipedia_id": title, "title": title}]
@@ -91,9 +100,11 @@ class TaskData:
 
 def load_task(config: TaskConfig) -> TaskData:
     """Read a task file and split it."""
-    reader = iter_squad if config.format == "squad" else iter_kilt_examples
+    examples = (
+        iter_squad(config.path, config.unanswerable) if config.format == "squad" else iter_kilt_examples(config.path)
+    )
     train, dev = [], []
-    for example in reader(config.path):
+    for example in examples:
         (dev if in_dev(example.group, config.dev_fraction) else train).append(example)
     if not train:
         raise ValueError(f"task {config.name!r}: no training examples in {config.path}")

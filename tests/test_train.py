@@ -17,6 +17,7 @@ from memvq.encoders.config import ReaderConfig
 from memvq.encoders.hardware import resolve_precision
 from memvq.encoders.reader import Reader
 from memvq.encoders.reader_io import WEIGHTS_FILE, load_memory_layers, load_reader
+from memvq.encoders.spans import answer_char_spans
 from memvq.memory.artifact import ManifestError
 from memvq.memory.codecs import CodebookFinetuner, load_codec
 from memvq.memory.store import MemoryStore
@@ -37,6 +38,18 @@ def test_squad_is_split_by_article(shared_data):
     assert len(task.train) + len(task.dev) == 10570
     first = next(iter_squad(shared_data / "squad" / "dev-v1.1.json"))
     assert first.record["input"] == first.question and first.record["output"][0]["answer"] == first.answers[0]
+
+
+def test_squad2_unanswerable_questions_are_kept_with_the_empty_answer_only_when_asked(shared_data):
+    sample = shared_data / "haystack_samples" / "squad_v2_dev_small.json"
+    assert sum(1 for _ in iter_squad(sample)) == 293  # SQuAD v1.1's reading: the answerable ones
+    kept = list(iter_squad(sample, unanswerable=True))
+    assert len(kept) == 626 and sum(e.answers == ("",) for e in kept) == 333
+    task = load_task(TaskConfig(name="squad2", path=str(sample), format="squad", unanswerable=True, dev_fraction=0.75))
+    assert {e.group for e in task.train} == {"Normans"}  # what configs/train-minilm-squad2.toml trains on
+    assert {e.group for e in task.dev} == {"Computational complexity theory"}
+    # the empty answer has no occurrence in any passage: every passage read teaches the no-answer position
+    assert answer_char_spans("Normandy is a region in France.", [""]) == []
 
 
 def test_split_is_stable_and_close_to_the_fraction():
