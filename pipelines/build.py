@@ -137,6 +137,6 @@ def _record_config(layout: StoreLayout, config: BuildConfig) -> None:
     check_or_record(
         layout.build_config,
         config.to_json(),
-        "build",
+        "a build",
         current=lambda saved: BuildConfig.model_validate(saved).to_json(),
     )

@@ -472,7 +472,7 @@ def _check_run_config(out: Path, store: dict[str, Any], model: dict[str, Any], s
         "model": {k: model[k] for k in ("weights_sha256", "config", "calibration", "backbone", "precision")},
         "settings": settings.model_dump(mode="json", include=set(_PREDICTION_SETTINGS)),
     }
-    check_or_record(out / CONFIG_FILE, jsonable(config), "evaluation", EvalConfigError)
+    check_or_record(out / CONFIG_FILE, jsonable(config), "an evaluation", EvalConfigError)
 
 
 def _device_summary(pipeline: RAGPipeline) -> dict[str, Any]:

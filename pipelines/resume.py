@@ -34,6 +34,6 @@ def check_or_record(
         return
     differ = ", ".join(sorted(key for key in {*saved, *record} if saved.get(key) != record.get(key)))
     raise error(
-        f"{path.parent} holds a {job} started with a different config ({differ}: see {path}); use another --out, "
+        f"{path.parent} holds {job} started with a different config ({differ}: see {path}); use another --out, "
         "or delete it to start over"
     )

@@ -84,7 +84,7 @@ def _check_resume(out: Path, config: TrainConfig, store: Path, precision: Resolv
         "precision": precision,  # what it resolved to: a step in bf16 is not a step in fp32
         "store": str(store.resolve()),
     }
-    check_or_record(out / CONFIG_FILE, record, "training run")
+    check_or_record(out / CONFIG_FILE, record, "a training run")
 
 
 def _retrieve_all(out: Path, tasks: Sequence[TaskData], retriever: Retriever, k: int) -> dict[str, np.ndarray]:
