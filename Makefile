@@ -36,7 +36,7 @@ reader: setup
 # (docs/benchmarks.md, "Abstaining when the store holds no answer"; python -m bench.bench_abstain prints it).
 calibration: setup
 	$(BIN)/memvq split --config configs/train-minilm.toml --out runs/splits
-	$(BIN)/memvq calibrate --store $(STORE) --data runs/splits/squad-dev.jsonl --skip 270 --min-confidence 0.29 \
+	$(BIN)/memvq calibrate --store $(STORE) --data runs/splits/squad-dev.jsonl --skip 270 --min-confidence 0.33 \
 		--out encoders/weights/minilm-default
 
 # Refit the codec shipped for the embedded encoder's memory (encoders/weights/minilm-codec) from its recipe; a build

@@ -6,7 +6,10 @@ recall@k: whether a gold page is among the pages of its top k passages. ms/quest
 questions (the question embedding included), after one warm-up batch. The reader's EM per mode comes from
 `memvq eval --retrieval MODE` (docs/benchmarks.md, "Retrieval modes").
 
-    python -m bench.bench_retrieval --store runs/demo --data runs/splits/nq-dev.jsonl [--data ...] [--limit 270]
+    python -m bench.bench_retrieval --store runs/demo --data runs/splits/nq-dev.jsonl [--data ...] [--limit 270] \
+        [--fusion score:0.2 rrf:0.1 ...]
+
+Hybrid runs once per `--fusion METHOD:WEIGHT` (default: the mode's own fusion, `retriever.FUSION`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.logs import configure_logging
-from memvq.retrieval.retriever import LEXICAL_WEIGHT, MODES, Retriever
+from memvq.retrieval.retriever import FUSION, MODES, Fusion, Retriever
 
 BATCH = 64
 
@@ -49,13 +52,26 @@ def scores(pages: list[list[str]], gold: list[set[str]]) -> dict[str, float]:
     return {"R-prec": float(np.mean(rprec)), "recall@5": float(np.mean(recall5)), "recall@20": float(np.mean(recall20))}
 
 
+def fusion(text: str) -> Fusion:
+    """'score:0.2' -> Fusion("score", 0.2)."""
+    method, _, weight = text.partition(":")
+    if method not in ("score", "rrf") or not weight:
+        raise argparse.ArgumentTypeError(f"{text!r}: METHOD:WEIGHT with METHOD score or rrf")
+    return Fusion(method, float(weight))  # type: ignore[arg-type]
+
+
+def name(mode: str, chosen: Fusion) -> str:
+    """The table's name of a run."""
+    return mode if mode != "hybrid" else f"hybrid ({chosen.method}, lexical x{chosen.weight:g})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--data", type=Path, action="append", required=True)
     parser.add_argument("--limit", type=int, default=None, help="the first N questions of each file")
     parser.add_argument(
-        "--lexical-weight", type=float, nargs="*", default=None, help="hybrid: the lexical list's weights to compare"
+        "--fusion", type=fusion, nargs="*", default=None, help="hybrid fusions to compare: METHOD:WEIGHT (score, rrf)"
     )
     args = parser.parse_args()
     configure_logging(logging.WARNING)
@@ -64,10 +80,9 @@ def main() -> None:
     print("| questions | mode | R-prec | recall@5 | recall@20 | ms/question |\n|---|---|---:|---:|---:|---:|")
     for path in args.data:
         questions, gold = load(path, args.limit)
-        runs = [(mode, None) for mode in MODES if mode != "hybrid" or not args.lexical_weight]
-        runs += [("hybrid", weight) for weight in args.lexical_weight or []]
-        for mode, weight in runs:
-            retriever.lexical_weight = LEXICAL_WEIGHT if weight is None else weight
+        runs = [(mode, FUSION) for mode in MODES if mode != "hybrid"]
+        runs += [("hybrid", chosen) for chosen in args.fusion or [FUSION]]
+        for mode, retriever.fusion in runs:
             start = time.perf_counter()
             found = [
                 hits
@@ -77,7 +92,7 @@ def main() -> None:
             ms = 1000 * (time.perf_counter() - start) / len(questions)
             result = scores([[p.wikipedia_id for p in hits] for hits in found], gold)
             print(
-                f"| {path.stem} ({len(questions)}) | {mode if weight is None else f'hybrid, lexical x{weight:g}'} | "
+                f"| {path.stem} ({len(questions)}) | {name(mode, retriever.fusion)} | "
                 f"{result['R-prec']:.3f} | {result['recall@5']:.3f} | {result['recall@20']:.3f} | {ms:.2f} |"
             )
 

@@ -13,11 +13,12 @@ that subprocess:
   from the page cache; second open: stats only; open without verification) and the index load time;
 - `get()` of 20 random passages, 200 draws: cold (a store object just made, the draw's shard files dropped from the
   page cache), then warm (the same draws on one long-lived store);
-- an exact Flat index and an IVF-PQ index (`auto_factory`'s: IVF{4 sqrt(n) as a power of two},
-  PQ{dim/8}x8; auto picks it from 1M passages, below that the same rule at n) over the store's embeddings (the one
-  the build made is reused): build time, peak RSS over the RSS before (when the bench builds it), search latency
-  (one question at a time, and all at once), recall@10 against exact search for the 1,293 NQ dev questions embedded
-  by the same encoder, for IVF-PQ also at nprobe 64 and over every list (what PQ alone loses).
+- an exact Flat index and an IVF-PQ index (the auto rule's, `approximate_factory`: IVF{4 sqrt(n) as a power
+  of two},PQ{dim/12}x8; auto picks it from 32,768 passages, below that the same rule at n) over the store's
+  embeddings (the one the build made is reused): build time, peak RSS over the RSS before (when the bench builds
+  it), search latency (one question at a time, and all at once), recall@10 against exact search for the 1,293 NQ
+  dev questions embedded by the same encoder, for IVF-PQ also at nprobe 64 and over every list (what PQ alone
+  loses: the index's own ranking, without the store's re-rank).
 
 Then it prints the tables (markdown) and a projection to 22M passages for MiniLM and a T5-XXL memory. Results are
 kept per build in the work dir (result-NAME.json): a second run prints them again and builds only what is missing.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from bench.bench_build import CORPUS, PeakMemory, rss_now
+from memvq.memory.index import IndexConfig, approximate_factory
 from memvq.pipelines.logs import configure_logging
 
 log = logging.getLogger("bench_scale")
@@ -57,36 +58,6 @@ PROJECT_PASSAGES = 22_000_000
 
 
 # -- corpora -----------------------------------------------------------------------------------------------------
-
-
-# Below this many passages `auto_factory` picks an exact Flat index.
-FLAT_MAX_PASSAGES = 1_000_000
-
-
-def auto_factory(num_passages: int, dim: int | None = None) -> str:
-    """A sensible FAISS factory string for ``num_passages`` vectors of dimension ``dim``.
-
-    Rule:
-
-    - fewer than :data:`FLAT_MAX_PASSAGES` (1M) passages: ``"Flat"`` (exact search; ``dim`` not needed);
-    - otherwise ``"IVF{nlist},PQ{m}x8"`` with ``nlist`` = the power of two nearest to ``4 * sqrt(n)``
-      (1M -> 4096, 20M -> 16384) and ``m`` = the largest divisor of ``dim`` that is at most ``dim // 8``
-      (about 8 dimensions per one-byte sub-quantizer: 384 -> PQ48x8, 768 -> PQ96x8).
-
-    FAISS k-means wants ~``39 * nlist`` training vectors (160k for nlist 4096); raise
-    ``IndexConfig.train_size`` to match for the best quality, smaller samples work but FAISS warns.
-    """
-    if isinstance(num_passages, bool) or not isinstance(num_passages, int) or num_passages < 0:
-        raise ValueError(f"num_passages must be a non-negative int, got {num_passages!r}")
-    if num_passages < FLAT_MAX_PASSAGES:
-        return "Flat"
-    if dim is None:
-        raise ValueError(f"auto_factory needs dim for {num_passages} passages (an IVF-PQ index is chosen)")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
-    nlist = 2 ** round(math.log2(4 * math.sqrt(num_passages)))
-    m = max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
-    return f"IVF{nlist},PQ{m}x8"
 
 
 def parse_size(text: str) -> int | None:
@@ -272,14 +243,9 @@ def shard_embeddings(root: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield np.arange(entry["row_start"], entry["row_start"] + len(emb), dtype=np.int64), emb
 
 
-def ivfpq_factory(passages: int, dim: int) -> str:
-    """`auto_factory`'s IVF-PQ for `passages` (from 1M it is what auto picks; below it, the same rule at n)."""
-
-    if passages >= FLAT_MAX_PASSAGES:
-        return auto_factory(passages, dim)
-    nlist = 2 ** round(math.log2(4 * math.sqrt(passages)))
-    m = max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
-    return f"IVF{nlist},PQ{m}x8"
+def auto_factory(passages: int, dim: int) -> str:
+    """The factory a build's auto index rule picks (`IndexConfig.resolved`)."""
+    return IndexConfig().resolved(passages, dim).factory
 
 
 def build_index_measured(root: Path, factory: str, dim: int, passages: int) -> tuple[Any, dict[str, float]]:
@@ -420,7 +386,7 @@ def run_one(args: argparse.Namespace) -> None:
     step = steps["build_passage_index"]
     indexes: dict[str, dict[str, Any]] = {}
     objects = {}
-    for factory in ("Flat", ivfpq_factory(report.passages, dim)):
+    for factory in ("Flat", approximate_factory(report.passages, dim)):
         if factory == config.index.factory:
             objects[factory] = built
             figures = {"build_s": step["seconds"], "peak_over_before": step["peak"] - step["rss_before"], "by": "build"}
@@ -613,6 +579,11 @@ def projection(results: list[dict[str, Any]]) -> str:
         [f"{(rows[n]['codes'] + rows[n]['emb'] + rows[n]['rest']) / rate / 60:.0f} min" for n in models],
     )
     add("RAM: IVF-PQ index (resident)", [human(rows[n]["ivfpq"]) for n in models])
+    rerank = IndexConfig().rerank
+    add(
+        f"embeddings re-ranked per question (IVF-PQ: {rerank} x 10 candidates, fp16, memory-mapped)",
+        [human(rerank * 10 * dim * 2) for dim, *_ in models.values()],
+    )
     add("RAM: question encoder weights (fp32 / bf16)", [human(rows[n]["weights"]) for n in models])
     add(
         "codes read per question (10 passages; memory-mapped, from page cache or disk)",

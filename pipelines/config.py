@@ -96,8 +96,10 @@ class BuildConfig(FileConfig):
     lexical: bool = Field(
         True, description="build a BM25 index of the passages beside the dense one (lexical and hybrid retrieval)"
     )
-    retrieval: Literal["dense", "lexical", "hybrid"] = Field(
-        "dense", description="the store's default retrieval mode (a query may ask for another: QueryOptions)"
+    retrieval: Literal["auto", "dense", "lexical", "hybrid"] = Field(
+        "auto",
+        description="the store's default retrieval mode (a query may ask for another: QueryOptions); auto: hybrid "
+        "when the store keeps a BM25 index (lexical), else dense",
     )
     shard_size: int = Field(256, ge=1, description="passages per shard (one Ray task each)")
     codec_source: Literal["auto", "fit"] = Field(
@@ -124,13 +126,18 @@ class BuildConfig(FileConfig):
     def _memory_from_needs_memory(self) -> Self:
         if self.encoder.memory_from is not None and not self.memory:
             raise ValueError("encoder.memory_from makes the memory, but this build keeps none (memory = false)")
+        if self.retrieval in ("lexical", "hybrid") and not self.lexical:
+            raise ValueError(f"retrieval = {self.retrieval!r} needs the BM25 index, but this build keeps none")
         return self
 
     def resolved(self) -> Self:
-        """This config with `encoder.precision` "auto" resolved for the device this machine encodes on: what a
-        store records (its bytes depend on it), so that a resume elsewhere or in another precision is refused."""
+        """This config with its "auto" settings made concrete, as a store records them: `encoder.precision` for
+        the device this machine encodes on (the store's bytes depend on it, so that a resume elsewhere or in
+        another precision is refused) and `retrieval` (hybrid with the BM25 index, else dense)."""
         precision = resolve_precision(self.encoder.precision, resolve_device(self.encoder.device))
-        return self.model_copy(update={"encoder": self.encoder.model_copy(update={"precision": precision})})
+        retrieval = self.retrieval if self.retrieval != "auto" else "hybrid" if self.lexical else "dense"
+        encoder = self.encoder.model_copy(update={"precision": precision})
+        return self.model_copy(update={"encoder": encoder, "retrieval": retrieval})
 
 
 class OptimConfig(_Frozen):
@@ -196,7 +203,7 @@ class LoadOptions(_Frozen):
     retrieval: Literal["dense", "lexical", "hybrid"] | None = Field(
         None,
         description="retrieval mode of the questions that name none: dense (FAISS), lexical (BM25) or hybrid (both, "
-        "fused by reciprocal rank); default: the store's (its build config's retrieval)",
+        "their scores fused); default: the store's (its build config's retrieval)",
     )
 
 

@@ -7,7 +7,7 @@
 2. encode    the new shards, by the build's Ray encoder actors, with the store's own encoder, precision and codec
              (never refitted), so a passage's memory and embedding are the bytes a build would write
 3. index     the parent's index, less the deleted rows, plus the new ones (its trained structure kept); the BM25
-             index built again over every row (its word statistics are the whole corpus's; deleted rows are masked)
+             index built again over the live rows (its word statistics are those of a rebuild)
 4. publish   the manifest of the new generation, checked like a finished build, then made the store's in one step
 
 A document whose id the store holds is replaced: its passages are deleted and the new ones added. Deletions are
@@ -142,9 +142,9 @@ def update_store(
         with clock.stage("index"):
             index = _index(pending, plan)
         if pending.parent.lexical_dir is not None:
-            with clock.stage("lexical"):  # BM25's statistics are the corpus's: built again over every row
+            with clock.stage("lexical"):  # BM25's statistics are the live rows': built again over them
                 rows = {shard: size for shard, _, size in pending.parent.shard_rows()} | plan.shards
-                build_lexical_index(layout, rows, pending.lexical_dir)
+                build_lexical_index(layout, rows, pending.lexical_dir, deleted=np.load(pending.dir / "deleted.npy"))
         markers = [read_json(layout.shard_done(shard), "shard marker") for shard in plan.shards]
         report = UpdateReport(
             generation=pending.generation,

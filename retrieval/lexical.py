@@ -1,11 +1,13 @@
 """The lexical index: BM25 over each passage's title and text, kept in the store beside the dense index.
 
 It is bm25s (numpy only, in the process, its matrices memory-mapped when loaded; chosen over tantivy, which keeps
-its own on-disk segments and row ids, and rank-bm25, which scores every passage in Python per question). Rows are
-the store's rows (0 .. num_rows - 1, in row order); rows a store update deleted are masked at search time.
+its own on-disk segments and row ids, and rank-bm25, which scores every passage in Python per question). It indexes
+a generation's live rows only (a store update builds it again without the rows it deleted), so its word statistics
+are those of a store built from the same passages, and `rows.npy` maps its documents to store rows.
 
-On disk a directory of bm25s's files (its sparse score matrix, vocabulary and parameters), each moved into place
-atomically, and `lexical.json` last: its `memvq-lexical` header with every file's size and sha256 and the row count.
+On disk a directory of bm25s's files (its sparse score matrix, vocabulary and parameters) and `rows.npy`, each moved
+into place atomically, and `lexical.json` last: its `memvq-lexical` header with every file's size and sha256 and the
+row count.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from memvq.memory.artifact import ArtifactFormat, read_artifact, write_artifact
 
 log = logging.getLogger(__name__)
 
-LEXICAL_FORMAT = ArtifactFormat("memvq-lexical", 1, remake="rebuild the store with `memvq build-index`")
+LEXICAL_FORMAT = ArtifactFormat(
+    "memvq-lexical", 2, remake="rebuild the store with `memvq build-index`, or ask for dense retrieval"
+)
 HEADER = "lexical.json"
+ROWS = "rows.npy"
 STOPWORDS = "en"
 
 
@@ -34,53 +39,51 @@ def _tokens(texts: list[str]) -> list[list[str]]:
 
 
 class LexicalIndex:
-    """BM25 over passage rows; `search` gives the top rows per question, deleted rows masked."""
+    """BM25 over passage rows; `search` gives the top rows per question."""
 
-    def __init__(self, model: bm25s.BM25, num_rows: int) -> None:
+    def __init__(self, model: bm25s.BM25, rows: np.ndarray) -> None:
         self.model = model
-        self.num_rows = num_rows
+        self.rows = rows  # store row of each indexed document, int64
 
     @classmethod
-    def build(cls, passages: Iterable[tuple[str, str]], out: Path) -> LexicalIndex:
-        """Index (title, text) pairs in row order into `out` (complete once its header is written)."""
-        texts = [f"{title} {text}" for title, text in passages]
+    def build(cls, passages: Iterable[tuple[int, str, str]], out: Path) -> LexicalIndex:
+        """Index (store row, title, text) triples into `out` (complete once its header is written)."""
+        rows, texts = [], []
+        for row, title, text in passages:
+            rows.append(row)
+            texts.append(f"{title} {text}")
         model = bm25s.BM25()
         model.index(bm25s.tokenize(texts, stopwords=STOPWORDS, show_progress=False), show_progress=False)
         out.mkdir(parents=True, exist_ok=True)
         staging = out / f".staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         model.save(str(staging), show_progress=False)
+        np.save(staging / ROWS, np.asarray(rows, dtype=np.int64))
         names = sorted(path.name for path in staging.iterdir())
         for name in names:
             os.replace(staging / name, out / name)
         staging.rmdir()
         files = {name: out / name for name in names}
-        write_artifact(out, HEADER, LEXICAL_FORMAT, {"stopwords": STOPWORDS}, files, {"num_rows": len(texts)})
-        return cls(model, len(texts))
+        write_artifact(out, HEADER, LEXICAL_FORMAT, {"stopwords": STOPWORDS}, files, {"indexed_rows": len(rows)})
+        return cls(model, np.load(out / ROWS, mmap_mode="r"))
 
     @classmethod
     def load(cls, directory: Path) -> LexicalIndex:
         """Load a saved index, its matrices memory-mapped (the store's manifest has checked their sha256)."""
-        header = read_artifact(directory / HEADER, LEXICAL_FORMAT, "lexical index header")
+        read_artifact(directory / HEADER, LEXICAL_FORMAT, "lexical index header")
         model = bm25s.BM25.load(str(directory), mmap=True, show_progress=False)
-        return cls(model, int(header.extra["num_rows"]))
+        return cls(model, np.load(directory / ROWS, mmap_mode="r"))
 
-    def search(self, questions: list[str], k: int, deleted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows by BM25: (scores 'q k' float32, rows 'q k' int64), best first; -inf / -1 where fewer rows
-        share a word with the question (a row scoring 0 is not a match) or are not deleted."""
+    def search(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k store rows by BM25: (scores 'q k' float32, rows 'q k' int64), best first; -inf / -1 where fewer
+        rows share a word with the question (a row scoring 0 is not a match)."""
         scores = np.full((len(questions), k), -np.inf, dtype=np.float32)
         rows = np.full((len(questions), k), -1, dtype=np.int64)
-        if not questions or self.num_rows == 0:
+        if not questions or len(self.rows) == 0:
             return scores, rows
-        mask = None
-        if deleted is not None and len(deleted):
-            mask = np.ones(self.num_rows, dtype=np.float32)
-            mask[deleted] = 0.0
-        depth = min(k, self.num_rows)
-        found, found_scores = self.model.retrieve(
-            _tokens(questions), k=depth, show_progress=False, n_threads=0, weight_mask=mask
-        )
+        depth = min(k, len(self.rows))
+        found, found_scores = self.model.retrieve(_tokens(questions), k=depth, show_progress=False, n_threads=0)
         match = found_scores > 0
         scores[:, :depth] = np.where(match, found_scores, -np.inf)
-        rows[:, :depth] = np.where(match, found, -1)
+        rows[:, :depth] = np.where(match, np.asarray(self.rows)[found], -1)
         return scores, rows

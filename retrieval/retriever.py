@@ -1,6 +1,6 @@
 """The retriever: questions -> the store's top-K passages, by one of three modes: `dense` (the store's own encoder,
 frozen, over its FAISS index; an approximate index's candidates re-scored exactly: `MemoryStore.search`), `lexical`
-(BM25 over the passages' words: `retrieval.lexical`) or `hybrid` (both, fused by reciprocal rank).
+(BM25 over the passages' words: `retrieval.lexical`) or `hybrid` (both lists' union ranked by a fused score).
 
 It owns the question side of dense retrieval and what a retrieved passage carries (KILT provenance: wikipedia_id,
 title, paragraph range, score). The question encoder is the full backbone the store was built with, untouched by
@@ -9,6 +9,7 @@ reader training, so questions and passages live in the same embedding space.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -50,9 +51,20 @@ Mode = Literal["dense", "lexical", "hybrid"]
 MODES: tuple[Mode, ...] = ("dense", "lexical", "hybrid")
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): a passage scores sum(1 / (RRF_K + rank))
 HYBRID_DEPTH = 50  # each mode's candidates fused for hybrid retrieval (at least K)
-# The lexical list's weight in the fusion (the dense list's is 1): tuned on the train split's questions
-# (docs/benchmarks.md, "Retrieval modes").
-LEXICAL_WEIGHT = 0.1
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How hybrid retrieval ranks the union of the dense and the lexical top-HYBRID_DEPTH. "score": dense inner
+    product + weight x the passage's BM25 score / the question's best BM25 score (0 outside the lexical list), a
+    convex-combination fusion; "rrf": reciprocal rank fusion, the dense list weighted 1 and the lexical one
+    `weight`. Each weight was tuned on the train split's questions (docs/benchmarks.md, "Retrieval modes")."""
+
+    method: Literal["score", "rrf"] = "score"
+    weight: float = 0.2
+
+
+FUSION = Fusion()  # the hybrid mode's fusion: the better of the two on the train split
 
 # Question tokens the retriever embeds: the whole question, as the encoder was trained to embed sentences (NQ
 # questions are under 30 tokens); the reader keeps fewer of them beside each passage (`ReaderConfig`).
@@ -70,14 +82,17 @@ class Retriever:
         precision: Resolved = "fp32",
         max_question_tokens: int = QUESTION_TOKENS,
         mode: Mode | None = None,
+        fusion: Fusion = FUSION,
     ) -> None:
         self.store = store
         self.encoder = encoder
         self.precision = precision
         self.max_question_tokens = max_question_tokens
         self.mode: Mode = mode or store.default_retrieval  # type: ignore[assignment]
-        self.lexical_weight = LEXICAL_WEIGHT
-        self.lexical = None if store.lexical_dir is None else LexicalIndex.load(store.lexical_dir)
+        self.fusion = fusion
+        self.lexical: LexicalIndex | None = None  # loaded with a store whose default needs it, else on first use
+        if self.mode != "dense":
+            self._lexical(self.mode)
 
     @classmethod
     def for_store(
@@ -113,10 +128,14 @@ class Retriever:
             scores, rows = self.store.search(embedded, k)
         else:
             depth = min(max(k, HYBRID_DEPTH), self.store.num_passages)
-            _, rows = self._lexical(mode).search(questions, depth if mode == "hybrid" else k, self.store.deleted_rows())
+            lexical = self._lexical(mode).search(questions, depth if mode == "hybrid" else k)
+            rows = lexical[1]
             if mode == "hybrid":
-                ranked = [self.store.search(embedded, depth)[1], rows]
-                rows = reciprocal_rank_fusion(ranked, k, weights=[1.0, self.lexical_weight])
+                dense = self.store.search(embedded, depth)[1]
+                if self.fusion.method == "rrf":
+                    rows = reciprocal_rank_fusion([dense, rows], k, weights=[1.0, self.fusion.weight])
+                else:
+                    rows = score_fusion(embedded, dense, lexical, self.store.scores, k, self.fusion.weight)
             elif (rows < 0).any():  # fewer passages share a word with the question than asked: dense ones follow
                 rows = topped_up(rows, self.store.search(embedded, k)[1])
             scores = self.store.scores(embedded, rows)
@@ -135,10 +154,12 @@ class Retriever:
         if mode not in MODES:
             raise ValueError(f"unknown retrieval mode {mode!r}: one of {', '.join(MODES)}")
         if self.lexical is None:
-            raise ValueError(
-                f"{mode} retrieval needs the store's BM25 index, and {self.store.layout.root} has none (built with "
-                "lexical = false, or by an older memvq): rebuild it, or ask for dense retrieval"
-            )
+            if self.store.lexical_dir is None:
+                raise ValueError(
+                    f"{mode} retrieval needs the store's BM25 index, and {self.store.layout.root} has none (built "
+                    "with lexical = false, or by an older memvq): rebuild it, or ask for dense retrieval"
+                )
+            self.lexical = LexicalIndex.load(self.store.lexical_dir)
         return self.lexical
 
 
@@ -159,6 +180,32 @@ def reciprocal_rank_fusion(
         best = sorted(scores, key=lambda row: -scores[row])[:k]  # sorted is stable: first seen wins a tie
         fused[q, : len(best)] = best
     return fused
+
+
+def score_fusion(
+    queries: np.ndarray,
+    dense: np.ndarray,
+    lexical: tuple[np.ndarray, np.ndarray],
+    dense_scores: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    k: int,
+    weight: float,
+) -> np.ndarray:
+    """Rows 'q k' of the union of each question's dense rows 'q n' and lexical (BM25 scores, rows) 'q n' (-1: none),
+    ranked by dense score (`dense_scores(queries, rows)` -> 'q m', -inf for -1) + weight x BM25 score / the
+    question's best (0 for a row the lexical list lacks); ties in union order (dense first). -1 pads."""
+    lexical_scores, lexical_rows = lexical
+    union = np.full((len(dense), dense.shape[1] + lexical_rows.shape[1]), -1, dtype=np.int64)
+    bonus = np.zeros(union.shape, dtype=np.float32)
+    for q in range(len(dense)):
+        found = [row for row in lexical_rows[q].tolist() if row >= 0]
+        best = float(lexical_scores[q, 0]) if found else 1.0
+        normalised = dict(zip(found, (lexical_scores[q, : len(found)] / best).tolist(), strict=True))
+        rows = list(dict.fromkeys([row for row in dense[q].tolist() if row >= 0] + found))
+        union[q, : len(rows)] = rows
+        bonus[q, : len(rows)] = [normalised.get(row, 0.0) for row in rows]
+    fused = dense_scores(queries, union) + weight * bonus
+    order = np.argsort(-fused, axis=1, kind="stable")[:, :k]
+    return np.where(np.take_along_axis(fused, order, axis=1) > -np.inf, np.take_along_axis(union, order, axis=1), -1)
 
 
 def topped_up(rows: np.ndarray, more: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from memvq.memory.artifact import ManifestError
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.build import build_index
 from memvq.pipelines.update import update_store
-from memvq.retrieval.retriever import Retriever, reciprocal_rank_fusion, topped_up
+from memvq.retrieval.retriever import Fusion, Retriever, reciprocal_rank_fusion, score_fusion, topped_up
 
 RARE = {
     "wikipedia_id": "Quokka",
@@ -62,11 +62,14 @@ def test_a_build_stopped_before_its_lexical_index_resumes_to_the_same_files(lexi
 def test_lexical_and_hybrid_find_the_page_only_its_word_names(lexical_store):
     store = MemoryStore.open(lexical_store)
     retriever = Retriever.for_store(store)
-    assert retriever.mode == "dense"  # the store's default
+    assert retriever.mode == "hybrid"  # the store's default: auto, with a BM25 index
     lexical = retriever.search([QUESTION], 5, "lexical")[0]
     hybrid = retriever.search([QUESTION], 5, "hybrid")[0]
     assert lexical[0].wikipedia_id == "Quokka" and len(lexical) == 5  # the rest: dense passages after the match
     assert "Quokka" in {p.wikipedia_id for p in hybrid}
+    retriever.fusion = Fusion("rrf", 0.1)
+    assert "Quokka" in {p.wikipedia_id for p in retriever.search([QUESTION], 5, "hybrid")[0]}
+    retriever.fusion = Fusion()
     dense_rank = [p.wikipedia_id for p in retriever.search([QUESTION], store.num_passages, "dense")[0]]
     assert dense_rank[0] != "Quokka", "the tiny model's dense retrieval must not rank it first by itself"
     # every mode scores a passage by its dense inner product (the reader's confidence scale)
@@ -82,6 +85,9 @@ def test_unknown_modes_and_stores_without_the_index_are_clear_errors(
         retriever.search([QUESTION], 3, "sparse")  # type: ignore[arg-type]
     build_index(mini_corpus, tmp_path / "dense-only", tiny_config(tiny_bert_path, lexical=False))
     dense_only = Retriever.for_store(MemoryStore.open(tmp_path / "dense-only"))
+    assert dense_only.mode == "dense"  # auto, without a BM25 index
+    with pytest.raises(ValueError, match="needs the BM25 index, but this build keeps none"):
+        tiny_config(tiny_bert_path, lexical=False, retrieval="hybrid")
     assert dense_only.search([QUESTION], 3, "dense")
     with pytest.raises(ValueError, match="has none"):
         dense_only.search([QUESTION], 3, "hybrid")
@@ -92,6 +98,21 @@ def test_fusion_and_top_up():
     lexical = np.array([[2, 7, -1, -1]])
     assert reciprocal_rank_fusion([dense, lexical], 3).tolist() == [[2, 5, 1]]  # in both lists beats first once
     assert topped_up(np.array([[7, -1, -1]]), np.array([[3, 7, 4]])).tolist() == [[7, 3, 4]]
+
+
+def test_score_fusion_adds_the_weighted_normalised_bm25_score_to_the_dense_one():
+    dense_score = {5: 0.5, 1: 0.375, 2: 0.25, 7: 0.125}  # exact in binary: the tie below is one
+
+    def dense_scores(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return np.array([[dense_score.get(row, -np.inf) if row >= 0 else -np.inf for row in r] for r in rows])
+
+    dense = np.array([[5, 1, 2, -1]])
+    lexical = (np.array([[8.0, 4.0, -np.inf, -np.inf]]), np.array([[2, 7, -1, -1]]))
+    queries = np.zeros((1, 4), dtype=np.float32)
+    # 2: 0.25 + 0.25 x 8 / 8 = 0.5, a tie with 5 (dense first in the union wins); 7: 0.125 + 0.25 x 0.5 = 0.25
+    assert score_fusion(queries, dense, lexical, dense_scores, 5, 0.25).tolist() == [[5, 2, 1, 7, -1]]
+    assert score_fusion(queries, dense, lexical, dense_scores, 2, 0.3).tolist() == [[2, 5]]
+    assert score_fusion(queries, dense, lexical, dense_scores, 4, 0.0).tolist() == [[5, 1, 2, 7]]
 
 
 def test_a_pipeline_keeps_its_retrieval_mode_over_a_new_generation(lexical_store, tiny_reader_path):

@@ -108,23 +108,32 @@ def build_passage_index(
 
 
 def build_lexical_index(
-    layout: StoreLayout, shard_sizes: Mapping[int, int], out: Path, remote: RemoteStore | None = None
+    layout: StoreLayout,
+    shard_sizes: Mapping[int, int],
+    out: Path,
+    remote: RemoteStore | None = None,
+    deleted: np.ndarray | None = None,
 ) -> None:
-    """The BM25 index of the shards' passages (title and text, in row order) in `out`; kept when its header is
-    there (a resumed build; at `remote`, its files are fetched instead of the passages). With `remote`, each shard's
-    passages are downloaded into staging one at a time."""
+    """The BM25 index of the shards' passages (title and text; the shards in row order) in `out`, without the
+    `deleted` rows; kept when its header is there (a resumed build; at `remote`, its files are fetched instead of
+    the passages). With `remote`, each shard's passages are downloaded into staging one at a time."""
     if (out / LEXICAL_HEADER).is_file():
         return
     if remote is not None and remote.exists(layout.relative(out / LEXICAL_HEADER)):
         for name in sorted(remote.files(layout.relative(out)), key=lambda name: name.endswith(LEXICAL_HEADER)):
             remote.download(name, layout.root / name)  # the manifest hashes them; the header last
         return
+    gone = set() if deleted is None else set(np.asarray(deleted).tolist())
 
-    def passages() -> Iterator[tuple[str, str]]:
+    def passages() -> Iterator[tuple[int, str, str]]:
+        row = 0
         for shard in shard_sizes:
             with _shard_file(layout, remote, shard, "passages.parquet") as path:
                 table = pq.read_table(path, columns=["title", "text"])
-            yield from zip(table.column("title").to_pylist(), table.column("text").to_pylist(), strict=True)
+            for title, text in zip(table.column("title").to_pylist(), table.column("text").to_pylist(), strict=True):
+                if row not in gone:
+                    yield row, title, text
+                row += 1
 
     LexicalIndex.build(passages(), out)
 
