@@ -47,6 +47,7 @@ import numpy as np
 from bench.bench_build import CORPUS, PeakMemory, rss_now
 from memvq.memory.index import IndexConfig, approximate_factory
 from memvq.pipelines.logs import configure_logging
+from memvq.retrieval.retriever import HYBRID_DEPTH
 
 log = logging.getLogger("bench_scale")
 
@@ -581,8 +582,12 @@ def projection(results: list[dict[str, Any]]) -> str:
     add("RAM: IVF-PQ index (resident)", [human(rows[n]["ivfpq"]) for n in models])
     rerank = IndexConfig().rerank
     add(
-        f"embeddings re-ranked per question (IVF-PQ: {rerank} x 10 candidates, fp16, memory-mapped)",
-        [human(rerank * 10 * dim * 2) for dim, *_ in models.values()],
+        f"embeddings read per question (IVF-PQ: {rerank} x 10 candidates re-ranked, + up to {HYBRID_DEPTH} BM25 "
+        "rows in hybrid; fp16, memory-mapped)",
+        [
+            f"{human(rerank * 10 * dim * 2)} / {human((rerank * 10 + HYBRID_DEPTH) * dim * 2)}"
+            for dim, *_ in models.values()
+        ],
     )
     add("RAM: question encoder weights (fp32 / bf16)", [human(rows[n]["weights"]) for n in models])
     add(

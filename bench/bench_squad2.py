@@ -26,7 +26,7 @@ from pathlib import Path
 from memvq.data.kilt.metrics import exact_match, normalize_answer
 from memvq.data.kilt.metrics import f1 as squad_f1
 from memvq.data.kilt.selective import auroc
-from memvq.data.tasks import in_dev, iter_squad
+from memvq.data.tasks import iter_squad, load_task
 from memvq.encoders.options import QueryOptions
 from memvq.pipelines.config import TrainConfig
 from memvq.pipelines.logs import configure_logging
@@ -69,8 +69,11 @@ def main() -> None:
     subprocess.run(build, check=True)
     examples = list(iter_squad(args.sample, unanswerable=True))
     if args.held_out is not None:
-        task = next(t for t in TrainConfig.from_file(args.held_out).tasks if t.unanswerable)
-        examples = [e for e in examples if in_dev(e.group, task.dev_fraction)]
+        tasks = [task for task in TrainConfig.from_file(args.held_out).tasks if task.unanswerable]
+        if not tasks:
+            parser.error(f"{args.held_out} has no task with unanswerable = true")
+        held_out = {example.id for example in load_task(tasks[0]).dev}
+        examples = [example for example in examples if example.id in held_out]
     questions = [(e.question, list(e.answers)) for e in examples]
     rag = RAGPipeline.load(store, args.model)
     threshold = rag.config.min_confidence

@@ -12,11 +12,11 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import ijson
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from memvq.data.kilt.records import gold_answer_list, iter_kilt, record_id, record_input
 from memvq.memory.artifact import atomic_write
@@ -35,9 +35,16 @@ class TaskConfig(BaseModel):
     max_dev: int = Field(200, ge=0, description="dev questions scored at each evaluation")
     unanswerable: bool = Field(
         False,
-        description="SQuAD 2.0: keep the questions its paragraph cannot answer (is_impossible), with the empty "
-        "answer as gold: no span of any passage read is a positive, so the head learns its no-answer position",
+        description="SQuAD 2.0 (format squad): keep the questions its paragraph cannot answer (is_impossible), with "
+        "the empty answer as gold: no span of any passage read is a positive, so the head learns its no-answer "
+        "position. memvq eval does not score them (a KILT record without an answer); bench_squad2 does",
     )
+
+    @model_validator(mode="after")
+    def _unanswerable_is_squad(self) -> Self:
+        if self.unanswerable and self.format != "squad":
+            raise ValueError("unanswerable = true reads SQuAD 2.0's is_impossible questions: it needs format squad")
+        return self
 
 
 @dataclass(frozen=True)

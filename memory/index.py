@@ -582,8 +582,14 @@ def rerank_exact(
     """The best `k` of each query's candidate rows 'q c' (-1: none) by exact inner product with their vectors
     (`vectors_of(rows)` -> 'n d', e.g. a store's fp16 embeddings): (scores 'q k' float32, rows 'q k' int64)."""
     exact = exact_scores(queries, rows, vectors_of)
-    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
+    best_scores, best_rows = top_k_by(exact, k, exact, rows)
+    return best_scores, best_rows
+
+
+def top_k_by(key: np.ndarray, k: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each of `arrays` 'q n' cut to its first k columns by `key` 'q n', highest first (ties in column order)."""
+    order = np.argsort(-key, axis=1, kind="stable")[:, :k]
+    return tuple(np.take_along_axis(array, order, axis=1) for array in arrays)
 
 
 def _drop_removed(dist: np.ndarray, pos: np.ndarray, removed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

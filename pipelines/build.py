@@ -25,9 +25,9 @@ from pathlib import Path
 
 from memvq.encoders.embedded import portable_model_path
 from memvq.encoders.hardware import resolve_device
-from memvq.memory.artifact import ArtifactError, ManifestError, read_artifact
+from memvq.memory.artifact import ArtifactError, ManifestError, read_artifact, read_json
 from memvq.memory.store import STORE_FORMAT, MemoryStore, StoreLayout
-from memvq.pipelines.config import BuildConfig
+from memvq.pipelines.config import RETRIEVAL_BEFORE_THE_SETTING, BuildConfig
 from memvq.pipelines.indexing.actors import encode_all_shards
 from memvq.pipelines.indexing.codec import train_codec
 from memvq.pipelines.indexing.encode import Encoders
@@ -65,7 +65,7 @@ def build_index(
     built in a staging directory under `work_dir`: `indexing.sync`). `ray_address`: a Ray cluster (default: a local
     Ray the build starts and stops). `codec_from`: a fitted codec directory to encode with instead of taking or
     fitting one (its config must be the build's)."""
-    config = (config or BuildConfig()).resolved()
+    config = config or BuildConfig()
     if codec_from is not None and not config.memory:
         raise ValueError("--codec-from encodes memory, but this build keeps none (memory = false)")
     corpus = Path(corpus)
@@ -73,6 +73,7 @@ def build_index(
         raise FileNotFoundError(f"corpus {corpus} does not exist")
     target = BuildTarget.open(out, work_dir)
     layout = target.layout
+    config = _kept_retrieval(layout, config).resolved()
     _record_config(layout, config)
     target.publish_config()
     stop_orphaned_ray()
@@ -130,6 +131,15 @@ def _check_finished(target: BuildTarget, then: str, remove: bool = False) -> Non
         raise ManifestError(f"the store {target.layout.root} fails its check ({then}): {error}") from error
 
 
+def _kept_retrieval(layout: StoreLayout, config: BuildConfig) -> BuildConfig:
+    """A build run again keeps the default retrieval mode it recorded where the config leaves it to auto (the
+    default changed from dense to auto on 2026-12-06: a store built before stays dense)."""
+    if config.retrieval != "auto" or not layout.build_config.is_file():
+        return config
+    saved = read_json(layout.build_config, "build record")
+    return config.model_copy(update={"retrieval": saved.get("retrieval", RETRIEVAL_BEFORE_THE_SETTING)})
+
+
 def _record_config(layout: StoreLayout, config: BuildConfig) -> None:
     """Record the config on the first run (into an empty or new directory); refuse a resume with another one."""
     if not layout.build_config.is_file() and layout.root.exists() and any(layout.root.iterdir()):
@@ -138,5 +148,7 @@ def _record_config(layout: StoreLayout, config: BuildConfig) -> None:
         layout.build_config,
         config.to_json(),
         "a build",
-        current=lambda saved: BuildConfig.model_validate(saved).to_json(),
+        current=lambda saved: BuildConfig.model_validate(
+            {"retrieval": RETRIEVAL_BEFORE_THE_SETTING, **saved}
+        ).to_json(),
     )

@@ -79,6 +79,10 @@ class EncoderConfig(_Frozen):
         return self.precision
 
 
+# The default retrieval mode of a store whose record predates `BuildConfig.retrieval`'s "auto" (or the setting).
+RETRIEVAL_BEFORE_THE_SETTING = "dense"
+
+
 class BuildConfig(FileConfig):
     """Everything that decides the bytes of a store (where the corpus and Ray live are run arguments)."""
 
@@ -126,14 +130,15 @@ class BuildConfig(FileConfig):
     def _memory_from_needs_memory(self) -> Self:
         if self.encoder.memory_from is not None and not self.memory:
             raise ValueError("encoder.memory_from makes the memory, but this build keeps none (memory = false)")
-        if self.retrieval in ("lexical", "hybrid") and not self.lexical:
-            raise ValueError(f"retrieval = {self.retrieval!r} needs the BM25 index, but this build keeps none")
         return self
 
     def resolved(self) -> Self:
         """This config with its "auto" settings made concrete, as a store records them: `encoder.precision` for
         the device this machine encodes on (the store's bytes depend on it, so that a resume elsewhere or in
         another precision is refused) and `retrieval` (hybrid with the BM25 index, else dense)."""
+        if self.retrieval in ("lexical", "hybrid") and not self.lexical:  # checked at build time: a store's
+            # manifest of an older memvq, read again by update and compact, may hold both
+            raise ValueError(f"retrieval = {self.retrieval!r} needs the BM25 index, but this build keeps none")
         precision = resolve_precision(self.encoder.precision, resolve_device(self.encoder.device))
         retrieval = self.retrieval if self.retrieval != "auto" else "hybrid" if self.lexical else "dense"
         encoder = self.encoder.model_copy(update={"precision": precision})

@@ -221,7 +221,7 @@ class RAGPipeline:
         """This pipeline over another generation of its store (or another store of the same encoder): the reader,
         the question encoder, the retrieval mode and the calibration are shared, not loaded again."""
         old = self.retriever
-        retriever = Retriever(store, old.encoder, old.precision, old.max_question_tokens, old.mode)
+        retriever = Retriever(store, old.encoder, old.precision, old.max_question_tokens, old.mode, old.fusion)
         if store.has_memory:
             store.codec.to(self.device)
         return RAGPipeline(store, self.reader, retriever, self.inputs, self.precision, self.calibration)

@@ -14,7 +14,8 @@ saved one's tensors where they fit (`reader_io.warm_start`).
 
     OUT/config.json                the TrainConfig and store (a resume with another one is refused)
     OUT/data/{task}-dev.jsonl      held-out questions (KILT format: `memvq eval --data` reads them)
-    OUT/retrieval.npz              top-K store rows of every train / dev question
+    OUT/retrieval.npz              top-K store rows of every train / dev question, by the store's default
+                                   retrieval mode (hybrid for a store built since 2026-12-06 with a BM25 index)
     OUT/checkpoint.pt              trained tensors, optimizer, schedule, RNG, history (written atomically)
     OUT/reader/                    the trained reader (`--model` of query / eval / serve)
     OUT/codec/                     (finetune_codec) the fine-tuned codec: `build-index --codec-from OUT/codec`

@@ -6,13 +6,12 @@ a generation's live rows only (a store update builds it again without the rows i
 are those of a store built from the same passages, and `rows.npy` maps its documents to store rows.
 
 On disk a directory of bm25s's files (its sparse score matrix, vocabulary and parameters) and `rows.npy`, each moved
-into place atomically, and `lexical.json` last: its `memvq-lexical` header with every file's size and sha256 and the
-row count.
+into place atomically, and `lexical.json` last: its `memvq-lexical` header with every file's size and sha256 and
+the number of documents indexed (a store whose live passages hold no word to index keeps `rows.npy` alone).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -21,12 +20,10 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
-from memvq.memory.artifact import ArtifactFormat, read_artifact, write_artifact
-
-log = logging.getLogger(__name__)
+from memvq.memory.artifact import ArtifactError, ArtifactFormat, read_artifact, write_artifact
 
 LEXICAL_FORMAT = ArtifactFormat(
-    "memvq-lexical", 2, remake="rebuild the store with `memvq build-index`, or ask for dense retrieval"
+    "memvq-lexical", 2, remake="build the store again into a new --out, or ask for dense retrieval"
 )
 HEADER = "lexical.json"
 ROWS = "rows.npy"
@@ -41,8 +38,8 @@ def _tokens(texts: list[str]) -> list[list[str]]:
 class LexicalIndex:
     """BM25 over passage rows; `search` gives the top rows per question."""
 
-    def __init__(self, model: bm25s.BM25, rows: np.ndarray) -> None:
-        self.model = model
+    def __init__(self, model: bm25s.BM25 | None, rows: np.ndarray) -> None:
+        self.model = model  # None: no passage has a word to index (none, or stopwords only)
         self.rows = rows  # store row of each indexed document, int64
 
     @classmethod
@@ -52,26 +49,46 @@ class LexicalIndex:
         for row, title, text in passages:
             rows.append(row)
             texts.append(f"{title} {text}")
-        model = bm25s.BM25()
-        model.index(bm25s.tokenize(texts, stopwords=STOPWORDS, show_progress=False), show_progress=False)
+        tokens = bm25s.tokenize(texts, stopwords=STOPWORDS, show_progress=False)
+        model = None
+        if tokens.vocab:
+            model = bm25s.BM25()
+            model.index(tokens, show_progress=False)
         out.mkdir(parents=True, exist_ok=True)
         staging = out / f".staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        model.save(str(staging), show_progress=False)
+        staging.mkdir()
+        if model is not None:
+            model.save(str(staging), show_progress=False)
         np.save(staging / ROWS, np.asarray(rows, dtype=np.int64))
         names = sorted(path.name for path in staging.iterdir())
         for name in names:
             os.replace(staging / name, out / name)
         staging.rmdir()
         files = {name: out / name for name in names}
-        write_artifact(out, HEADER, LEXICAL_FORMAT, {"stopwords": STOPWORDS}, files, {"indexed_rows": len(rows)})
+        extra = {"indexed_rows": len(rows), "empty": model is None}
+        write_artifact(out, HEADER, LEXICAL_FORMAT, {"stopwords": STOPWORDS}, files, extra)
         return cls(model, np.load(out / ROWS, mmap_mode="r"))
+
+    @staticmethod
+    def complete(directory: Path) -> bool:
+        """Whether `directory` holds a finished index of the format this memvq reads (one an older memvq left in a
+        build it did not finish is removed, to be built again)."""
+        if not (directory / HEADER).is_file():
+            return False
+        try:
+            read_artifact(directory / HEADER, LEXICAL_FORMAT, "lexical index header")
+        except ArtifactError:
+            shutil.rmtree(directory)
+            return False
+        return True
 
     @classmethod
     def load(cls, directory: Path) -> LexicalIndex:
         """Load a saved index, its matrices memory-mapped (the store's manifest has checked their sha256)."""
-        read_artifact(directory / HEADER, LEXICAL_FORMAT, "lexical index header")
-        model = bm25s.BM25.load(str(directory), mmap=True, show_progress=False)
+        header = read_artifact(directory / HEADER, LEXICAL_FORMAT, "lexical index header")
+        empty = bool(header.extra.get("empty"))
+        model = None if empty else bm25s.BM25.load(str(directory), mmap=True, show_progress=False)
         return cls(model, np.load(directory / ROWS, mmap_mode="r"))
 
     def search(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +96,7 @@ class LexicalIndex:
         rows share a word with the question (a row scoring 0 is not a match)."""
         scores = np.full((len(questions), k), -np.inf, dtype=np.float32)
         rows = np.full((len(questions), k), -1, dtype=np.int64)
-        if not questions or len(self.rows) == 0:
+        if not questions or self.model is None:
             return scores, rows
         depth = min(k, len(self.rows))
         found, found_scores = self.model.retrieve(_tokens(questions), k=depth, show_progress=False, n_threads=0)

@@ -18,6 +18,7 @@ import torch
 
 from memvq.encoders.backbone import Backbone
 from memvq.encoders.hardware import Resolved, autocast
+from memvq.memory.index import top_k_by
 from memvq.memory.store import MemoryStore
 from memvq.retrieval.lexical import LexicalIndex
 
@@ -60,11 +61,11 @@ class Fusion:
     convex-combination fusion; "rrf": reciprocal rank fusion, the dense list weighted 1 and the lexical one
     `weight`. Each weight was tuned on the train split's questions (docs/benchmarks.md, "Retrieval modes")."""
 
-    method: Literal["score", "rrf"] = "score"
-    weight: float = 0.2
+    method: Literal["score", "rrf"]
+    weight: float
 
 
-FUSION = Fusion()  # the hybrid mode's fusion: the better of the two on the train split
+FUSION = Fusion("score", 0.2)  # the hybrid mode's fusion: the better of the two on the train split
 
 # Question tokens the retriever embeds: the whole question, as the encoder was trained to embed sentences (NQ
 # questions are under 30 tokens); the reader keeps fewer of them beside each passage (`ReaderConfig`).
@@ -131,14 +132,16 @@ class Retriever:
             lexical = self._lexical(mode).search(questions, depth if mode == "hybrid" else k)
             rows = lexical[1]
             if mode == "hybrid":
-                dense = self.store.search(embedded, depth)[1]
-                if self.fusion.method == "rrf":
-                    rows = reciprocal_rank_fusion([dense, rows], k, weights=[1.0, self.fusion.weight])
+                # as many candidates as a dense search of k re-ranks (an approximate index's rerank x k), at least depth
+                dense = self.store.search(embedded, depth, rerank=-(-self.store.index.config.rerank * k // depth))[1]
+                if self.fusion.method == "score":
+                    rows, scores = score_fusion(embedded, dense, lexical, self.store.scores, k, self.fusion.weight)
                 else:
-                    rows = score_fusion(embedded, dense, lexical, self.store.scores, k, self.fusion.weight)
+                    rows = reciprocal_rank_fusion([dense, rows], k, weights=[1.0, self.fusion.weight])
             elif (rows < 0).any():  # fewer passages share a word with the question than asked: dense ones follow
                 rows = topped_up(rows, self.store.search(embedded, k)[1])
-            scores = self.store.scores(embedded, rows)
+            if mode == "lexical" or self.fusion.method != "score":
+                scores = self.store.scores(embedded, rows)
         found = [
             [(int(row), float(score)) for row, score in zip(r, s, strict=True) if row >= 0]
             for r, s in zip(rows, scores, strict=True)
@@ -189,10 +192,11 @@ def score_fusion(
     dense_scores: Callable[[np.ndarray, np.ndarray], np.ndarray],
     k: int,
     weight: float,
-) -> np.ndarray:
-    """Rows 'q k' of the union of each question's dense rows 'q n' and lexical (BM25 scores, rows) 'q n' (-1: none),
-    ranked by dense score (`dense_scores(queries, rows)` -> 'q m', -inf for -1) + weight x BM25 score / the
-    question's best (0 for a row the lexical list lacks); ties in union order (dense first). -1 pads."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows 'q k', their dense scores 'q k') of the union of each question's dense rows 'q n' and lexical (BM25
+    scores, rows) 'q n' (-1: none), ranked by dense score (`dense_scores(queries, rows)` -> 'q m', -inf for -1) +
+    weight x BM25 score / the question's best (0 for a row the lexical list lacks); ties in union order (dense
+    first). -1 / -inf pad."""
     lexical_scores, lexical_rows = lexical
     union = np.full((len(dense), dense.shape[1] + lexical_rows.shape[1]), -1, dtype=np.int64)
     bonus = np.zeros(union.shape, dtype=np.float32)
@@ -203,9 +207,9 @@ def score_fusion(
         rows = list(dict.fromkeys([row for row in dense[q].tolist() if row >= 0] + found))
         union[q, : len(rows)] = rows
         bonus[q, : len(rows)] = [normalised.get(row, 0.0) for row in rows]
-    fused = dense_scores(queries, union) + weight * bonus
-    order = np.argsort(-fused, axis=1, kind="stable")[:, :k]
-    return np.where(np.take_along_axis(fused, order, axis=1) > -np.inf, np.take_along_axis(union, order, axis=1), -1)
+    exact = dense_scores(queries, union)
+    rows, scores = top_k_by(exact + weight * bonus, k, union, exact)  # -1 rows score -inf: they come last
+    return rows, scores
 
 
 def topped_up(rows: np.ndarray, more: np.ndarray) -> np.ndarray:

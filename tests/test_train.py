@@ -48,6 +48,8 @@ def test_squad2_unanswerable_questions_are_kept_with_the_empty_answer_only_when_
     task = load_task(TaskConfig(name="squad2", path=str(sample), format="squad", unanswerable=True, dev_fraction=0.75))
     assert {e.group for e in task.train} == {"Normans"}  # what configs/train-minilm-squad2.toml trains on
     assert {e.group for e in task.dev} == {"Computational complexity theory"}
+    with pytest.raises(ValueError, match="needs format squad"):
+        TaskConfig(name="nq", path=str(sample), format="kilt", unanswerable=True)
     # the empty answer has no occurrence in any passage: every passage read teaches the no-answer position
     assert answer_char_spans("Normandy is a region in France.", [""]) == []
 

@@ -117,12 +117,13 @@ def build_lexical_index(
     """The BM25 index of the shards' passages (title and text; the shards in row order) in `out`, without the
     `deleted` rows; kept when its header is there (a resumed build; at `remote`, its files are fetched instead of
     the passages). With `remote`, each shard's passages are downloaded into staging one at a time."""
-    if (out / LEXICAL_HEADER).is_file():
+    if LexicalIndex.complete(out):
         return
     if remote is not None and remote.exists(layout.relative(out / LEXICAL_HEADER)):
         for name in sorted(remote.files(layout.relative(out)), key=lambda name: name.endswith(LEXICAL_HEADER)):
             remote.download(name, layout.root / name)  # the manifest hashes them; the header last
-        return
+        if LexicalIndex.complete(out):
+            return
     gone = set() if deleted is None else set(np.asarray(deleted).tolist())
 
     def passages() -> Iterator[tuple[int, str, str]]:
