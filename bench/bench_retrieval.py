@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from memvq.encoders.options import RETRIEVAL_MODES
 from memvq.memory.store import MemoryStore
 from memvq.pipelines.logs import configure_logging
-from memvq.retrieval.retriever import FUSION, MODES, Fusion, Retriever
+from memvq.retrieval.retriever import FUSION, Fusion, Retriever
 
 BATCH = 64
 
@@ -80,7 +81,7 @@ def main() -> None:
     print("| questions | mode | R-prec | recall@5 | recall@20 | ms/question |\n|---|---|---:|---:|---:|---:|")
     for path in args.data:
         questions, gold = load(path, args.limit)
-        runs = [(mode, FUSION) for mode in MODES if mode != "hybrid"]
+        runs = [(mode, FUSION) for mode in RETRIEVAL_MODES if mode != "hybrid"]
         runs += [("hybrid", chosen) for chosen in args.fusion or [FUSION]]
         for mode, retriever.fusion in runs:
             start = time.perf_counter()

@@ -8,11 +8,15 @@ server's batch key through `RAGPipeline` to the reader; a field left None means 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from memvq.encoders.config import ReaderConfig
+
+# How passages are retrieved (`retrieval.retriever`): the store's FAISS index, its BM25 index, or both fused.
+RetrievalMode = Literal["dense", "lexical", "hybrid"]
+RETRIEVAL_MODES: tuple[RetrievalMode, ...] = get_args(RetrievalMode)
 
 
 class QueryOptions(BaseModel):
@@ -27,7 +31,7 @@ class QueryOptions(BaseModel):
     min_confidence: float | None = Field(
         default=None, ge=0.0, le=1.0, description="extract head: abstain below this confidence (0: always answer)"
     )
-    retrieval: Literal["dense", "lexical", "hybrid"] | None = Field(
+    retrieval: RetrievalMode | None = Field(
         default=None, description="dense, lexical (BM25) or hybrid retrieval (default: the pipeline's)"
     )
 

@@ -11,21 +11,19 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 from pydantic import BaseModel
 
 from memvq.encoders.config import ReaderConfig
 from memvq.encoders.hardware import Precision
-from memvq.encoders.options import QueryOptions
+from memvq.encoders.options import QueryOptions, RetrievalMode
 from memvq.pipelines.calibrate import CalibrateSettings
 from memvq.pipelines.config import BuildConfig, EncoderConfig, LoadOptions, OptimConfig, TrainConfig
 from memvq.pipelines.evaluate import EvalSettings
 from memvq.pipelines.logs import configure_logging
 from memvq.serve.settings import ServeSettings
-
-Retrieval = Literal["dense", "lexical", "hybrid"]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="memvq: compressed retrieval-augmented memory.")
 
@@ -318,7 +316,7 @@ def query_command(
     device: str = setting(LoadOptions, "device"),
     precision: Precision = setting(LoadOptions, "precision"),
     verify: bool = setting(LoadOptions, "verify"),
-    retrieval: Retrieval | None = setting(LoadOptions, "retrieval"),
+    retrieval: RetrievalMode | None = setting(LoadOptions, "retrieval"),
 ) -> None:
     """Answer one question from the memory: the answer (or that it abstained), its confidence, the passages read and
     the time per stage."""
@@ -404,7 +402,7 @@ def eval_command(
         EvalSettings, "rank_keys", default=_joined(EvalSettings, "rank_keys"), note="comma-separated"
     ),
     passage_text: bool = setting(EvalSettings, "passage_text"),
-    retrieval: Retrieval | None = setting(LoadOptions, "retrieval"),
+    retrieval: RetrievalMode | None = setting(LoadOptions, "retrieval"),
 ) -> None:
     """Answer KILT-format questions with the store and reader, write KILT predictions and a metrics report."""
     from memvq.data.kilt.records import KiltFormatError
@@ -522,7 +520,7 @@ def serve_command(
     device: str = setting(LoadOptions, "device"),
     precision: Precision = setting(LoadOptions, "precision"),
     verify: bool = setting(LoadOptions, "verify"),
-    retrieval: Retrieval | None = setting(LoadOptions, "retrieval"),
+    retrieval: RetrievalMode | None = setting(LoadOptions, "retrieval"),
     max_batch_size: int = setting(ServeSettings, "max_batch_size"),
     max_wait_ms: float = setting(ServeSettings, "max_wait_ms"),
     api_key: str | None = setting(ServeSettings, "api_key", envvar="MEMVQ_API_KEY", show_default=False),

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from memvq.data.tasks import TaskConfig
 from memvq.encoders.config import LUMEN_ALPHA, ReaderConfig
 from memvq.encoders.hardware import PRECISION_HELP, Precision, Resolved, resolve_device, resolve_precision
+from memvq.encoders.options import RetrievalMode
 from memvq.memory.codecs.config import CodecConfig
 from memvq.memory.index import IndexConfig
 
@@ -100,7 +101,7 @@ class BuildConfig(FileConfig):
     lexical: bool = Field(
         True, description="build a BM25 index of the passages beside the dense one (lexical and hybrid retrieval)"
     )
-    retrieval: Literal["auto", "dense", "lexical", "hybrid"] = Field(
+    retrieval: Literal["auto", RetrievalMode] = Field(
         "auto",
         description="the store's default retrieval mode (a query may ask for another: QueryOptions); auto: hybrid "
         "when the store keeps a BM25 index (lexical), else dense",
@@ -205,7 +206,7 @@ class LoadOptions(_Frozen):
         description="check the store before reading it: its manifest, every file's sha256 (files unchanged since "
         "they were last verified are not hashed again) and its shard counts",
     )
-    retrieval: Literal["dense", "lexical", "hybrid"] | None = Field(
+    retrieval: RetrievalMode | None = Field(
         None,
         description="retrieval mode of the questions that name none: dense (FAISS), lexical (BM25) or hybrid (both, "
         "their scores fused); default: the store's (its build config's retrieval)",

@@ -54,10 +54,9 @@ class LexicalIndex:
         if tokens.vocab:
             model = bm25s.BM25()
             model.index(tokens, show_progress=False)
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # written afresh: nothing of an unfinished or older index stays
         staging = out / f".staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging.mkdir(parents=True)
         if model is not None:
             model.save(str(staging), show_progress=False)
         np.save(staging / ROWS, np.asarray(rows, dtype=np.int64))
@@ -73,13 +72,10 @@ class LexicalIndex:
     @staticmethod
     def complete(directory: Path) -> bool:
         """Whether `directory` holds a finished index of the format this memvq reads (one an older memvq left in a
-        build it did not finish is removed, to be built again)."""
-        if not (directory / HEADER).is_file():
-            return False
+        build it did not finish is not: `build` writes it again)."""
         try:
             read_artifact(directory / HEADER, LEXICAL_FORMAT, "lexical index header")
-        except ArtifactError:
-            shutil.rmtree(directory)
+        except ArtifactError:  # no header, or another format or version
             return False
         return True
 

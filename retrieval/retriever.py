@@ -18,6 +18,7 @@ import torch
 
 from memvq.encoders.backbone import Backbone
 from memvq.encoders.hardware import Resolved, autocast
+from memvq.encoders.options import RETRIEVAL_MODES, RetrievalMode
 from memvq.memory.index import top_k_by
 from memvq.memory.store import MemoryStore
 from memvq.retrieval.lexical import LexicalIndex
@@ -48,8 +49,6 @@ class RetrievedPassage:
         return RetrievedPassage(**{**asdict(self), "score": float(score)})
 
 
-Mode = Literal["dense", "lexical", "hybrid"]
-MODES: tuple[Mode, ...] = ("dense", "lexical", "hybrid")
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): a passage scores sum(1 / (RRF_K + rank))
 HYBRID_DEPTH = 50  # each mode's candidates fused for hybrid retrieval (at least K)
 
@@ -82,14 +81,14 @@ class Retriever:
         encoder: Backbone,
         precision: Resolved = "fp32",
         max_question_tokens: int = QUESTION_TOKENS,
-        mode: Mode | None = None,
+        mode: RetrievalMode | None = None,
         fusion: Fusion = FUSION,
     ) -> None:
         self.store = store
         self.encoder = encoder
         self.precision = precision
         self.max_question_tokens = max_question_tokens
-        self.mode: Mode = mode or store.default_retrieval  # type: ignore[assignment]
+        self.mode: RetrievalMode = mode or store.default_retrieval  # type: ignore[assignment]
         self.fusion = fusion
         self.lexical: LexicalIndex | None = None  # loaded with a store whose default needs it, else on first use
         if self.mode != "dense":
@@ -101,7 +100,7 @@ class Retriever:
         store: MemoryStore,
         device: str | torch.device = "cpu",
         precision: Resolved = "fp32",
-        mode: Mode | None = None,
+        mode: RetrievalMode | None = None,
     ) -> Retriever:
         """The retriever of a store, with the encoder named in its manifest, run in `precision`."""
         info = store.manifest["backbone"]
@@ -115,7 +114,7 @@ class Retriever:
             embedded = self.encoder.embed_texts(questions, self.max_question_tokens)
         return embedded.float().cpu().numpy()
 
-    def search(self, questions: list[str], k: int, mode: Mode | None = None) -> list[list[RetrievedPassage]]:
+    def search(self, questions: list[str], k: int, mode: RetrievalMode | None = None) -> list[list[RetrievedPassage]]:
         """The top-k passages of each question, best first (fewer when the store holds fewer; lexical: those that
         share a word with the question, then dense ones if they are fewer than k). Each passage's score is its
         dense inner product with the question, whatever ranked it (the scale the reader's confidence is calibrated
@@ -128,20 +127,7 @@ class Retriever:
         if mode == "dense":
             scores, rows = self.store.search(embedded, k)
         else:
-            depth = min(max(k, HYBRID_DEPTH), self.store.num_passages)
-            lexical = self._lexical(mode).search(questions, depth if mode == "hybrid" else k)
-            rows = lexical[1]
-            if mode == "hybrid":
-                # as many candidates as a dense search of k re-ranks (an approximate index's rerank x k), at least depth
-                dense = self.store.search(embedded, depth, rerank=-(-self.store.index.config.rerank * k // depth))[1]
-                if self.fusion.method == "score":
-                    rows, scores = score_fusion(embedded, dense, lexical, self.store.scores, k, self.fusion.weight)
-                else:
-                    rows = reciprocal_rank_fusion([dense, rows], k, weights=[1.0, self.fusion.weight])
-            elif (rows < 0).any():  # fewer passages share a word with the question than asked: dense ones follow
-                rows = topped_up(rows, self.store.search(embedded, k)[1])
-            if mode == "lexical" or self.fusion.method != "score":
-                scores = self.store.scores(embedded, rows)
+            rows, scores = self._by_words(questions, embedded, k, mode)
         found = [
             [(int(row), float(score)) for row, score in zip(r, s, strict=True) if row >= 0]
             for r, s in zip(rows, scores, strict=True)
@@ -153,9 +139,23 @@ class Retriever:
             position += len(hits)
         return out
 
+    def _by_words(self, questions: list[str], embedded: np.ndarray, k: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        """Lexical or hybrid retrieval: (rows 'q k', their dense scores 'q k'), -1 / -inf padded."""
+        depth = min(max(k, HYBRID_DEPTH), self.store.num_passages)
+        lexical = self._lexical(mode).search(questions, depth if mode == "hybrid" else k)
+        if mode == "lexical":  # fewer passages may share a word with the question than asked: dense ones follow
+            rows = lexical[1] if (lexical[1] >= 0).all() else topped_up(lexical[1], self.store.search(embedded, k)[1])
+            return rows, self.store.scores(embedded, rows)
+        # as many candidates as a dense search of k re-ranks (an approximate index's rerank x k), at least depth
+        dense = self.store.search(embedded, depth, rerank=-(-self.store.index.config.rerank * k // depth))[1]
+        if self.fusion.method == "score":
+            return score_fusion(embedded, dense, lexical, self.store.scores, k, self.fusion.weight)
+        rows = reciprocal_rank_fusion([dense, lexical[1]], k, weights=[1.0, self.fusion.weight])
+        return rows, self.store.scores(embedded, rows)
+
     def _lexical(self, mode: str) -> LexicalIndex:
-        if mode not in MODES:
-            raise ValueError(f"unknown retrieval mode {mode!r}: one of {', '.join(MODES)}")
+        if mode not in RETRIEVAL_MODES:
+            raise ValueError(f"unknown retrieval mode {mode!r}: one of {', '.join(RETRIEVAL_MODES)}")
         if self.lexical is None:
             if self.store.lexical_dir is None:
                 raise ValueError(
